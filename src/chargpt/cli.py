@@ -1,0 +1,235 @@
+"""The `chargpt` command: train, sample, eval. User mistakes print one line, not a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from chargpt.checkpoint import CONFIG, WEIGHTS, load_run
+from chargpt.config import (
+    PRESET_NAMES,
+    ModelConfig,
+    TrainConfig,
+    add_dataclass_arguments,
+    build_configs,
+    given_fields,
+    load_toml,
+)
+from chargpt.corpus import load_text
+from chargpt.data import CharDataset
+from chargpt.device import autocast, resolve_device, resolve_dtype
+from chargpt.errors import ChargptError
+from chargpt.train import Trainer, estimate_loss
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, default: str | None) -> None:
+    parser.add_argument(
+        "--data",
+        default=default,
+        help="a UTF-8 text file, or 'shakespeare' for the bundled corpus "
+        f"(default: {default or 'the data the run was trained on'})",
+    )
+    parser.add_argument(
+        "--encoding-errors",
+        choices=("strict", "replace", "ignore"),
+        default="strict",
+        help="what to do with bytes that are not UTF-8",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chargpt", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a model and save a run directory")
+    train.add_argument("--out", required=True, type=Path, help="run directory to create")
+    add_data_arguments(train, "shakespeare")
+    train.add_argument(
+        "--preset",
+        default="auto",
+        choices=PRESET_NAMES,
+        help="lab: the notebook's settings; cpu: ~5 min on 2 cores; tiny: seconds; "
+        "auto: lab on a GPU, cpu otherwise",
+    )
+    train.add_argument("--config", type=Path, help="TOML file of options (flags override it)")
+    add_dataclass_arguments(train, ModelConfig)
+    add_dataclass_arguments(train, TrainConfig)
+    train.set_defaults(handler=cmd_train)
+
+    sample = commands.add_parser("sample", help="generate text from a trained run")
+    sample.add_argument("--run", required=True, type=Path, help="run directory")
+    prompt = sample.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", default="", help="text to continue (default: a newline)")
+    prompt.add_argument("--prompt-file", type=Path, help="read the prompt from this file")
+    sample.add_argument("--max-new-tokens", type=int, default=500, help="characters to generate")
+    sample.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
+    sample.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest")
+    sample.add_argument("--seed", type=int, default=None, help="seed for reproducible text")
+    sample.add_argument("--num-samples", type=int, default=1, help="samples, generated together")
+    sample.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    sample.set_defaults(handler=cmd_sample)
+
+    evaluate = commands.add_parser("eval", help="validation loss, bits per character, perplexity")
+    evaluate.add_argument("--run", required=True, type=Path, help="run directory")
+    add_data_arguments(evaluate, None)
+    evaluate.add_argument(
+        "--eval-iters",
+        type=int,
+        default=None,
+        help="batches to average (default: the run's eval_iters)",
+    )
+    evaluate.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="windows per batch (default: the run's batch_size)",
+    )
+    evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.set_defaults(handler=cmd_eval)
+    return parser
+
+
+def check_new_run_dir(out: Path) -> None:
+    """Never overwrite a user's run; fail before training if the directory cannot be written."""
+    if (out / CONFIG).exists() or (out / WEIGHTS).exists():
+        raise ChargptError(f"{out} already holds a run: choose another --out (or delete it)")
+    if out.exists() and not out.is_dir():
+        raise ChargptError(f"--out {out} is a file: choose a directory path")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        raise ChargptError(
+            f"cannot write to --out {out} ({err.strerror}): choose another"
+        ) from None
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    file_options = load_toml(args.config) if args.config else {}
+    flags = given_fields(args, ModelConfig, TrainConfig)
+    has_gpu = torch.cuda.is_available()
+    model_config, train_config = build_configs(args.preset, has_gpu, file_options, flags)
+    text = load_text(args.data, args.encoding_errors)
+    from chargpt.tokenizer import CharTokenizer
+
+    tokenizer = CharTokenizer.from_text(text)
+    dataset = CharDataset.from_text(text, tokenizer)
+    dataset.check_block_size(model_config.block_size)
+    check_new_run_dir(args.out)
+    trainer = Trainer(model_config, train_config, dataset, tokenizer, args.out, str(args.data))
+    print(
+        f"training {model_config.model} ({trainer.model.num_parameters():,} parameters) on "
+        f"{args.data}: {len(dataset.train):,} train / {len(dataset.val):,} val characters, "
+        f"vocabulary {tokenizer.vocab_size}, device {trainer.device}, "
+        f"{str(trainer.dtype).removeprefix('torch.')}",
+        file=sys.stderr,
+    )
+    result = trainer.run()
+    print(
+        f"best val loss {result.best_val_loss:.4f} at step {result.best_step} "
+        f"({result.elapsed:.0f}s of training, {result.tokens_per_second:,.0f} tokens/s); "
+        f"saved to {args.out}\nnext: chargpt sample --run {args.out}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt_file is None:
+        return args.prompt
+    try:
+        return args.prompt_file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ChargptError(f"prompt file {str(args.prompt_file)!r} does not exist") from None
+    except UnicodeDecodeError:
+        raise ChargptError(f"prompt file {str(args.prompt_file)!r} is not UTF-8 text") from None
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    if args.max_new_tokens < 0:
+        raise ChargptError(f"--max-new-tokens must not be negative, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise ChargptError(f"--temperature must not be negative, got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise ChargptError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.num_samples < 1:
+        raise ChargptError(f"--num-samples must be at least 1, got {args.num_samples}")
+    device = resolve_device(args.device)
+    run = load_run(args.run, device)
+    prompt = read_prompt(args) or "\n"  # an empty prompt starts from a newline, not padding
+    ids = run.tokenizer.encode(prompt)
+    idx = torch.tensor([ids] * args.num_samples, device=device)
+    generator = torch.Generator(device=device)
+    if args.seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(args.seed)
+    out = run.model.generate(idx, args.max_new_tokens, args.temperature, args.top_k, generator)
+    texts = [prompt + run.tokenizer.decode(row[len(ids) :].tolist()) for row in out]
+    print(("\n" + "-" * 40 + "\n").join(texts))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    run = load_run(args.run, device)
+    data = args.data or run.meta.get("data") or "shakespeare"
+    text = load_text(data, args.encoding_errors)
+    dataset = CharDataset.from_text(text, run.tokenizer)
+    block_size = run.model_config.block_size
+    dataset.check_block_size(block_size)
+    eval_iters = args.eval_iters or run.train_config.eval_iters
+    batch_size = args.batch_size or run.train_config.batch_size
+    if eval_iters < 1 or batch_size < 1:
+        raise ChargptError("--eval-iters and --batch-size must be at least 1")
+    dtype = resolve_dtype(run.train_config.dtype, device)
+    with autocast(device, dtype):
+        losses = estimate_loss(
+            run.model,
+            dataset,
+            batch_size,
+            block_size,
+            eval_iters,
+            device,
+            dtype,
+            seed=run.train_config.seed + 1,
+        )
+    val = losses["val"]
+    report = {
+        "data": str(data),
+        "val_loss": val,
+        "bits_per_char": val / math.log(2),
+        "perplexity": math.exp(val),
+        "train_loss": losses["train"],
+        "windows": eval_iters * batch_size,
+        "block_size": block_size,
+    }
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(
+            f"val loss {val:.4f} nats/char | {report['bits_per_char']:.4f} bits/char | "
+            f"perplexity {report['perplexity']:.3f}  ({report['windows']:,} random windows of "
+            f"{block_size} from {data})"
+        )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except ChargptError as err:
+        print(f"chargpt {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"chargpt {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,250 @@
+"""Every option, defined once: dataclasses from which CLI flags, TOML files and config.json come."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from chargpt.errors import ChargptError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def option(default: Any, help: str, **choices: Any) -> Any:
+    """A dataclass field that carries its CLI help text."""
+    return field(default=default, metadata={"help": help, **choices})
+
+
+@dataclass
+class ModelConfig:
+    """The network's shape; saved with every run so that the run rebuilds the model alone."""
+
+    model: Literal["gpt", "bigram"] = option("gpt", "model family: the lab's GPT or its baseline")
+    block_size: int = option(256, "context length T: how many characters the model sees")
+    n_embd: int = option(384, "embedding width C (divisible by n_head)")
+    n_head: int = option(6, "attention heads per block; head_size = n_embd // n_head")
+    n_layer: int = option(6, "decoder blocks")
+    dropout: float = option(0.2, "dropout probability in attention, projections and MLP")
+    attention: Literal["fused", "reference"] = option(
+        "fused", "fused: one QKV projection + scaled_dot_product_attention; reference: lab's Heads"
+    )
+
+    def validate(self) -> None:
+        positive("block_size", self.block_size)
+        if self.model == "gpt":
+            for name in ("n_embd", "n_head", "n_layer"):
+                positive(name, getattr(self, name))
+            if self.n_embd % self.n_head:
+                raise ChargptError(
+                    f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): "
+                    "pick n_embd = n_head * head_size"
+                )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ChargptError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class TrainConfig:
+    """How to train: the lab's loop settings plus schedule, clipping, precision and seed."""
+
+    batch_size: int = option(64, "sequences per optimisation step (B)")
+    max_iters: int = option(5000, "optimisation steps")
+    eval_interval: int = option(500, "steps between train/val loss estimates")
+    eval_iters: int = option(200, "batches averaged by each loss estimate")
+    learning_rate: float = option(3e-4, "peak AdamW learning rate")
+    min_lr: float = option(3e-4, "learning rate at the end of cosine decay")
+    warmup_iters: int = option(0, "steps of linear warmup from 0 to learning_rate")
+    lr_schedule: Literal["constant", "cosine"] = option(
+        "constant", "constant, or cosine decay from learning_rate to min_lr after warmup"
+    )
+    weight_decay: float = option(0.01, "AdamW weight decay on matrices (not biases or norms)")
+    beta2: float = option(0.999, "AdamW beta2")
+    grad_clip: float = option(0.0, "clip the gradient norm to this value (0: off)")
+    seed: int = option(1337, "random seed for init, batches and dropout")
+    device: str = option("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    dtype: Literal["auto", "fp32", "bf16"] = option(
+        "auto",
+        "training precision: bf16 autocast with fp32 weights, or fp32; auto picks bf16 "
+        "where the hardware runs it fast",
+    )
+    compile: bool = option(False, "torch.compile the model")
+    sample_chars: int = option(200, "characters sampled at each evaluation (0: none)")
+
+    def validate(self) -> None:
+        for name in ("batch_size", "max_iters", "eval_interval", "eval_iters"):
+            positive(name, getattr(self, name))
+        for name in ("learning_rate",):
+            if not getattr(self, name) > 0:
+                raise ChargptError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("min_lr", "weight_decay", "grad_clip", "warmup_iters", "sample_chars"):
+            if getattr(self, name) < 0:
+                raise ChargptError(f"{name} must not be negative, got {getattr(self, name)}")
+        if not 0.0 < self.beta2 < 1.0:
+            raise ChargptError(f"beta2 must be in (0, 1), got {self.beta2}")
+
+
+def positive(name: str, value: int) -> None:
+    if value <= 0:
+        raise ChargptError(f"{name} must be a positive integer, got {value}")
+
+
+# Presets override the dataclass defaults; `auto` resolves to `lab` on a GPU and `cpu` otherwise.
+PRESETS: dict[str, dict[str, Any]] = {
+    # The notebook's exact settings: AdamW at a constant 3e-4, no clipping, no schedule.
+    "lab": {},
+    # Sized for about 5 minutes on a 2-core CPU (see benchmarks/train_cpu.py for the measured run).
+    "cpu": dict(
+        block_size=128,
+        n_embd=192,
+        n_head=6,
+        n_layer=4,
+        dropout=0.0,
+        batch_size=32,
+        max_iters=2600,
+        eval_interval=250,
+        eval_iters=50,
+        learning_rate=2e-3,
+        min_lr=2e-4,
+        warmup_iters=100,
+        lr_schedule="cosine",
+        weight_decay=0.1,
+        beta2=0.99,
+        grad_clip=1.0,
+    ),
+    # Seconds: for smoke tests and trying the commands.
+    "tiny": dict(
+        block_size=32,
+        n_embd=32,
+        n_head=2,
+        n_layer=2,
+        dropout=0.0,
+        batch_size=16,
+        max_iters=60,
+        eval_interval=20,
+        eval_iters=4,
+        learning_rate=1e-2,
+        min_lr=1e-3,
+        warmup_iters=5,
+        lr_schedule="cosine",
+        grad_clip=1.0,
+        sample_chars=40,
+    ),
+}
+PRESET_NAMES = ("auto", *PRESETS)
+
+
+def resolve_preset(name: str, has_gpu: bool) -> str:
+    if name == "auto":
+        return "lab" if has_gpu else "cpu"
+    if name not in PRESETS:
+        raise ChargptError(f"unknown preset {name!r}: choose one of {', '.join(PRESET_NAMES)}")
+    return name
+
+
+def split_overrides(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Route flat option names to the model or the training config; unknown names are an error."""
+    model_names = {f.name for f in dataclasses.fields(ModelConfig)}
+    train_names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - model_names - train_names)
+    if unknown:
+        raise ChargptError(f"unknown option(s) {', '.join(unknown)}: see `chargpt train --help`")
+    model = {k: v for k, v in values.items() if k in model_names}
+    train = {k: v for k, v in values.items() if k in train_names}
+    return model, train
+
+
+def build_configs(
+    preset: str, has_gpu: bool, *overrides: dict[str, Any]
+) -> tuple[ModelConfig, TrainConfig]:
+    """Defaults, then the preset, then each override in turn (TOML file, then CLI flags)."""
+    merged = dict(PRESETS[resolve_preset(preset, has_gpu)])
+    for layer in overrides:
+        merged.update(layer)
+    model_values, train_values = split_overrides(merged)
+    model = from_dict(ModelConfig, model_values)
+    train = from_dict(TrainConfig, train_values)
+    model.validate()
+    train.validate()
+    return model, train
+
+
+T = typing.TypeVar("T")
+
+
+def from_dict(cls: type[T], values: dict[str, Any]) -> T:
+    """Build a config dataclass from plain values, checking each value's type and choices."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ChargptError(f"unknown {cls.__name__} option(s): {', '.join(unknown)}")
+    return cls(**{name: coerce(name, hints[name], value) for name, value in values.items()})
+
+
+def coerce(name: str, hint: Any, value: Any) -> Any:
+    """Check one value against its field's type (ints are accepted where floats are expected)."""
+    if typing.get_origin(hint) is Literal:
+        if value not in typing.get_args(hint):
+            choices = ", ".join(map(str, typing.get_args(hint)))
+            raise ChargptError(f"{name} must be one of {choices}, got {value!r}")
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is bool and not isinstance(value, bool):
+        raise ChargptError(f"{name} must be true or false, got {value!r}")
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ChargptError(f"{name} must be of type {hint.__name__}, got {value!r}")
+    return value
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """A TOML config: flat keys, or [model] and [train] tables, named like the CLI options."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ChargptError(f"config file {str(path)!r} does not exist") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ChargptError(f"config file {str(path)!r} is not valid TOML: {err}") from None
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in ("model", "train") and isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One `--flag-name` per field; defaults stay None so only the flags given override."""
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(f"{cls.__name__} options")
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        hint = hints[f.name]
+        help_text = f"{f.metadata['help']} (default: {f.default})"
+        if hint is bool:
+            group.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
+        elif typing.get_origin(hint) is Literal:
+            group.add_argument(flag, choices=typing.get_args(hint), default=None, help=help_text)
+        else:
+            group.add_argument(
+                flag, type=hint, default=None, help=help_text, metavar=f.name.upper()
+            )
+
+
+def given_fields(args: argparse.Namespace, *classes: type) -> dict[str, Any]:
+    """The dataclass options the user actually passed on the command line."""
+    names = {f.name for cls in classes for f in dataclasses.fields(cls)}
+    return {k: v for k, v in vars(args).items() if k in names and v is not None}

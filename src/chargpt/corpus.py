@@ -1,0 +1,44 @@
+"""Reading a training corpus: the bundled tiny Shakespeare or any UTF-8 text file."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from chargpt.errors import ChargptError
+
+BUNDLED = {"shakespeare": "shakespeare.txt"}
+
+
+def resolve_corpus_path(data: str | Path) -> Path:
+    """Map a `--data` value to a file: a bundled corpus name, or a path that must be a file."""
+    if str(data) in BUNDLED:
+        return Path(str(resources.files("chargpt") / "data" / BUNDLED[str(data)]))
+    path = Path(data)
+    if not path.exists():
+        raise ChargptError(
+            f"corpus {str(path)!r} does not exist: pass a text file with --data "
+            f"(or one of the bundled corpora: {', '.join(BUNDLED)})"
+        )
+    if path.is_dir():
+        raise ChargptError(f"corpus {str(path)!r} is a directory: pass a text file with --data")
+    return path
+
+
+def load_text(data: str | Path, encoding_errors: str = "strict") -> str:
+    """Read a corpus as text; undecodable bytes are reported with their offset unless replaced."""
+    path = resolve_corpus_path(data)
+    raw = path.read_bytes()
+    if not raw:
+        raise ChargptError(f"corpus {str(path)!r} is empty: pass a file with some text in it")
+    if b"\x00" in raw[:8192]:
+        raise ChargptError(
+            f"corpus {str(path)!r} looks binary (it contains NUL bytes): pass a text file"
+        )
+    try:
+        return raw.decode("utf-8", errors=encoding_errors)
+    except UnicodeDecodeError as err:
+        raise ChargptError(
+            f"corpus {str(path)!r} is not valid UTF-8 (byte {err.start}: {raw[err.start]:#04x}): "
+            "convert it to UTF-8, or pass --encoding-errors replace"
+        ) from None

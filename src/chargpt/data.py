@@ -1,0 +1,65 @@
+"""The lab's data split (first 90% train, last 10% val) and random `block_size` windows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from chargpt.errors import ChargptError
+from chargpt.tokenizer import CharTokenizer
+
+SPLITS = ("train", "val")
+
+
+@dataclass
+class CharDataset:
+    """Token ids of a corpus, split in two contiguous parts (numpy arrays or memmaps)."""
+
+    train: np.ndarray
+    val: np.ndarray
+
+    @classmethod
+    def from_text(
+        cls, text: str, tokenizer: CharTokenizer, train_fraction: float = 0.9
+    ) -> CharDataset:
+        data = tokenizer.encode_array(text)
+        n = int(train_fraction * len(data))  # first 90% train, the rest val
+        return cls(train=data[:n], val=data[n:])
+
+    def split(self, name: str) -> np.ndarray:
+        if name not in SPLITS:
+            raise ValueError(f"unknown split {name!r}; expected one of {SPLITS}")
+        return self.train if name == "train" else self.val
+
+    def check_block_size(self, block_size: int) -> None:
+        """Each split needs at least one window of `block_size` inputs plus its shifted target."""
+        for name in SPLITS:
+            if len(self.split(name)) < block_size + 1:
+                raise ChargptError(
+                    f"the {name} split has {len(self.split(name)):,} characters, fewer than "
+                    f"block_size + 1 = {block_size + 1}: use a longer corpus or a smaller "
+                    "--block-size"
+                )
+
+    def get_batch(
+        self,
+        split: str,
+        batch_size: int,
+        block_size: int,
+        generator: torch.Generator | None = None,
+        device: str | torch.device = "cpu",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random windows x of shape (B, T) and targets y = x shifted one character ahead."""
+        data = self.split(split)
+        # window starts, drawn so that start + block_size (the last target) stays inside the split
+        ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator).numpy()
+        windows = data[ix[:, None] + np.arange(block_size + 1)]  # (B, T+1)
+        windows = torch.from_numpy(windows.astype(np.int64))
+        x, y = windows[:, :-1], windows[:, 1:]  # inputs and next-character targets, (B, T) each
+        if torch.device(device).type == "cuda":
+            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(
+                device, non_blocking=True
+            )
+        return x.to(device), y.to(device)

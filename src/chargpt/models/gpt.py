@@ -1,0 +1,179 @@
+"""Lab parts d, e, g, h: a GPT-style decoder built from causal self-attention heads.
+
+Two attention paths compute the same function from the same parameters:
+`reference` runs the lab's `Head` modules one by one; `fused` (the default) does one QKV
+projection and `scaled_dot_product_attention`. Both expose the same state dict (one `qkv`
+matrix per block), so a checkpoint loads into either.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from chargpt.config import ModelConfig
+from chargpt.models.base import LanguageModel
+
+
+class Head(nn.Module):
+    """Lab part d: one head of causal self-attention, scores scaled by 1/sqrt(head_size)."""
+
+    def __init__(self, n_embd: int, head_size: int, block_size: int, dropout: float):
+        super().__init__()
+        self.head_size = head_size
+        # learned projections of each token into a query, a key and a value
+        self.key = nn.Linear(n_embd, head_size, bias=False)
+        self.query = nn.Linear(n_embd, head_size, bias=False)
+        self.value = nn.Linear(n_embd, head_size, bias=False)
+        # lower-triangular mask: position t may only look at positions <= t (not saved: derived)
+        self.register_buffer("tril", torch.tril(torch.ones(block_size, block_size)), False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        k = self.key(x)  # (B, T, hs)
+        q = self.query(x)  # (B, T, hs)
+        v = self.value(x)  # (B, T, hs)
+        # affinities between every query and every key, scaled to keep unit variance
+        wei = q @ k.transpose(-2, -1) * self.head_size**-0.5  # (B, T, hs) @ (B, hs, T) -> (B, T, T)
+        # the future is masked out; slicing the mask makes any T <= block_size work
+        wei = wei.masked_fill(self.tril[:T, :T] == 0, float("-inf"))  # (B, T, T)
+        wei = F.softmax(wei, dim=-1)  # (B, T, T): each row sums to 1
+        wei = self.dropout(wei)
+        return wei @ v  # weighted sum of values: (B, T, T) @ (B, T, hs) -> (B, T, hs)
+
+
+class MultiHeadAttention(nn.Module):
+    """Several `Head`s in parallel, concatenated and projected back to n_embd (reference path)."""
+
+    def __init__(self, n_embd: int, n_head: int, block_size: int, dropout: float):
+        super().__init__()
+        head_size = n_embd // n_head
+        self.heads = nn.ModuleList(
+            [Head(n_embd, head_size, block_size, dropout) for _ in range(n_head)]
+        )
+        self.proj = nn.Linear(head_size * n_head, n_embd)
+        self.dropout = nn.Dropout(dropout)
+        # checkpoints store one fused `qkv` matrix; translate to and from the per-head layout
+        self.register_state_dict_post_hook(_heads_to_qkv)
+        self.register_load_state_dict_pre_hook(_qkv_to_heads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.cat([h(x) for h in self.heads], dim=-1)  # (B, T, n_head * hs)
+        return self.dropout(self.proj(out))  # (B, T, C)
+
+
+def _heads_to_qkv(module: MultiHeadAttention, state_dict: dict, prefix: str, _meta) -> None:
+    """State-dict hook: replace per-head key/query/value weights by the fused (3C, C) matrix."""
+    parts = {name: [] for name in ("query", "key", "value")}
+    for i in range(len(module.heads)):
+        for name in parts:
+            parts[name].append(state_dict.pop(f"{prefix}heads.{i}.{name}.weight"))
+    state_dict[f"{prefix}qkv.weight"] = torch.cat([torch.cat(parts[n]) for n in parts])
+
+
+def _qkv_to_heads(module: MultiHeadAttention, state_dict: dict, prefix: str, *_args) -> None:
+    """Load hook: split a fused (3C, C) `qkv` matrix into each head's query/key/value weights."""
+    qkv = state_dict.pop(f"{prefix}qkv.weight", None)
+    if qkv is None:
+        return  # missing key: load_state_dict reports the per-head weights as missing
+    n_head = len(module.heads)
+    for name, part in zip(("query", "key", "value"), qkv.chunk(3), strict=True):
+        for i, head_weight in enumerate(part.chunk(n_head)):
+            state_dict[f"{prefix}heads.{i}.{name}.weight"] = head_weight
+
+
+class CausalSelfAttention(nn.Module):
+    """The fused path: all heads' Q, K, V in one matmul, attention by PyTorch's fused kernel."""
+
+    def __init__(self, n_embd: int, n_head: int, dropout: float):
+        super().__init__()
+        self.n_head = n_head
+        self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=False)  # [queries; keys; values]
+        self.proj = nn.Linear(n_embd, n_embd)
+        self.attn_dropout = dropout
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        # (B, T, 3C) -> three (B, n_head, T, hs) tensors
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        # softmax(q k^T / sqrt(hs)) v with the causal mask, in one kernel: (B, n_head, T, hs)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.attn_dropout if self.training else 0.0
+        )
+        y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side again: (B, T, C)
+        return self.dropout(self.proj(y))  # (B, T, C)
+
+
+class FeedForward(nn.Module):
+    """Lab part e: position-wise MLP, n_embd -> 4 n_embd -> n_embd with a ReLU in between."""
+
+    def __init__(self, n_embd: int, dropout: float):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(n_embd, 4 * n_embd),  # widen 4x, as in "Attention Is All You Need"
+            nn.ReLU(),
+            nn.Linear(4 * n_embd, n_embd),  # back to the residual width
+            nn.Dropout(dropout),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)  # (B, T, C) -> (B, T, C)
+
+
+class DecoderBlock(nn.Module):
+    """Lab part g: communication (attention) then computation (MLP), pre-LN, with residuals."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config
+        if c.attention == "reference":
+            self.sa: nn.Module = MultiHeadAttention(c.n_embd, c.n_head, c.block_size, c.dropout)
+        else:
+            self.sa = CausalSelfAttention(c.n_embd, c.n_head, c.dropout)
+        self.ffwd = FeedForward(c.n_embd, c.dropout)
+        self.ln1 = nn.LayerNorm(c.n_embd)
+        self.ln2 = nn.LayerNorm(c.n_embd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.sa(self.ln1(x))  # normalise, attend, add back (residual): (B, T, C)
+        x = x + self.ffwd(self.ln2(x))  # normalise, transform, add back (residual): (B, T, C)
+        return x
+
+
+class GPTLanguageModel(LanguageModel):
+    """Lab part h: token + position embeddings, decoder blocks, final LayerNorm, LM head."""
+
+    def __init__(self, config: ModelConfig, vocab_size: int):
+        super().__init__()
+        self.config = config
+        self.vocab_size = vocab_size
+        self.context_length = config.block_size
+        self.token_embedding_table = nn.Embedding(vocab_size, config.n_embd)
+        self.position_embedding_table = nn.Embedding(config.block_size, config.n_embd)
+        self.blocks = nn.Sequential(*[DecoderBlock(config) for _ in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd)  # final layer norm
+        self.lm_head = nn.Linear(config.n_embd, vocab_size)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        """N(0, 0.02) for every linear and embedding weight, zero biases (as in the lab)."""
+        if isinstance(module, nn.Linear | nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def logits(self, idx: torch.Tensor) -> torch.Tensor:
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        tok_emb = self.token_embedding_table(idx)  # (B, T, C): what each character is
+        pos = torch.arange(T, device=idx.device)
+        pos_emb = self.position_embedding_table(pos)  # (T, C): where each character is
+        x = tok_emb + pos_emb  # (B, T, C)
+        x = self.blocks(x)  # (B, T, C)
+        x = self.ln_f(x)  # (B, T, C)
+        return self.lm_head(x)  # (B, T, vocab_size)
