@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -14,9 +15,11 @@ from chargpt.checkpoint import CONFIG, WEIGHTS, load_run
 from chargpt.config import (
     PRESET_NAMES,
     ModelConfig,
+    SampleConfig,
     TrainConfig,
     add_dataclass_arguments,
     build_configs,
+    from_dict,
     given_fields,
     load_toml,
 )
@@ -24,6 +27,7 @@ from chargpt.corpus import load_text
 from chargpt.data import CharDataset
 from chargpt.device import autocast, resolve_device, resolve_dtype
 from chargpt.errors import ChargptError
+from chargpt.generate import encode_prompt, generate, resolve_seed, stream
 from chargpt.train import Trainer, estimate_loss
 
 
@@ -66,12 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     prompt = sample.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", default="", help="text to continue (default: a newline)")
     prompt.add_argument("--prompt-file", type=Path, help="read the prompt from this file")
-    sample.add_argument("--max-new-tokens", type=int, default=500, help="characters to generate")
-    sample.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
-    sample.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest")
-    sample.add_argument("--seed", type=int, default=None, help="seed for reproducible text")
-    sample.add_argument("--num-samples", type=int, default=1, help="samples, generated together")
     sample.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    add_dataclass_arguments(sample, SampleConfig)
     sample.set_defaults(handler=cmd_sample)
 
     evaluate = commands.add_parser("eval", help="validation loss, bits per character, perplexity")
@@ -154,27 +154,23 @@ def read_prompt(args: argparse.Namespace) -> str:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    if args.max_new_tokens < 0:
-        raise ChargptError(f"--max-new-tokens must not be negative, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise ChargptError(f"--temperature must not be negative, got {args.temperature}")
-    if args.top_k is not None and args.top_k < 1:
-        raise ChargptError(f"--top-k must be at least 1, got {args.top_k}")
-    if args.num_samples < 1:
-        raise ChargptError(f"--num-samples must be at least 1, got {args.num_samples}")
+    config = from_dict(SampleConfig, given_fields(args, SampleConfig))
+    config.validate()
     device = resolve_device(args.device)
     run = load_run(args.run, device)
-    prompt = read_prompt(args) or "\n"  # an empty prompt starts from a newline, not padding
-    ids = run.tokenizer.encode(prompt)
-    idx = torch.tensor([ids] * args.num_samples, device=device)
-    generator = torch.Generator(device=device)
-    if args.seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(args.seed)
-    out = run.model.generate(idx, args.max_new_tokens, args.temperature, args.top_k, generator)
-    texts = [prompt + run.tokenizer.decode(row[len(ids) :].tolist()) for row in out]
-    print(("\n" + "-" * 40 + "\n").join(texts))
+    prompt = read_prompt(args)
+    shown = run.tokenizer.decode(encode_prompt(run.tokenizer, prompt, config.on_unknown))
+    if config.seed == -1:  # say which seed was drawn, so that a good sample can be had again
+        config = dataclasses.replace(config, seed=resolve_seed(config.seed))
+        print(f"seed {config.seed} (pass --seed {config.seed} to repeat)", file=sys.stderr)
+    if config.num_samples == 1:  # one sample: print each character as soon as it exists
+        print(shown, end="", flush=True)
+        for piece in stream(run.model, run.tokenizer, prompt, config):
+            print(piece.text, end="", flush=True)
+        print()
+        return 0
+    texts = generate(run.model, run.tokenizer, prompt, config)
+    print(("\n" + "-" * 40 + "\n").join(shown + text for text in texts))
     return 0
 
 

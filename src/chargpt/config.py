@@ -91,6 +91,56 @@ class TrainConfig:
             raise ChargptError(f"beta2 must be in (0, 1), got {self.beta2}")
 
 
+@dataclass
+class SampleConfig:
+    """How to generate: length, randomness controls, stop strings, batch, seed, long contexts."""
+
+    max_new_tokens: int = option(500, "characters to generate per sample")
+    temperature: float = option(1.0, "divide the logits by this before sampling; 0 is greedy")
+    top_k: int = option(0, "sample among the k likeliest characters only (0: no limit)")
+    top_p: float = option(
+        1.0, "nucleus: sample among the fewest likeliest characters whose probability reaches top_p"
+    )
+    stop: tuple[str, ...] = option(
+        (), "end a sample when it produces this text, which is not kept (repeatable)"
+    )
+    num_samples: int = option(1, "samples, generated together as one batch")
+    seed: int = option(-1, "seed of sample 0; sample i uses seed + i (-1: pick one at random)")
+    on_unknown: Literal["error", "skip"] = option(
+        "error", "prompt characters the model never saw: error lists them, skip drops them"
+    )
+    kv_cache: bool = option(True, "reuse earlier positions' keys and values (fused GPT)")
+    long_context: Literal["window", "exact"] = option(
+        "window",
+        "past block_size, exact re-reads the last block_size characters for every new one "
+        "(the lab's meaning, slow); window re-prefills the last window_keep of them when the "
+        "cache fills (see docs/generation.md)",
+    )
+    window_keep: float = option(
+        0.5, "window mode: fraction of block_size kept when the cache fills, in (0, 1)"
+    )
+    dtype: Literal["auto", "fp32", "bf16"] = option(
+        "auto", "precision of the forward passes; auto picks bf16 where the hardware runs it fast"
+    )
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ChargptError(f"max_new_tokens must not be negative, got {self.max_new_tokens}")
+        if not 0.0 <= self.temperature < float("inf"):
+            raise ChargptError(f"temperature must be 0 (greedy) or more, got {self.temperature}")
+        if self.top_k < 0:
+            raise ChargptError(f"top_k must be at least 1 (or 0 for no limit), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ChargptError(f"top_p must be in (0, 1], got {self.top_p}")
+        if "" in self.stop:
+            raise ChargptError("a stop string must not be empty")
+        positive("num_samples", self.num_samples)
+        if self.seed < -1:
+            raise ChargptError(f"seed must be a non-negative integer (or -1), got {self.seed}")
+        if not 0.0 < self.window_keep < 1.0:
+            raise ChargptError(f"window_keep must be in (0, 1), got {self.window_keep}")
+
+
 def positive(name: str, value: int) -> None:
     if value <= 0:
         raise ChargptError(f"{name} must be a positive integer, got {value}")
@@ -196,6 +246,10 @@ def coerce(name: str, hint: Any, value: Any) -> Any:
             choices = ", ".join(map(str, typing.get_args(hint)))
             raise ChargptError(f"{name} must be one of {choices}, got {value!r}")
         return value
+    if typing.get_origin(hint) is tuple:  # tuple[str, ...]: a repeatable text option
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise ChargptError(f"{name} must be a list of strings, got {value!r}")
+        return tuple(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is bool and not isinstance(value, bool):
@@ -238,6 +292,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             )
         elif typing.get_origin(hint) is Literal:
             group.add_argument(flag, choices=typing.get_args(hint), default=None, help=help_text)
+        elif typing.get_origin(hint) is tuple:
+            group.add_argument(flag, action="append", default=None, help=help_text, metavar="TEXT")
         else:
             group.add_argument(
                 flag, type=hint, default=None, help=help_text, metavar=f.name.upper()

@@ -2,11 +2,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from chargpt.sampling import sample_next
+from chargpt.sampling import Generators, sample_next
+
+
+class Decoder:
+    """Next-token logits for a batch of growing sequences: read `logits`, then `append` the ids
+    chosen. This one is the lab's loop: every new token re-runs the model on the last
+    `context_length` ids. It keeps only those, so a bigram (context 1) costs O(1) per token."""
+
+    def __init__(self, model: LanguageModel, idx: torch.Tensor):
+        self.model = model
+        self.idx = idx[:, -model.context_length :]  # (B, <= context): all the next id depends on
+        self.logits = model.logits(self.idx)[:, -1, :]  # (B, V): only the last position matters
+
+    def append(self, idx_next: torch.Tensor) -> None:
+        """Extend every sequence by its (B, 1) next id and compute the following logits."""
+        self.idx = torch.cat([self.idx, idx_next], dim=1)[:, -self.model.context_length :]
+        self.logits = self.model.logits(self.idx)[:, -1, :]  # (B, V)
 
 
 class LanguageModel(nn.Module):
@@ -29,23 +47,51 @@ class LanguageModel(nn.Module):
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         return logits, loss
 
-    @torch.no_grad()
+    def decoder(
+        self,
+        idx: torch.Tensor,
+        kv_cache: bool = True,
+        long_context: str = "window",
+        window_keep: float = 0.5,
+    ) -> Decoder:
+        """The decoding strategy for (B, T) prompt ids; models with a KV cache override this."""
+        return Decoder(self, idx)
+
+    @torch.inference_mode()
+    def generate_steps(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = 0,
+        generator: Generators = None,
+        top_p: float = 1.0,
+        **decoding: object,
+    ) -> Iterator[torch.Tensor]:
+        """Yield `max_new_tokens` sampled (B, 1) ids that continue the (B, T) ids `idx`.
+        `decoding` (kv_cache, long_context, window_keep) goes to `decoder`."""
+        if max_new_tokens == 0:
+            return
+        decoder = self.decoder(idx, **decoding)  # reads the prompt once
+        for step in range(max_new_tokens):
+            idx_next = sample_next(decoder.logits, temperature, top_k, top_p, generator)  # (B, 1)
+            yield idx_next
+            if step + 1 < max_new_tokens:  # no forward pass for a token nobody will read
+                decoder.append(idx_next)
+
     def generate(
         self,
         idx: torch.Tensor,
         max_new_tokens: int,
         temperature: float = 1.0,
-        top_k: int | None = None,
-        generator: torch.Generator | None = None,
+        top_k: int | None = 0,
+        generator: Generators = None,
+        **options: object,
     ) -> torch.Tensor:
-        """Extend (B, T) `idx` by `max_new_tokens` sampled ids, each conditioned on the last
-        `context_length` ids (the lab's loop). Returns (B, T + max_new_tokens)."""
-        for _ in range(max_new_tokens):
-            idx_cond = idx[:, -self.context_length :]  # crop to what the model can see
-            logits = self.logits(idx_cond)[:, -1, :]  # (B, V): only the last position matters
-            idx_next = sample_next(logits, temperature, top_k, generator)  # (B, 1)
-            idx = torch.cat([idx, idx_next], dim=1)  # (B, T+1)
-        return idx
+        """Extend (B, T) `idx` by `max_new_tokens` sampled ids (the lab's `generate`); `options`
+        are those of `generate_steps`. Returns (B, T + max_new_tokens)."""
+        steps = self.generate_steps(idx, max_new_tokens, temperature, top_k, generator, **options)
+        return torch.cat([idx, *steps], dim=1)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

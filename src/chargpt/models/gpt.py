@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from chargpt.config import ModelConfig
-from chargpt.models.base import LanguageModel
+from chargpt.models.base import Decoder, LanguageModel
 
 
 class Head(nn.Module):
@@ -84,6 +84,41 @@ def _qkv_to_heads(module: MultiHeadAttention, state_dict: dict, prefix: str, *_a
             state_dict[f"{prefix}heads.{i}.{name}.weight"] = head_weight
 
 
+class KVCache:
+    """One decoder block's keys and values for positions 0..length-1, so that generation
+    computes each position's keys and values once. Room for `capacity` positions."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        # (B, n_head, capacity, hs) each, allocated by the first append (its batch and dtype)
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+        self.length = 0  # positions filled
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store (B, n_head, T, hs) keys and values of the next T positions; return those of
+        every position so far, (B, n_head, length, hs) each."""
+        B, n_head, T, hs = k.shape
+        if self.k is None or self.v is None:
+            self.k = k.new_empty(B, n_head, self.capacity, hs)
+            self.v = v.new_empty(B, n_head, self.capacity, hs)
+        start, end = self.length, self.length + T
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+def cached_causal_mask(T: int, start: int, device: torch.device) -> torch.Tensor | None:
+    """Which of start + T keys each of the T newest queries may see: (T, start + T) booleans.
+    SDPA's `is_causal` aligns its mask top-left, which is wrong when the queries are the last T
+    positions of a longer sequence; a single query may see every key, so it needs no mask."""
+    if T == 1:
+        return None
+    # query i sits at position start + i and sees keys 0..start + i
+    return torch.ones(T, start + T, dtype=torch.bool, device=device).tril(diagonal=start)
+
+
 class CausalSelfAttention(nn.Module):
     """The fused path: all heads' Q, K, V in one matmul, attention by PyTorch's fused kernel."""
 
@@ -95,14 +130,20 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = dropout
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C). With a `cache`, x holds the T positions after those cached."""
         B, T, C = x.shape
         # (B, T, 3C) -> three (B, n_head, T, hs) tensors
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
-        # softmax(q k^T / sqrt(hs)) v with the causal mask, in one kernel: (B, n_head, T, hs)
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.attn_dropout if self.training else 0.0
-        )
+        dropout_p = self.attn_dropout if self.training else 0.0
+        if cache is None:
+            # softmax(q k^T / sqrt(hs)) v with the causal mask, in one kernel: (B, n_head, T, hs)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+        else:
+            start = cache.length
+            k, v = cache.append(k, v)  # (B, n_head, start + T, hs): earlier positions too
+            mask = cached_causal_mask(T, start, x.device)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side again: (B, T, C)
         return self.dropout(self.proj(y))  # (B, T, C)
 
@@ -137,8 +178,10 @@ class DecoderBlock(nn.Module):
         self.ln1 = nn.LayerNorm(c.n_embd)
         self.ln2 = nn.LayerNorm(c.n_embd)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.sa(self.ln1(x))  # normalise, attend, add back (residual): (B, T, C)
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        h = self.ln1(x)  # normalise: (B, T, C)
+        attended = self.sa(h) if cache is None else self.sa(h, cache)  # a cache: fused path only
+        x = x + attended  # attend, add back (residual): (B, T, C)
         x = x + self.ffwd(self.ln2(x))  # normalise, transform, add back (residual): (B, T, C)
         return x
 
@@ -166,14 +209,75 @@ class GPTLanguageModel(LanguageModel):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def logits(self, idx: torch.Tensor) -> torch.Tensor:
+    def logits(self, idx: torch.Tensor, caches: list[KVCache] | None = None) -> torch.Tensor:
+        """(B, T) ids -> (B, T, V) logits. With `caches` (from `new_caches`), idx holds the T
+        positions that follow those already cached, and their keys and values join the caches."""
         B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        start = caches[0].length if caches else 0  # positions already cached
+        if start + T > self.config.block_size:
+            raise ValueError(
+                f"sequence length {start + T} exceeds block_size {self.config.block_size}"
+            )
         tok_emb = self.token_embedding_table(idx)  # (B, T, C): what each character is
-        pos = torch.arange(T, device=idx.device)
+        pos = torch.arange(start, start + T, device=idx.device)
         pos_emb = self.position_embedding_table(pos)  # (T, C): where each character is
         x = tok_emb + pos_emb  # (B, T, C)
-        x = self.blocks(x)  # (B, T, C)
+        if caches is None:
+            x = self.blocks(x)  # (B, T, C)
+        else:
+            for block, cache in zip(self.blocks, caches, strict=True):
+                x = block(x, cache)  # (B, T, C)
         x = self.ln_f(x)  # (B, T, C)
         return self.lm_head(x)  # (B, T, vocab_size)
+
+    def new_caches(self) -> list[KVCache]:
+        """Empty key/value caches, one per decoder block, with room for block_size positions."""
+        return [KVCache(self.config.block_size) for _ in self.blocks]
+
+    def decoder(
+        self,
+        idx: torch.Tensor,
+        kv_cache: bool = True,
+        long_context: str = "window",
+        window_keep: float = 0.5,
+    ) -> Decoder:
+        """The KV-cached decoder on the fused path; the lab's full recompute otherwise."""
+        if not kv_cache or self.config.attention != "fused":
+            return Decoder(self, idx)
+        if long_context not in ("window", "exact"):
+            raise ValueError(f"long_context must be 'window' or 'exact', got {long_context!r}")
+        keep = min(max(1, int(window_keep * self.config.block_size)), self.config.block_size - 1)
+        return CachedDecoder(self, idx, exact=long_context == "exact", keep=keep)
+
+
+class CachedDecoder(Decoder):
+    """Generation with a KV cache: the prompt is read once (prefill), then one position per token.
+
+    Positions are learned absolute embeddings, so once the text outgrows block_size every cached
+    key sits at the wrong position. Then `exact` re-reads the last block_size ids for every new
+    token (the lab's meaning, a full forward pass per token); otherwise the cache restarts from
+    the last `keep` ids (one prefill per block_size - keep tokens), so every token still sees at
+    least `keep` characters."""
+
+    def __init__(self, model: GPTLanguageModel, idx: torch.Tensor, exact: bool, keep: int):
+        self.model = model
+        self.exact = exact
+        self.keep = keep
+        self.block_size = model.config.block_size
+        self.idx = idx[:, -self.block_size :]  # (B, <= block_size): all the next id depends on
+        self.prefill()
+
+    def prefill(self) -> None:
+        """Fill fresh caches with the keys and values of `idx`, in one forward pass."""
+        self.caches = self.model.new_caches()
+        self.logits = self.model.logits(self.idx, self.caches)[:, -1, :]  # (B, V)
+
+    def append(self, idx_next: torch.Tensor) -> None:
+        self.idx = torch.cat([self.idx, idx_next], dim=1)[:, -self.block_size :]
+        if self.caches[0].length < self.block_size:  # room left: run the new position alone
+            self.logits = self.model.logits(idx_next, self.caches)[:, -1, :]  # (B, V)
+        elif self.exact:  # full: recompute the last block_size positions, cache unused
+            self.logits = self.model.logits(self.idx)[:, -1, :]
+        else:  # full: restart the cache from the most recent `keep` ids
+            self.idx = self.idx[:, -self.keep :]
+            self.prefill()
