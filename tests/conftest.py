@@ -1,0 +1,23 @@
+from __future__ import annotations
+
+import pytest
+
+from chargpt.config import ModelConfig
+from chargpt.corpus import load_text
+from chargpt.tokenizer import CharTokenizer
+
+
+@pytest.fixture(scope="session")
+def shakespeare() -> str:
+    return load_text("shakespeare")
+
+
+@pytest.fixture(scope="session")
+def shakespeare_tokenizer(shakespeare: str) -> CharTokenizer:
+    return CharTokenizer.from_text(shakespeare)
+
+
+@pytest.fixture
+def tiny_config() -> ModelConfig:
+    """A GPT small enough for fast tests, with several heads and layers."""
+    return ModelConfig(block_size=16, n_embd=32, n_head=4, n_layer=2, dropout=0.0)

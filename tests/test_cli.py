@@ -1,0 +1,88 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from chargpt.cli import main
+
+TINY = ["--preset", "tiny", "--max-iters", "20", "--eval-interval", "10", "--sample-chars", "0"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    assert main(["train", "--out", str(out), *TINY]) == 0
+    return out
+
+
+def test_train_writes_a_run_directory(tiny_run):
+    assert (tiny_run / "model.safetensors").is_file()
+    config = json.loads((tiny_run / "config.json").read_text())
+    assert config["model"]["n_embd"] == 32 and config["train"]["max_iters"] == 20
+    records = [json.loads(line) for line in (tiny_run / "metrics.jsonl").open()]
+    assert [r["step"] for r in records] == [0, 10, 20]
+    assert records[-1]["val_loss"] < records[0]["val_loss"]  # it learned something
+    assert config["best_val_loss"] == min(r["val_loss"] for r in records)
+    assert set(records[0]) >= {"step", "train_loss", "val_loss", "lr", "tokens_per_s", "elapsed"}
+
+
+def test_same_seed_same_losses(tiny_run, tmp_path):
+    assert main(["train", "--out", str(tmp_path / "again"), *TINY]) == 0
+
+    def losses(run):
+        return [
+            (r["train_loss"], r["val_loss"])
+            for r in map(json.loads, (run / "metrics.jsonl").open())
+        ]
+
+    assert losses(tmp_path / "again") == losses(tiny_run)
+
+
+def test_sample_prints_prompt_and_continuation(tiny_run, capsys):
+    args = ["sample", "--run", str(tiny_run), "--prompt", "ROMEO:", "--max-new-tokens", "30"]
+    assert main([*args, "--seed", "3"]) == 0
+    first = capsys.readouterr().out
+    assert first.startswith("ROMEO:") and len(first.rstrip("\n")) >= len("ROMEO:") + 20
+    assert main([*args, "--seed", "3"]) == 0
+    assert capsys.readouterr().out == first  # same seed, same text
+
+
+def test_eval_reports_loss_bits_and_perplexity(tiny_run, capsys):
+    assert main(["eval", "--run", str(tiny_run), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    val = report["val_loss"] if "val_loss" in report else report["estimate"]["val_loss"]
+    assert 1.0 < val < 4.5
+
+
+def test_console_script_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "chargpt"]
+    done = subprocess.run(
+        [*cmd, "train", "--out", str(out), *TINY], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "best val loss" in done.stderr
+    sample = subprocess.run(
+        [*cmd, "sample", "--run", str(out), "--max-new-tokens", "5"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert sample.returncode == 0, sample.stderr
+    assert sample.stdout.startswith("\n")  # an empty prompt starts from a newline
+
+
+def test_impossible_setting_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "never"
+    assert main(["train", "--out", str(out), *TINY, "--n-embd", "30", "--n-head", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "divisible by n_head" in err
+    assert not out.exists()
+
+
+def test_existing_run_is_never_overwritten(tiny_run, capsys):
+    before = (tiny_run / "model.safetensors").read_bytes()
+    assert main(["train", "--out", str(tiny_run), *TINY]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (tiny_run / "model.safetensors").read_bytes() == before

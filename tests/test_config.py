@@ -1,0 +1,92 @@
+import dataclasses
+
+import pytest
+
+from chargpt.cli import build_parser
+from chargpt.config import (
+    PRESETS,
+    ModelConfig,
+    TrainConfig,
+    build_configs,
+    given_fields,
+    load_toml,
+)
+from chargpt.errors import ChargptError
+
+
+def test_lab_preset_is_the_notebooks_settings():
+    model, train = build_configs("lab", has_gpu=False)
+    assert (train.batch_size, model.block_size, model.n_embd) == (64, 256, 384)
+    assert (model.n_head, model.n_layer, model.dropout) == (6, 6, 0.2)
+    assert (train.learning_rate, train.lr_schedule, train.max_iters) == (3e-4, "constant", 5000)
+    assert (train.warmup_iters, train.grad_clip) == (0, 0.0)
+
+
+def test_auto_preset_picks_lab_on_gpu_and_cpu_otherwise():
+    assert build_configs("auto", has_gpu=True) == build_configs("lab", has_gpu=True)
+    assert build_configs("auto", has_gpu=False) == build_configs("cpu", has_gpu=False)
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_is_valid(preset):
+    build_configs(preset, has_gpu=False)
+
+
+def test_later_layers_override_earlier_ones():
+    model, train = build_configs("tiny", False, {"n_embd": 48, "max_iters": 7}, {"max_iters": 9})
+    assert model.n_embd == 48 and train.max_iters == 9
+    assert model.n_layer == PRESETS["tiny"]["n_layer"]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"n_embd": 30, "n_head": 4}, r"n_embd \(30\) must be divisible by n_head \(4\)"),
+        ({"n_layer": 0}, "n_layer must be a positive integer"),
+        ({"block_size": -1}, "block_size must be a positive integer"),
+        ({"batch_size": 0}, "batch_size must be a positive integer"),
+        ({"max_iters": 0}, "max_iters must be a positive integer"),
+        ({"learning_rate": 0.0}, "learning_rate must be a positive"),
+        ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
+        ({"grad_clip": -1.0}, "grad_clip must be"),
+        ({"lr_schedule": "linear"}, "lr_schedule must be one of constant, cosine"),
+        ({"n_embd": "wide"}, "n_embd must be of type int"),
+        ({"n_embdd": 3}, r"unknown option\(s\) n_embdd"),
+    ],
+)
+def test_impossible_settings_fail_with_one_line(override, message):
+    with pytest.raises(ChargptError, match=message) as err:
+        build_configs("tiny", False, override)
+    assert "\n" not in str(err.value)
+
+
+def test_every_field_has_a_cli_flag_and_flags_override():
+    parser = build_parser()
+    flags = ["--n-embd", "64", "--no-compile", "--lr-schedule", "cosine", "--learning-rate", "1e-3"]
+    args = parser.parse_args(["train", "--out", "x", *flags])
+    assert given_fields(args, ModelConfig, TrainConfig) == {
+        "n_embd": 64,
+        "compile": False,
+        "lr_schedule": "cosine",
+        "learning_rate": 1e-3,
+    }
+    help_text = parser._subparsers._group_actions[0].choices["train"].format_help()
+    for cls in (ModelConfig, TrainConfig):
+        for field in dataclasses.fields(cls):
+            assert "--" + field.name.replace("_", "-") in help_text
+
+
+def test_toml_accepts_flat_keys_and_tables(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text("n_layer = 3\n[model]\nn_embd = 64\n[train]\nlearning_rate = 1\n")
+    values = load_toml(path)
+    assert values == {"n_layer": 3, "n_embd": 64, "learning_rate": 1}
+    model, train = build_configs("tiny", False, values)
+    assert (model.n_layer, model.n_embd, train.learning_rate) == (3, 64, 1.0)
+
+
+def test_bad_toml_is_a_one_line_error(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("n_layer = = 3\n")
+    with pytest.raises(ChargptError, match="not valid TOML"):
+        load_toml(path)

@@ -1,0 +1,193 @@
+"""Exact resume: a run stopped and resumed trains bit for bit like one that never stopped."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from chargpt.checkpoint import LAST, load_run, load_trainer_state, read_safetensors
+from chargpt.cli import main
+from chargpt.config import ModelConfig, TrainConfig
+from chargpt.data import CharDataset
+from chargpt.errors import ChargptError
+from chargpt.tokenizer import CharTokenizer
+from chargpt.train import Trainer, resume_configs
+
+# dropout > 0 so that the global torch generator matters; eval_interval 15 so that step 20 is
+# no evaluation step of the straight run; samples while training draw random numbers too
+MODEL = ModelConfig(block_size=16, n_embd=32, n_head=2, n_layer=2, dropout=0.1)
+TRAIN = TrainConfig(
+    batch_size=8,
+    max_iters=40,
+    eval_interval=15,
+    eval_iters=2,
+    learning_rate=3e-3,
+    min_lr=3e-4,
+    warmup_iters=5,
+    lr_schedule="cosine",
+    grad_clip=1.0,
+    sample_chars=8,
+    device="cpu",
+    dtype="fp32",
+)
+CLI_TINY = ["--preset", "tiny", "--block-size", "16", "--batch-size", "8", "--eval-iters", "2"]
+
+
+@pytest.fixture(scope="module")
+def corpus(shakespeare: str) -> tuple[CharDataset, CharTokenizer]:
+    text = shakespeare[:20_000]
+    tokenizer = CharTokenizer.from_text(text)
+    return CharDataset.from_text(text, tokenizer), tokenizer
+
+
+def make_trainer(corpus, out: Path, **train_changes) -> tuple[Trainer, list[float]]:
+    """A trainer whose per-step training losses are collected in the returned list."""
+    dataset, tokenizer = corpus
+    cfg = dataclasses.replace(TRAIN, **train_changes)
+    trainer = Trainer(MODEL, cfg, dataset, tokenizer, out, log=lambda *_: None)
+    losses: list[float] = []
+    step = trainer.train_step
+
+    def recording_step() -> float:
+        losses.append(step())
+        return losses[-1]
+
+    trainer.train_step = recording_step
+    return trainer, losses
+
+
+def assert_same_state(a: Path, b: Path) -> None:
+    """Weights, AdamW moments and random states bit for bit; the scalars equal too."""
+    tensors_a, state_a = load_trainer_state(a)
+    tensors_b, state_b = load_trainer_state(b)
+    assert tensors_a.keys() == tensors_b.keys()
+    for name in tensors_a:
+        assert torch.equal(tensors_a[name], tensors_b[name]), name
+    for state in (state_a, state_b):
+        state.pop("train_time")
+    assert state_a == state_b
+
+
+def test_stop_at_20_and_resume_matches_40_straight(corpus, tmp_path: Path) -> None:
+    straight, straight_losses = make_trainer(corpus, tmp_path / "straight")
+    straight.run()
+
+    first, first_losses = make_trainer(corpus, tmp_path / "split")
+    step = first.train_step
+
+    def stop_after_20() -> float:  # what a SIGINT during step 20 does
+        loss = step()
+        if first.step == 20:
+            first.stop_signal = signal.SIGINT
+        return loss
+
+    first.train_step = stop_after_20
+    result = first.run()
+    assert (result.steps, result.stopped_by) == (20, signal.SIGINT)
+
+    second, second_losses = make_trainer(corpus, tmp_path / "split")
+    second.restore(*load_trainer_state(tmp_path / "split"))
+    assert second.run().stopped_by is None
+
+    assert len(straight_losses) == 40
+    assert first_losses + second_losses == straight_losses  # exact float equality
+    assert_same_state(tmp_path / "straight", tmp_path / "split")
+    best_straight = load_run(tmp_path / "straight").model.state_dict()
+    best_split = load_run(tmp_path / "split").model.state_dict()
+    assert all(torch.equal(best_straight[k], best_split[k]) for k in best_straight)
+
+
+def test_evaluation_does_not_move_the_training_random_streams(corpus, tmp_path: Path) -> None:
+    """Same losses whether or not losses are estimated and samples drawn in between."""
+    # each trainer seeds the global generator (dropout) when built: build and run one at a time
+    often, often_losses = make_trainer(corpus, tmp_path / "often", max_iters=12, eval_interval=1)
+    often.run()
+    rarely, rarely_losses = make_trainer(corpus, tmp_path / "rarely", max_iters=12)
+    rarely.run()
+    assert often_losses == rarely_losses
+
+
+def run_cli(*args: str) -> int:
+    return main(["train", *args])
+
+
+def metrics(run: Path) -> list[dict]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [
+        {k: v for k, v in json.loads(line).items() if k not in ("elapsed", "tokens_per_s")}
+        for line in lines
+    ]
+
+
+def test_cli_resume_with_a_larger_max_iters(tmp_path: Path) -> None:
+    """Constant learning rate: 20 steps then `--resume --max-iters 40` equals 40 straight."""
+    common = [*CLI_TINY, "--lr-schedule", "constant", "--eval-interval", "10", "--data"]
+    data = tmp_path / "corpus.txt"
+    data.write_text("the quick brown fox jumps over the lazy dog. " * 200, encoding="utf-8")
+    assert run_cli("--out", str(tmp_path / "straight"), *common, str(data), "--max-iters", "40") == 0
+    assert run_cli("--out", str(tmp_path / "split"), *common, str(data), "--max-iters", "20") == 0
+    assert run_cli("--resume", str(tmp_path / "split"), "--max-iters", "40") == 0
+    assert_same_state(tmp_path / "straight", tmp_path / "split")
+    assert metrics(tmp_path / "straight") == metrics(tmp_path / "split")
+    assert [m["step"] for m in metrics(tmp_path / "split")] == [0, 10, 20, 30, 40]
+    # the best weights' own header gives the step they were saved at
+    assert load_run(tmp_path / "split").meta["step"] == 40
+
+
+@pytest.mark.parametrize(
+    "changes, refused",
+    [
+        ({"n_embd": 64}, "--n-embd"),
+        ({"n_layer": 3}, "--n-layer"),
+        ({"model": "bigram"}, "--model"),
+        ({"learning_rate": 0.1, "seed": 3}, "--learning-rate, --seed"),
+        ({"batch_size": 4}, "--batch-size"),
+    ],
+)
+def test_resume_refuses_changes_to_the_run_identity(changes: dict, refused: str) -> None:
+    with pytest.raises(ChargptError, match=f"cannot change {refused} when resuming"):
+        resume_configs(MODEL, TRAIN, changes)
+
+
+def test_resume_allows_training_longer_and_same_values() -> None:
+    model, train = resume_configs(
+        MODEL, TRAIN, {"max_iters": 100, "eval_interval": 7, "n_embd": 32, "seed": TRAIN.seed}
+    )
+    assert model == MODEL
+    assert (train.max_iters, train.eval_interval) == (100, 7)
+    assert dataclasses.replace(train, max_iters=40, eval_interval=15) == TRAIN
+
+
+def test_resume_refuses_a_different_corpus_and_a_finished_run(tmp_path: Path, capsys) -> None:
+    data = tmp_path / "corpus.txt"
+    data.write_text("abcdefghij" * 100, encoding="utf-8")
+    run = tmp_path / "run"
+    assert run_cli("--out", str(run), *CLI_TINY, "--max-iters", "2", "--data", str(data)) == 0
+    assert run_cli("--resume", str(run)) == 2
+    assert "already ran 2 of its 2 steps: pass a larger --max-iters" in capsys.readouterr().err
+    data.write_text("jihgfedcba" * 100, encoding="utf-8")  # same characters, other text
+    assert run_cli("--resume", str(run), "--max-iters", "4") == 2
+    assert "is not the text" in capsys.readouterr().err
+    assert run_cli("--resume", str(run), "--preset", "tiny", "--max-iters", "4") == 2
+    assert "--preset cannot be used with --resume" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_state_from_another_model(corpus, tmp_path: Path, capsys) -> None:
+    """config.json and last.safetensors of two different runs: the files disagree."""
+    small, _ = make_trainer(corpus, tmp_path / "a", max_iters=1)
+    small.run()
+    dataset, tokenizer = corpus
+    wide = dataclasses.replace(MODEL, n_embd=64)
+    other = Trainer(wide, dataclasses.replace(TRAIN, max_iters=1), dataset, tokenizer, tmp_path / "b")
+    other.run()
+    (tmp_path / "b" / LAST).replace(tmp_path / "a" / LAST)
+    tensors, state = load_trainer_state(tmp_path / "a")
+    assert read_safetensors(tmp_path / "a" / LAST)[0].keys() == tensors.keys()
+    fresh, _ = make_trainer(corpus, tmp_path / "a")
+    with pytest.raises(ChargptError, match="does not match config.json"):
+        fresh.restore(tensors, state)
