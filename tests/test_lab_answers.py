@@ -6,6 +6,8 @@ The attention tests run the package's own `Head`, `MultiHeadAttention` and `Caus
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -183,7 +185,7 @@ def num_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-@pytest.mark.parametrize("n_embd", [48, 96])
+@pytest.mark.parametrize("n_embd", [48, 96, 384])
 def test_attention_parameters_do_not_depend_on_n_head(n_embd):
     """With head_size = n_embd // n_head: 3 C^2 (Q, K, V) + C^2 + C (output projection)."""
     expected = 4 * n_embd**2 + n_embd
@@ -213,3 +215,12 @@ def test_each_head_scores_are_at_most_head_size_rank():
 def test_n_embd_must_split_evenly_into_heads():
     with pytest.raises(ChargptError, match="divisible"):
         ModelConfig(n_embd=30, n_head=4).validate()
+
+
+def test_every_test_the_answers_cite_exists():
+    """docs/lab_answers.md cites its evidence by test name; a renamed test must not go stale."""
+    root = Path(__file__).resolve().parents[1]
+    cited = set(re.findall(r"`(test_\w+)", (root / "docs" / "lab_answers.md").read_text("utf-8")))
+    defined = set(re.findall(r"^def (test_\w+)", Path(__file__).read_text("utf-8"), re.M))
+    assert len(cited) >= 10
+    assert cited <= defined
