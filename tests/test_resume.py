@@ -126,11 +126,11 @@ def metrics(run: Path) -> list[dict]:
 
 def test_cli_resume_with_a_larger_max_iters(tmp_path: Path) -> None:
     """Constant learning rate: 20 steps then `--resume --max-iters 40` equals 40 straight."""
-    common = [*CLI_TINY, "--lr-schedule", "constant", "--eval-interval", "10", "--data"]
     data = tmp_path / "corpus.txt"
     data.write_text("the quick brown fox jumps over the lazy dog. " * 200, encoding="utf-8")
-    assert run_cli("--out", str(tmp_path / "straight"), *common, str(data), "--max-iters", "40") == 0
-    assert run_cli("--out", str(tmp_path / "split"), *common, str(data), "--max-iters", "20") == 0
+    common = [*CLI_TINY, "--lr-schedule", "constant", "--eval-interval", "10", "--data", str(data)]
+    assert run_cli("--out", str(tmp_path / "straight"), *common, "--max-iters", "40") == 0
+    assert run_cli("--out", str(tmp_path / "split"), *common, "--max-iters", "20") == 0
     assert run_cli("--resume", str(tmp_path / "split"), "--max-iters", "40") == 0
     assert_same_state(tmp_path / "straight", tmp_path / "split")
     assert metrics(tmp_path / "straight") == metrics(tmp_path / "split")
@@ -183,11 +183,12 @@ def test_resume_refuses_a_state_from_another_model(corpus, tmp_path: Path, capsy
     small.run()
     dataset, tokenizer = corpus
     wide = dataclasses.replace(MODEL, n_embd=64)
-    other = Trainer(wide, dataclasses.replace(TRAIN, max_iters=1), dataset, tokenizer, tmp_path / "b")
+    one_step = dataclasses.replace(TRAIN, max_iters=1)
+    other = Trainer(wide, one_step, dataset, tokenizer, tmp_path / "b")
     other.run()
     (tmp_path / "b" / LAST).replace(tmp_path / "a" / LAST)
     tensors, state = load_trainer_state(tmp_path / "a")
     assert read_safetensors(tmp_path / "a" / LAST)[0].keys() == tensors.keys()
     fresh, _ = make_trainer(corpus, tmp_path / "a")
-    with pytest.raises(ChargptError, match="does not match config.json"):
+    with pytest.raises(ChargptError, match=r"does not match config\.json"):
         fresh.restore(tensors, state)

@@ -3,15 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
+import shlex
+import shutil
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
-from chargpt.checkpoint import CONFIG, WEIGHTS, load_run
+from chargpt.checkpoint import (
+    CONFIG,
+    LAST,
+    WEIGHTS,
+    load_run,
+    load_trainer_state,
+    read_run_config,
+    remove_stale_temporaries,
+    run_configs,
+)
 from chargpt.config import (
     PRESET_NAMES,
     ModelConfig,
@@ -23,12 +38,13 @@ from chargpt.config import (
     given_fields,
     load_toml,
 )
-from chargpt.corpus import load_text
+from chargpt.corpus import load_text, text_sha256
 from chargpt.data import CharDataset
 from chargpt.device import autocast, resolve_device, resolve_dtype
 from chargpt.errors import ChargptError
 from chargpt.generate import encode_prompt, generate, resolve_seed, stream
-from chargpt.train import Trainer, estimate_loss
+from chargpt.tokenizer import CharTokenizer
+from chargpt.train import Trainer, estimate_loss, resume_configs
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, default: str | None) -> None:
@@ -46,19 +62,34 @@ def add_data_arguments(parser: argparse.ArgumentParser, default: str | None) -> 
     )
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a bad flag or value is reported on one line, like every other mistake."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}: see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="chargpt", description=__doc__)
+    parser = OneLineErrorParser(prog="chargpt", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train a model and save a run directory")
-    train.add_argument("--out", required=True, type=Path, help="run directory to create")
-    add_data_arguments(train, "shakespeare")
+    run_dir = train.add_mutually_exclusive_group(required=True)
+    run_dir.add_argument("--out", type=Path, help="run directory to create")
+    run_dir.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN",
+        help="continue a stopped run exactly where it stopped; only --max-iters, "
+        "--eval-interval, --eval-iters, --sample-chars, --device, --dtype, --compile may change",
+    )
+    add_data_arguments(train, None)
     train.add_argument(
         "--preset",
-        default="auto",
+        default=None,
         choices=PRESET_NAMES,
         help="lab: the notebook's settings; cpu: ~5 min on 2 cores; tiny: seconds; "
-        "auto: lab on a GPU, cpu otherwise",
+        "auto: lab on a GPU, cpu otherwise (default: auto)",
     )
     train.add_argument("--config", type=Path, help="TOML file of options (flags override it)")
     add_dataclass_arguments(train, ModelConfig)
@@ -95,10 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_new_run_dir(out: Path) -> None:
-    """Never overwrite a user's run; fail before training if the directory cannot be written."""
-    if (out / CONFIG).exists() or (out / WEIGHTS).exists():
-        raise ChargptError(f"{out} already holds a run: choose another --out (or delete it)")
+def check_new_run_dir(out: Path, num_parameters: int) -> None:
+    """Never overwrite a user's run; fail before training if the directory cannot be written
+    or its disk cannot hold the checkpoints."""
+    if (out / CONFIG).exists() or (out / WEIGHTS).exists() or (out / LAST).exists():
+        raise ChargptError(
+            f"{out} already holds a run: continue it with --resume {out}, or choose another --out"
+        )
     if out.exists() and not out.is_dir():
         raise ChargptError(f"--out {out} is a file: choose a directory path")
     try:
@@ -106,37 +140,117 @@ def check_new_run_dir(out: Path) -> None:
         probe = out / ".write-test"
         probe.write_bytes(b"ok")
         probe.unlink()
+        free = shutil.disk_usage(out).free
     except OSError as err:
         raise ChargptError(
             f"cannot write to --out {out} ({err.strerror}): choose another"
         ) from None
+    # fp32 weights twice (best, last), two AdamW moments, and a temporary copy while renaming
+    needed = 2 * 4 * 4 * num_parameters + 2**20
+    if free < needed:
+        raise ChargptError(
+            f"--out {out} has {free / 2**20:,.1f} MiB free but the run needs about "
+            f"{needed / 2**20:,.1f} MiB: free some space or choose another --out"
+        )
+
+
+@contextlib.contextmanager
+def removed_if_failed(out: Path) -> Iterator[None]:
+    """Directories this command creates are removed again if it fails before writing into them."""
+    created = [p for p in (out, *out.parents) if not p.exists()]  # innermost first
+    try:
+        yield
+    except BaseException:
+        for path in created:
+            if path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
+        raise
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.resume is not None:
+        return resume_training(args)
     file_options = load_toml(args.config) if args.config else {}
     flags = given_fields(args, ModelConfig, TrainConfig)
     has_gpu = torch.cuda.is_available()
-    model_config, train_config = build_configs(args.preset, has_gpu, file_options, flags)
-    text = load_text(args.data, args.encoding_errors)
-    from chargpt.tokenizer import CharTokenizer
-
+    model_config, train_config = build_configs(args.preset or "auto", has_gpu, file_options, flags)
+    resolve_device(train_config.device)
+    data = args.data or "shakespeare"
+    text = load_text(data, args.encoding_errors)
     tokenizer = CharTokenizer.from_text(text)
     dataset = CharDataset.from_text(text, tokenizer)
     dataset.check_block_size(model_config.block_size)
-    check_new_run_dir(args.out)
-    trainer = Trainer(model_config, train_config, dataset, tokenizer, args.out, str(args.data))
+    digest = text_sha256(text)
+    trainer = Trainer(
+        model_config, train_config, dataset, tokenizer, args.out, data, data_sha256=digest
+    )
+    with removed_if_failed(args.out):
+        check_new_run_dir(args.out, trainer.model.num_parameters())
+        return train_and_report(trainer, dataset)
+
+
+def resume_training(args: argparse.Namespace) -> int:
+    """`train --resume RUN`: the run's own settings, data and state, plus allowed changes."""
+    run_dir = args.resume
+    if args.preset is not None:
+        raise ChargptError("--preset cannot be used with --resume: a resumed run keeps its own")
+    config = read_run_config(run_dir)
+    model_config, _, tokenizer = run_configs(run_dir, config)
+    tensors, state = load_trainer_state(run_dir)
+    try:
+        saved_train = from_dict(TrainConfig, state["train"])
+    except (KeyError, TypeError, ChargptError) as err:
+        raise ChargptError(f"{run_dir / LAST} is invalid ({err}): start a new run") from None
+    changes = {**(load_toml(args.config) if args.config else {})}
+    changes.update(given_fields(args, ModelConfig, TrainConfig))
+    model_config, train_config = resume_configs(model_config, saved_train, changes)
+    resolve_device(train_config.device)
+    if state.get("step", 0) >= train_config.max_iters:
+        raise ChargptError(
+            f"{run_dir} already ran {state.get('step')} of its {train_config.max_iters} steps: "
+            "pass a larger --max-iters to train longer"
+        )
+    data = args.data or config.get("data") or "shakespeare"
+    text = load_text(data, args.encoding_errors)
+    digest = text_sha256(text)
+    if config.get("data_sha256") and digest != config["data_sha256"]:
+        raise ChargptError(
+            f"corpus {data!r} is not the text {run_dir} was trained on (its SHA-256 differs): "
+            "pass the original corpus with --data"
+        )
+    dataset = CharDataset.from_text(text, tokenizer)
+    dataset.check_block_size(model_config.block_size)
+    trainer = Trainer(
+        model_config, train_config, dataset, tokenizer, run_dir, data, data_sha256=digest
+    )
+    trainer.restore(tensors, state)
+    remove_stale_temporaries(run_dir)
+    print(f"resuming {run_dir} at step {trainer.step}", file=sys.stderr)
+    return train_and_report(trainer, dataset)
+
+
+def train_and_report(trainer: Trainer, dataset: CharDataset) -> int:
+    """Run the trainer between one line that describes the run and one that sums it up."""
+    run_dir = trainer.out_dir
     print(
-        f"training {model_config.model} ({trainer.model.num_parameters():,} parameters) on "
-        f"{args.data}: {len(dataset.train):,} train / {len(dataset.val):,} val characters, "
-        f"vocabulary {tokenizer.vocab_size}, device {trainer.device}, "
+        f"training {trainer.model_config.model} ({trainer.model.num_parameters():,} parameters) "
+        f"on {trainer.data_name}: {len(dataset.train):,} train / {len(dataset.val):,} val "
+        f"characters, vocabulary {trainer.tokenizer.vocab_size}, device {trainer.device}, "
         f"{str(trainer.dtype).removeprefix('torch.')}",
         file=sys.stderr,
     )
     result = trainer.run()
+    if result.stopped_by is not None:
+        print(
+            f"{signal.Signals(result.stopped_by).name}: stopped at step {result.steps} and saved; "
+            f"continue with: chargpt train --resume {shlex.quote(str(run_dir))}",
+            file=sys.stderr,
+        )
+        return 128 + result.stopped_by
     print(
         f"best val loss {result.best_val_loss:.4f} at step {result.best_step} "
         f"({result.elapsed:.0f}s of training, {result.tokens_per_second:,.0f} tokens/s); "
-        f"saved to {args.out}\nnext: chargpt sample --run {args.out}",
+        f"saved to {run_dir}\nnext: chargpt sample --run {shlex.quote(str(run_dir))}",
         file=sys.stderr,
     )
     return 0
@@ -226,6 +340,10 @@ def main(argv: list[str] | None = None) -> int:
     except ChargptError as err:
         print(f"chargpt {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # e.g. the disk filled up while saving: the previous files are intact
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"chargpt {args.command}: error: {err.strerror or err}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"chargpt {args.command}: interrupted", file=sys.stderr)
         return 130

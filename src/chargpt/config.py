@@ -82,11 +82,11 @@ class TrainConfig:
         for name in ("batch_size", "max_iters", "eval_interval", "eval_iters"):
             positive(name, getattr(self, name))
         for name in ("learning_rate",):
-            if not getattr(self, name) > 0:
-                raise ChargptError(f"{name} must be positive, got {getattr(self, name)}")
+            if not 0 < getattr(self, name) < float("inf"):
+                raise ChargptError(f"{name} must be a positive number, got {getattr(self, name)}")
         for name in ("min_lr", "weight_decay", "grad_clip", "warmup_iters", "sample_chars"):
-            if getattr(self, name) < 0:
-                raise ChargptError(f"{name} must not be negative, got {getattr(self, name)}")
+            if not 0 <= getattr(self, name) < float("inf"):
+                raise ChargptError(f"{name} must be a number >= 0, got {getattr(self, name)}")
         if not 0.0 < self.beta2 < 1.0:
             raise ChargptError(f"beta2 must be in (0, 1), got {self.beta2}")
 
@@ -266,9 +266,11 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         with path.open("rb") as f:
             data = tomllib.load(f)
     except FileNotFoundError:
-        raise ChargptError(f"config file {str(path)!r} does not exist") from None
-    except tomllib.TOMLDecodeError as err:
+        raise ChargptError(f"config file {str(path)!r} does not exist: check --config") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise ChargptError(f"config file {str(path)!r} is not valid TOML: {err}") from None
+    except OSError as err:
+        raise ChargptError(f"cannot read config file {str(path)!r}: {err.strerror}") from None
     flat: dict[str, Any] = {}
     for key, value in data.items():
         if key in ("model", "train") and isinstance(value, dict):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from importlib import resources
 from pathlib import Path
 
@@ -28,17 +29,29 @@ def resolve_corpus_path(data: str | Path) -> Path:
 def load_text(data: str | Path, encoding_errors: str = "strict") -> str:
     """Read a corpus as text; undecodable bytes are reported with their offset unless replaced."""
     path = resolve_corpus_path(data)
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise ChargptError(
+            f"cannot read corpus {str(path)!r} ({err.strerror}): check its permissions"
+        ) from None
     if not raw:
         raise ChargptError(f"corpus {str(path)!r} is empty: pass a file with some text in it")
     if b"\x00" in raw[:8192]:
         raise ChargptError(
-            f"corpus {str(path)!r} looks binary (it contains NUL bytes): pass a text file"
+            f"corpus {str(path)!r} looks binary (it contains NUL bytes): pass a text file "
+            "(a UTF-16 text must be converted to UTF-8 first)"
         )
     try:
         return raw.decode("utf-8", errors=encoding_errors)
     except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
         raise ChargptError(
-            f"corpus {str(path)!r} is not valid UTF-8 (byte {err.start}: {raw[err.start]:#04x}): "
-            "convert it to UTF-8, or pass --encoding-errors replace"
+            f"corpus {str(path)!r} is not valid UTF-8 (byte {err.start:,} on line {line:,} is "
+            f"{raw[err.start]:#04x}): convert it to UTF-8, or pass --encoding-errors replace"
         ) from None
+
+
+def text_sha256(text: str) -> str:
+    """A fingerprint of a corpus, so that a resumed run can check it trains on the same text."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()

@@ -16,6 +16,7 @@ from chargpt.config import ModelConfig, TrainConfig
 from chargpt.data import CharDataset
 from chargpt.device import autocast, resolve_device, resolve_dtype
 from chargpt.models import LanguageModel, build_model
+from chargpt.plot import plot_after_training
 from chargpt.tokenizer import CharTokenizer
 
 
@@ -235,6 +236,7 @@ class Trainer:
                 loss=f"{loss:.4f}", tok_s=f"{window_steps * tokens_per_step / elapsed:,.0f}"
             )
         bar.close()
+        plot_after_training(self.out_dir)  # loss.png beside metrics.jsonl
         total_tokens = cfg.max_iters * tokens_per_step
         return TrainResult(
             self.model,
