@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
 import shlex
 import shutil
 import signal
@@ -40,11 +39,12 @@ from chargpt.config import (
 )
 from chargpt.corpus import load_text, text_sha256
 from chargpt.data import CharDataset
-from chargpt.device import autocast, resolve_device, resolve_dtype
+from chargpt.device import resolve_device
 from chargpt.errors import ChargptError
+from chargpt.evaluate import evaluate_run
 from chargpt.generate import encode_prompt, generate, resolve_seed, stream
 from chargpt.tokenizer import CharTokenizer
-from chargpt.train import Trainer, estimate_loss, resume_configs
+from chargpt.train import Trainer, resume_configs
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, default: str | None) -> None:
@@ -120,10 +120,62 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="windows per batch (default: the run's batch_size)",
     )
+    evaluate.add_argument(
+        "--stride",
+        type=int,
+        default=None,
+        help="full pass: characters each window adds, 1..block_size; every character is scored "
+        "once with at least block_size - stride + 1 characters of context "
+        "(default: block_size // 2; 1 gives each the full context)",
+    )
     evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.set_defaults(handler=cmd_eval)
+    add_compare_and_plot_parsers(commands)
     return parser
+
+
+def add_compare_and_plot_parsers(commands: argparse._SubParsersAction) -> None:
+    compare = commands.add_parser(
+        "compare",
+        help="train the bigram and the GPT alike (or take two runs) and write a Markdown report",
+    )
+    compare.add_argument("--out", required=True, type=Path, help="directory for the report")
+    add_data_arguments(compare, None)
+    source = compare.add_mutually_exclusive_group()
+    source.add_argument("--budget-iters", type=int, help="training steps for each model")
+    source.add_argument(
+        "--budget-seconds",
+        type=float,
+        help="seconds of training steps for each model (evaluations not counted); "
+        "max_iters still caps the run and lays out the LR schedule",
+    )
+    source.add_argument(
+        "--runs", nargs=2, type=Path, metavar=("RUN_A", "RUN_B"), help="compare two trained runs"
+    )
+    compare.add_argument(
+        "--preset", default="auto", choices=PRESET_NAMES, help="settings for both (default: auto)"
+    )
+    compare.add_argument(
+        "--bigram-learning-rate",
+        type=float,
+        default=1e-2,
+        help="the bigram's peak learning rate (its min_lr scales alike); a lookup table needs a "
+        "higher one than the GPT to converge in the same budget (default: 1e-2)",
+    )
+    compare.add_argument("--config", type=Path, help="TOML file of options (flags override it)")
+    compare.add_argument("--prompt", default="\n", help="prompt of both samples (default: newline)")
+    compare.add_argument("--sample-length", type=int, default=400, help="characters per sample")
+    compare.add_argument("--sample-seed", type=int, default=1337, help="seed of both samples")
+    compare.add_argument("--stride", type=int, default=None, help="full-pass stride (see eval)")
+    add_dataclass_arguments(compare, ModelConfig)
+    add_dataclass_arguments(compare, TrainConfig)
+    compare.set_defaults(handler=cmd_compare)
+
+    plot = commands.add_parser("plot", help="draw a run's train/val loss curves (loss.png)")
+    plot.add_argument("--run", required=True, type=Path, help="run directory")
+    plot.add_argument("--out", type=Path, help="PNG file to write (default: RUN/loss.png)")
+    plot.set_defaults(handler=cmd_plot)
 
 
 def check_new_run_dir(out: Path, num_parameters: int) -> None:
@@ -293,43 +345,77 @@ def cmd_eval(args: argparse.Namespace) -> int:
     run = load_run(args.run, device)
     data = args.data or run.meta.get("data") or "shakespeare"
     text = load_text(data, args.encoding_errors)
-    dataset = CharDataset.from_text(text, run.tokenizer)
-    block_size = run.model_config.block_size
-    dataset.check_block_size(block_size)
-    eval_iters = args.eval_iters or run.train_config.eval_iters
-    batch_size = args.batch_size or run.train_config.batch_size
-    if eval_iters < 1 or batch_size < 1:
-        raise ChargptError("--eval-iters and --batch-size must be at least 1")
-    dtype = resolve_dtype(run.train_config.dtype, device)
-    with autocast(device, dtype):
-        losses = estimate_loss(
-            run.model,
-            dataset,
-            batch_size,
-            block_size,
-            eval_iters,
-            device,
-            dtype,
-            seed=run.train_config.seed + 1,
-        )
-    val = losses["val"]
-    report = {
-        "data": str(data),
-        "val_loss": val,
-        "bits_per_char": val / math.log(2),
-        "perplexity": math.exp(val),
-        "train_loss": losses["train"],
-        "windows": eval_iters * batch_size,
-        "block_size": block_size,
-    }
+    result = evaluate_run(run, text, device, args.batch_size, args.eval_iters, args.stride)
+    full = result.full_val
     if args.json:
-        print(json.dumps(report))
+        # headline figures from the deterministic full pass; details of both methods beside them
+        headline = {"val_loss": full.nats, "bits_per_char": full.bits_per_char}
+        print(json.dumps({"data": str(data), **headline, **result.to_dict()}))
     else:
-        print(
-            f"val loss {val:.4f} nats/char | {report['bits_per_char']:.4f} bits/char | "
-            f"perplexity {report['perplexity']:.3f}  ({report['windows']:,} random windows of "
-            f"{block_size} from {data})"
+        print(f"{data}\n{result.summary()}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from chargpt import compare
+
+    if args.sample_length < 0:
+        raise ChargptError(f"--sample-length must not be negative, got {args.sample_length}")
+    flags = given_fields(args, ModelConfig, TrainConfig)
+    device = resolve_device(flags.pop("device", "auto"))
+    if "model" in flags:
+        raise ChargptError("compare trains both models: drop --model")
+    if args.runs:
+        if flags or args.config:
+            raise ChargptError("--runs compares finished runs: drop the training options")
+        runs = compare.label_runs(args.runs)
+        data = args.data or read_run_config(args.runs[0]).get("data") or "shakespeare"
+    else:
+        if args.budget_iters is not None:
+            flags["max_iters"] = args.budget_iters
+        if args.budget_seconds is not None and not args.budget_seconds > 0:
+            raise ChargptError(f"--budget-seconds must be positive, got {args.budget_seconds}")
+        if not args.bigram_learning_rate > 0:
+            raise ChargptError(
+                f"--bigram-learning-rate must be positive, got {args.bigram_learning_rate}"
+            )
+        file_options = load_toml(args.config) if args.config else {}
+        flags["device"] = str(device)
+        has_gpu = torch.cuda.is_available()
+        model_config, train_config = build_configs(args.preset, has_gpu, file_options, flags)
+        data = args.data or "shakespeare"
+    text = load_text(data, args.encoding_errors)
+    CharTokenizer.from_text(text).encode(args.prompt)  # an unusable prompt fails before training
+    compare.check_new_comparison_dir(args.out, () if args.runs else compare.MODELS)
+    if not args.runs:
+        runs = compare.train_both(
+            text,
+            str(data),
+            model_config,
+            train_config,
+            args.out,
+            args.budget_seconds,
+            args.bigram_learning_rate,
         )
+    results = [
+        compare.assess_run(
+            label, run, text, device, args.prompt, args.sample_length, args.sample_seed, args.stride
+        )
+        for label, run in runs.items()
+    ]
+    command = "chargpt " + shlex.join(sys.argv[1:])
+    references = compare.count_references(text)
+    report = compare.write_report(
+        args.out, results, references, str(data), args.prompt, args.sample_seed, command
+    )
+    print(f"wrote {report} and {args.out / compare.CURVES}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from chargpt.plot import plot_run
+
+    print(f"wrote {plot_run(args.run, args.out)}")
     return 0
 
 
