@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -63,3 +65,26 @@ class CharDataset:
                 device, non_blocking=True
             )
         return x.to(device), y.to(device)
+
+
+def load_prepared(data_dir: Path) -> tuple[CharDataset, CharTokenizer]:
+    """Memory-map the token arrays written by `chargpt prepare`: start-up time and memory do not
+    grow with the corpus, since pages are read only when a batch touches them."""
+    try:
+        info = json.loads((data_dir / "vocab.json").read_text(encoding="utf-8"))
+        tokenizer = CharTokenizer.from_dict(info["tokenizer"])
+        dtype = np.dtype(info["dtype"])
+        sizes = {"train": info["train_tokens"], "val": info["val_tokens"]}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ChargptError(
+            f"{data_dir / 'vocab.json'} is unreadable ({err}): run `chargpt prepare` again"
+        ) from None
+    arrays = {}
+    for split, expected in sizes.items():
+        path = data_dir / f"{split}.bin"
+        if not path.is_file() or path.stat().st_size != expected * dtype.itemsize:
+            raise ChargptError(
+                f"{path} is missing or does not match vocab.json: run `chargpt prepare` again"
+            )
+        arrays[split] = np.memmap(path, dtype=dtype, mode="r") if expected else np.empty(0, dtype)
+    return CharDataset(**arrays), tokenizer
