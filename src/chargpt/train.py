@@ -2,22 +2,54 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
+import random
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
-from chargpt.checkpoint import save_run
-from chargpt.config import ModelConfig, TrainConfig
+from chargpt.checkpoint import (
+    LAST,
+    atomic_write_text,
+    cpu_state,
+    load_weights,
+    save_run,
+    save_trainer_state,
+)
+from chargpt.config import ModelConfig, TrainConfig, from_dict, split_overrides
 from chargpt.data import CharDataset
 from chargpt.device import autocast, resolve_device, resolve_dtype
+from chargpt.errors import ChargptError
 from chargpt.models import LanguageModel, build_model
 from chargpt.plot import plot_after_training
 from chargpt.tokenizer import CharTokenizer
+
+# What `train --resume` may change: how long and how often, and where it runs. Everything else
+# (model shape, data, optimiser, schedule, seed) is the run's identity and stays as saved.
+RESUMABLE_OPTIONS = (
+    "max_iters",
+    "eval_interval",
+    "eval_iters",
+    "sample_chars",
+    "device",
+    "dtype",
+    "compile",
+)
+
+
+class TrainingDiverged(ChargptError):
+    """The loss became NaN or infinite; the last good checkpoint stays on disk."""
 
 
 def lr_multiplier(step: int, cfg: TrainConfig) -> float:
@@ -86,6 +118,114 @@ def sample_text(
     return tokenizer.decode(out[0, 1:].tolist())
 
 
+def rng_state(batch_generator: torch.Generator) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Every random stream training may draw from (Python, numpy, torch CPU and CUDA, and the
+    batch generator), as uint8 tensors plus the few scalars that go with them."""
+    version, words, gauss_next = random.getstate()
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    tensors = {
+        "rng.python": as_bytes(np.array(words, dtype=np.uint32)),
+        "rng.numpy": as_bytes(keys),
+        "rng.torch": torch.get_rng_state(),
+        "rng.batches": batch_generator.get_state(),
+    }
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = state
+    scalars = {"python": [version, gauss_next], "numpy": [pos, has_gauss, cached_gaussian]}
+    return tensors, scalars
+
+
+def set_rng_state(
+    tensors: dict[str, torch.Tensor], scalars: dict[str, Any], batch_generator: torch.Generator
+) -> None:
+    """Undo `rng_state`: put every random stream back where it was."""
+    version, gauss_next = scalars["python"]
+    words = tuple(int(w) for w in from_bytes(tensors["rng.python"], np.uint32))
+    random.setstate((version, words, gauss_next))
+    pos, has_gauss, cached_gaussian = scalars["numpy"]
+    keys = from_bytes(tensors["rng.numpy"], np.uint32)
+    np.random.set_state(("MT19937", keys, pos, has_gauss, cached_gaussian))
+    torch.set_rng_state(tensors["rng.torch"])
+    batch_generator.set_state(tensors["rng.batches"])
+    cuda_keys = [f"rng.cuda.{i}" for i in range(torch.cuda.device_count())]
+    if cuda_keys and all(k in tensors for k in cuda_keys):  # none when saved on another device
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda_keys])
+
+
+def as_bytes(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array).view(np.uint8).copy())
+
+
+def from_bytes(tensor: torch.Tensor, dtype: type) -> np.ndarray:
+    return tensor.numpy().view(dtype).copy()
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
+    """AdamW's per-parameter moments as named tensors, and its param groups (plain JSON)."""
+    state = optimizer.state_dict()
+    tensors = {
+        f"optimizer.{index}.{name}": torch.as_tensor(value).detach().to("cpu").contiguous()
+        for index, moments in state["state"].items()
+        for name, value in moments.items()
+    }
+    return tensors, state["param_groups"]
+
+
+def optimizer_state_dict(tensors: dict[str, torch.Tensor], groups: list) -> dict[str, Any]:
+    """Undo `optimizer_tensors`."""
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": groups}
+
+
+def resume_configs(
+    model_config: ModelConfig, train_config: TrainConfig, changes: dict[str, Any]
+) -> tuple[ModelConfig, TrainConfig]:
+    """The saved configs with the options a resumed run may change (RESUMABLE_OPTIONS) applied;
+    any other option given with a different value is refused."""
+    model_changes, train_changes = split_overrides(changes)
+    new_model = from_dict(ModelConfig, {**dataclasses.asdict(model_config), **model_changes})
+    new_train = from_dict(TrainConfig, {**dataclasses.asdict(train_config), **train_changes})
+    refused = [
+        "--" + f.name.replace("_", "-")
+        for old, new in ((model_config, new_model), (train_config, new_train))
+        for f in dataclasses.fields(old)
+        if getattr(old, f.name) != getattr(new, f.name) and f.name not in RESUMABLE_OPTIONS
+    ]
+    if refused:
+        allowed = ", ".join("--" + name.replace("_", "-") for name in RESUMABLE_OPTIONS)
+        raise ChargptError(
+            f"cannot change {', '.join(refused)} when resuming (a resumed run keeps its model "
+            f"and training recipe; only {allowed} may change): start a new run with --out instead"
+        )
+    new_model.validate()
+    new_train.validate()
+    return new_model, new_train
+
+
+@contextlib.contextmanager
+def stop_on_signals(trainer: Trainer) -> Iterator[None]:
+    """While training, SIGINT and SIGTERM only set `trainer.stop_signal`: the loop then finishes
+    its step, saves and stops, instead of dying in the middle of an update or a write."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be installed from the main thread
+        return
+
+    def request_stop(signum: int, _frame: object) -> None:
+        trainer.stop_signal = signum
+
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 @dataclass
 class TrainResult:
     model: LanguageModel
@@ -94,6 +234,7 @@ class TrainResult:
     steps: int
     elapsed: float
     tokens_per_second: float
+    stopped_by: int | None = None  # the signal that stopped training early, if one did
 
 
 class Trainer:
@@ -108,6 +249,7 @@ class Trainer:
         out_dir: Path,
         data_name: str = "",
         log=print,
+        data_sha256: str = "",
     ):
         self.model_config = model_config
         self.cfg = train_config
@@ -115,6 +257,7 @@ class Trainer:
         self.tokenizer = tokenizer
         self.out_dir = Path(out_dir)
         self.data_name = data_name
+        self.data_sha256 = data_sha256
         self.log = log
         self.device = resolve_device(train_config.device)
         self.dtype = resolve_dtype(train_config.dtype, self.device)
@@ -131,6 +274,10 @@ class Trainer:
         self.step = 0
         self.best_val_loss = math.inf
         self.best_step = -1
+        self.last_eval_step = -1  # a resumed run does not estimate the losses of its step again
+        self.saved_step = -1  # the step of last.safetensors on disk
+        self.train_time = 0.0  # seconds spent in training steps, over all sessions of the run
+        self.stop_signal: int | None = None
 
     def train_step(self) -> float:
         """One AdamW update on a fresh random batch; returns the batch loss."""
@@ -151,7 +298,23 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
-        return loss.item()
+        value = loss.item()
+        if not math.isfinite(value):
+            raise self.diverged("training loss", value)
+        return value
+
+    def diverged(self, what: str, value: float) -> TrainingDiverged:
+        """The error for a NaN or infinite loss; nothing is saved after it."""
+        kept = (
+            f"the last good state (step {self.saved_step}) is kept in {self.out_dir}"
+            if self.saved_step >= 0
+            else "nothing was saved"
+        )
+        clip = " or set --grad-clip 1.0" if self.cfg.grad_clip == 0 else ""
+        return TrainingDiverged(
+            f"training stopped at step {self.step}: the {what} is {value}; {kept}: start a new "
+            f"run with a lower --learning-rate (now {self.cfg.learning_rate}){clip}"
+        )
 
     def evaluate(self) -> dict[str, float]:
         cfg = self.cfg
@@ -175,74 +338,158 @@ class Trainer:
             self.cfg,
             step=self.step,
             best_val_loss=self.best_val_loss,
+            best_step=self.best_step,
             data=self.data_name,
+            data_sha256=self.data_sha256,
             dtype=str(self.dtype).removeprefix("torch."),
         )
 
+    def save_last(self) -> None:
+        """The whole training state, for `train --resume`, replaced in one atomic rename."""
+        optimizer, groups = optimizer_tensors(self.optimizer)
+        rngs, rng_scalars = rng_state(self.batch_generator)
+        weights = {f"model.{k}": v for k, v in cpu_state(self.model).items()}
+        state = {
+            "step": self.step,
+            "best_val_loss": self.best_val_loss,
+            "best_step": self.best_step,
+            "last_eval_step": self.last_eval_step,
+            "train_time": self.train_time,
+            "model": dataclasses.asdict(self.model_config),
+            "train": dataclasses.asdict(self.cfg),
+            "scheduler": self.scheduler.state_dict(),
+            "optimizer_groups": groups,
+            "rng": rng_scalars,
+        }
+        save_trainer_state(self.out_dir, {**weights, **optimizer, **rngs}, state)
+        self.saved_step = self.step
+
+    def restore(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        """Continue from a `save_last` state: weights, AdamW moments, schedule, counters and every
+        random stream, so that training goes on exactly as if it had never stopped."""
+        path = self.out_dir / LAST
+        weights = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+        load_weights(self.model, weights, path)
+        try:
+            self.optimizer.load_state_dict(
+                optimizer_state_dict(tensors, state["optimizer_groups"])
+            )
+            self.scheduler.load_state_dict(state["scheduler"])
+            set_rng_state(tensors, state["rng"], self.batch_generator)
+            self.step, self.best_step = int(state["step"]), int(state["best_step"])
+            self.best_val_loss = float(state["best_val_loss"])
+            self.last_eval_step = int(state["last_eval_step"])
+            self.train_time = float(state["train_time"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as err:
+            raise ChargptError(
+                f"{path} is incomplete or does not match this run ({type(err).__name__}: "
+                f"{err}): it cannot be resumed; start a new run"
+            ) from None
+        self.saved_step = self.step
+        # estimates logged after this state was saved are redone, so drop them
+        atomic_write_text(self.metrics_path, self.metrics_text(up_to_step=self.step))
+
     def record(self, metrics: dict) -> None:
-        with (self.out_dir / "metrics.jsonl").open("a", encoding="utf-8") as f:
-            f.write(json.dumps(metrics) + "\n")
+        """Add a line to metrics.jsonl, rewritten whole so that a crash never leaves half a line."""
+        atomic_write_text(self.metrics_path, self.metrics_text() + json.dumps(metrics) + "\n")
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out_dir / "metrics.jsonl"
+
+    def metrics_text(self, up_to_step: float = math.inf) -> str:
+        """metrics.jsonl's lines for steps up to `up_to_step`."""
+        if not self.metrics_path.exists():
+            return ""
+        lines = self.metrics_path.read_text(encoding="utf-8").splitlines(keepends=True)
+        return "".join(line for line in lines if json.loads(line)["step"] <= up_to_step)
 
     def checkpoint_if_best(self, losses: dict[str, float]) -> None:
         if losses["val"] < self.best_val_loss:
             self.best_val_loss, self.best_step = losses["val"], self.step
             self.save()
 
+    def due_for_eval(self) -> bool:
+        cfg = self.cfg
+        due = self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters
+        return due and self.step != self.last_eval_step
+
+    def evaluate_and_save(self, bar: tqdm, tokens_per_s: float) -> None:
+        """Estimate the losses, log them, keep the best weights and the resumable state."""
+        cfg = self.cfg
+        cuda = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):  # leave the training random streams untouched
+            losses = self.evaluate()
+            text = (
+                sample_text(self.model, self.tokenizer, cfg.sample_chars, self.device, cfg.seed)
+                if cfg.sample_chars
+                else ""
+            )
+        for split, value in losses.items():
+            if not math.isfinite(value):
+                raise self.diverged(f"{split} loss estimate", value)
+        self.record(
+            {
+                "step": self.step,
+                "train_loss": losses["train"],
+                "val_loss": losses["val"],
+                "lr": self.scheduler.get_last_lr()[0],
+                "tokens_per_s": tokens_per_s,
+                "elapsed": self.train_time,
+                "tokens": self.step * cfg.batch_size * self.model_config.block_size,
+            }
+        )
+        bar.write(
+            f"step {self.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+        )
+        self.checkpoint_if_best(losses)
+        self.last_eval_step = self.step
+        self.save_last()
+        if text:
+            bar.write(text.strip("\n") + "\n")
+
     def run(self) -> TrainResult:
-        """Train for `max_iters` steps, estimating losses every `eval_interval` steps."""
+        """Train up to `max_iters` steps, estimating losses every `eval_interval` steps. SIGINT or
+        SIGTERM stops it after the current step, with the state saved for `train --resume`."""
         cfg = self.cfg
         tokens_per_step = cfg.batch_size * self.model_config.block_size
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.model.train()
-        train_time, window_start, window_steps = 0.0, time.perf_counter(), 0
+        start_step, start_time = self.step, self.train_time
+        window_start, window_steps = time.perf_counter(), 0
         bar = tqdm(
             total=cfg.max_iters, initial=self.step, unit="step", dynamic_ncols=True, disable=None
         )
-        while True:
-            if self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters:
-                window_time = time.perf_counter() - window_start
-                train_time += window_time
-                tokens_per_s = window_steps * tokens_per_step / window_time if window_steps else 0
-                losses = self.evaluate()
-                self.record(
-                    {
-                        "step": self.step,
-                        "train_loss": losses["train"],
-                        "val_loss": losses["val"],
-                        "lr": self.scheduler.get_last_lr()[0],
-                        "tokens_per_s": tokens_per_s,
-                        "elapsed": train_time,
-                        "tokens": self.step * tokens_per_step,
-                    }
+        with stop_on_signals(self):
+            while True:
+                if self.due_for_eval():
+                    window_time = time.perf_counter() - window_start
+                    self.train_time += window_time
+                    tokens = window_steps * tokens_per_step
+                    self.evaluate_and_save(bar, tokens / window_time if window_steps else 0)
+                    window_start, window_steps = time.perf_counter(), 0
+                if self.step >= cfg.max_iters:
+                    break
+                if self.stop_signal is not None:  # finish here: save, and let the caller report
+                    self.train_time += time.perf_counter() - window_start
+                    self.save_last()
+                    break
+                loss = self.train_step()
+                window_steps += 1
+                bar.update(1)
+                elapsed = time.perf_counter() - window_start
+                bar.set_postfix(
+                    loss=f"{loss:.4f}", tok_s=f"{window_steps * tokens_per_step / elapsed:,.0f}"
                 )
-                bar.write(
-                    f"step {self.step}: train loss {losses['train']:.4f}, "
-                    f"val loss {losses['val']:.4f}"
-                )
-                self.checkpoint_if_best(losses)
-                if cfg.sample_chars:
-                    text = sample_text(
-                        self.model, self.tokenizer, cfg.sample_chars, self.device, cfg.seed
-                    )
-                    bar.write(text.strip("\n") + "\n")
-                window_start, window_steps = time.perf_counter(), 0
-            if self.step >= cfg.max_iters:
-                break
-            loss = self.train_step()
-            window_steps += 1
-            bar.update(1)
-            elapsed = time.perf_counter() - window_start
-            bar.set_postfix(
-                loss=f"{loss:.4f}", tok_s=f"{window_steps * tokens_per_step / elapsed:,.0f}"
-            )
         bar.close()
         plot_after_training(self.out_dir)  # loss.png beside metrics.jsonl
-        total_tokens = cfg.max_iters * tokens_per_step
+        session_time = self.train_time - start_time
         return TrainResult(
             self.model,
             self.best_val_loss,
             self.best_step,
             self.step,
-            train_time,
-            total_tokens / train_time if train_time else 0.0,
+            session_time,
+            (self.step - start_step) * tokens_per_step / session_time if session_time else 0.0,
+            stopped_by=self.stop_signal if self.step < cfg.max_iters else None,
         )
