@@ -231,8 +231,8 @@ def results_table(results: list[ModelResult], references: list[CountReference]) 
 
 def samples_table(results: list[ModelResult]) -> str:
     """The samples side by side: an HTML table, which GitHub renders inside Markdown."""
-    heads = "".join(f"<th>{html.escape(r.label)}</th>" for r in results)
-    cells = "".join(f"<td><pre>{html.escape(r.sample)}</pre></td>" for r in results)
+    heads = "".join(f"<th>{html.escape(r.label, quote=False)}</th>" for r in results)
+    cells = "".join(f"<td><pre>{html.escape(r.sample, quote=False)}</pre></td>" for r in results)
     return f'<table>\n<tr>{heads}</tr>\n<tr valign="top">{cells}</tr>\n</table>\n'
 
 
@@ -268,8 +268,8 @@ character; bits/char and perplexity are those of the full pass.
   excludes evaluation. Peak learning rates: {rates}.
 - The closed-form rows come from character counts on the training split with add-one
   smoothing: the unigram ignores context altogether, and the count-based bigram is the best any
-  bigram model can do, so a well-trained bigram lands near it and the GPT's gap below it is what
-  attention over {ev.block_size} characters of context buys.
+  bigram model can do, so a well-trained bigram lands near it. A GPT lands below it as far as it
+  has learned to use its {ev.block_size} characters of context.
 
 ![loss curves]({CURVES})
 
