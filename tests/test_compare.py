@@ -145,8 +145,8 @@ def test_trained_bigram_lands_near_the_count_based_bigram(tmp_path):
     model = ModelConfig(model="bigram", block_size=16)
     train = TrainConfig(
         batch_size=32,
-        max_iters=400,
-        eval_interval=400,
+        max_iters=250,
+        eval_interval=250,
         eval_iters=1,
         learning_rate=5e-2,
         weight_decay=0.0,
