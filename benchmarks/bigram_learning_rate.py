@@ -17,7 +17,6 @@ import io
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from chargpt.config import build_configs
@@ -56,5 +55,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    np.seterr(all="raise")
     main()
