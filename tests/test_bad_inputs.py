@@ -23,9 +23,12 @@ import pytest
 from chargpt.checkpoint import CONFIG, LAST, WEIGHTS
 from chargpt.cli import main
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 DOC = Path(__file__).resolve().parent.parent / "docs" / "bad_inputs.md"
 TEXT = "to be, or not to be, that is the question.\n" * 30
-TINY = ["--preset", "tiny", "--block-size", "8", "--batch-size", "4", "--eval-iters", "1"]
+TINY = ["--preset", "tiny", "--block-size", "8", "--batch-size", "4", "--n-embd", "16"]
+TINY += ["--n-layer", "1", "--eval-iters", "1", "--sample-chars", "0"]
 TRAIN = ["train", "--out", "new", "--data", "corpus.txt"]
 
 
@@ -355,12 +358,10 @@ def test_failed_train_removes_the_directories_it_created(template: Path, tmp_pat
     assert not (tmp_path / "a").exists()
 
 
-def render() -> str:
+def render(template: Path) -> str:
     """docs/bad_inputs.md: each case with the command and the message it prints."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        template = Path(tmp) / "template"
-        make_run(template)
         for i, case in enumerate(CASES):
             code, stderr, _ = run_case(case, template, Path(tmp) / f"case{i}")
             command = " ".join(["chargpt", *case.argv]).replace("|", "\\|")
@@ -389,9 +390,11 @@ def render() -> str:
     )
 
 
-def test_doc_is_current() -> None:
-    assert DOC.read_text(encoding="utf-8") == render()
+def test_doc_is_current(template: Path) -> None:
+    assert DOC.read_text(encoding="utf-8") == render(template)
 
 
 if __name__ == "__main__":
-    sys.stdout.write(render())
+    with tempfile.TemporaryDirectory() as tmp:
+        make_run(Path(tmp))
+        sys.stdout.write(render(Path(tmp)))

@@ -22,8 +22,11 @@ from chargpt.data import CharDataset
 from chargpt.tokenizer import CharTokenizer
 from chargpt.train import Trainer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 KILL_TRIALS = 40
-TINY = ["--preset", "tiny", "--block-size", "16", "--batch-size", "8", "--eval-iters", "1"]
+TINY = ["--preset", "tiny", "--block-size", "8", "--batch-size", "4", "--n-embd", "16"]
+TINY += ["--n-layer", "1", "--eval-iters", "1"]
 
 
 def tiny_trainer(out: Path) -> Trainer:
@@ -98,7 +101,10 @@ def test_sigkill_while_saving_always_leaves_a_loadable_run(tmp_path: Path) -> No
 def start_training(out: Path, corpus: Path) -> subprocess.Popen:
     command = [sys.executable, "-m", "chargpt", "train", "--out", str(out), "--data", str(corpus)]
     command += [*TINY, "--max-iters", "100000", "--eval-interval", "3", "--sample-chars", "0"]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # see the one_thread fixture
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
 
 
 def wait_for_step(out: Path, step: int, process: subprocess.Popen) -> None:

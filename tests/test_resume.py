@@ -18,11 +18,13 @@ from chargpt.errors import ChargptError
 from chargpt.tokenizer import CharTokenizer
 from chargpt.train import Trainer, resume_configs
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # dropout > 0 so that the global torch generator matters; eval_interval 15 so that step 20 is
 # no evaluation step of the straight run; samples while training draw random numbers too
-MODEL = ModelConfig(block_size=16, n_embd=32, n_head=2, n_layer=2, dropout=0.1)
+MODEL = ModelConfig(block_size=8, n_embd=16, n_head=2, n_layer=1, dropout=0.1)
 TRAIN = TrainConfig(
-    batch_size=8,
+    batch_size=4,
     max_iters=40,
     eval_interval=15,
     eval_iters=2,
@@ -31,11 +33,12 @@ TRAIN = TrainConfig(
     warmup_iters=5,
     lr_schedule="cosine",
     grad_clip=1.0,
-    sample_chars=8,
+    sample_chars=4,
     device="cpu",
     dtype="fp32",
 )
-CLI_TINY = ["--preset", "tiny", "--block-size", "16", "--batch-size", "8", "--eval-iters", "2"]
+CLI_TINY = ["--preset", "tiny", "--block-size", "8", "--batch-size", "4", "--n-embd", "16"]
+CLI_TINY += ["--n-layer", "1", "--eval-iters", "1", "--sample-chars", "4"]
 
 
 @pytest.fixture(scope="module")
@@ -105,9 +108,9 @@ def test_stop_at_20_and_resume_matches_40_straight(corpus, tmp_path: Path) -> No
 def test_evaluation_does_not_move_the_training_random_streams(corpus, tmp_path: Path) -> None:
     """Same losses whether or not losses are estimated and samples drawn in between."""
     # each trainer seeds the global generator (dropout) when built: build and run one at a time
-    often, often_losses = make_trainer(corpus, tmp_path / "often", max_iters=12, eval_interval=1)
+    often, often_losses = make_trainer(corpus, tmp_path / "often", max_iters=6, eval_interval=1)
     often.run()
-    rarely, rarely_losses = make_trainer(corpus, tmp_path / "rarely", max_iters=12)
+    rarely, rarely_losses = make_trainer(corpus, tmp_path / "rarely", max_iters=6)
     rarely.run()
     assert often_losses == rarely_losses
 
@@ -125,18 +128,18 @@ def metrics(run: Path) -> list[dict]:
 
 
 def test_cli_resume_with_a_larger_max_iters(tmp_path: Path) -> None:
-    """Constant learning rate: 20 steps then `--resume --max-iters 40` equals 40 straight."""
+    """Constant learning rate: 6 steps then `--resume --max-iters 12` equals 12 straight."""
     data = tmp_path / "corpus.txt"
     data.write_text("the quick brown fox jumps over the lazy dog. " * 200, encoding="utf-8")
-    common = [*CLI_TINY, "--lr-schedule", "constant", "--eval-interval", "10", "--data", str(data)]
-    assert run_cli("--out", str(tmp_path / "straight"), *common, "--max-iters", "40") == 0
-    assert run_cli("--out", str(tmp_path / "split"), *common, "--max-iters", "20") == 0
-    assert run_cli("--resume", str(tmp_path / "split"), "--max-iters", "40") == 0
+    common = [*CLI_TINY, "--lr-schedule", "constant", "--eval-interval", "3", "--data", str(data)]
+    assert run_cli("--out", str(tmp_path / "straight"), *common, "--max-iters", "12") == 0
+    assert run_cli("--out", str(tmp_path / "split"), *common, "--max-iters", "6") == 0
+    assert run_cli("--resume", str(tmp_path / "split"), "--max-iters", "12") == 0
     assert_same_state(tmp_path / "straight", tmp_path / "split")
     assert metrics(tmp_path / "straight") == metrics(tmp_path / "split")
-    assert [m["step"] for m in metrics(tmp_path / "split")] == [0, 10, 20, 30, 40]
+    assert [m["step"] for m in metrics(tmp_path / "split")] == [0, 3, 6, 9, 12]
     # the best weights' own header gives the step they were saved at
-    assert load_run(tmp_path / "split").meta["step"] == 40
+    assert load_run(tmp_path / "split").meta["step"] == 12
 
 
 @pytest.mark.parametrize(
@@ -146,7 +149,7 @@ def test_cli_resume_with_a_larger_max_iters(tmp_path: Path) -> None:
         ({"n_layer": 3}, "--n-layer"),
         ({"model": "bigram"}, "--model"),
         ({"learning_rate": 0.1, "seed": 3}, "--learning-rate, --seed"),
-        ({"batch_size": 4}, "--batch-size"),
+        ({"batch_size": 2}, "--batch-size"),
     ],
 )
 def test_resume_refuses_changes_to_the_run_identity(changes: dict, refused: str) -> None:
@@ -156,7 +159,7 @@ def test_resume_refuses_changes_to_the_run_identity(changes: dict, refused: str)
 
 def test_resume_allows_training_longer_and_same_values() -> None:
     model, train = resume_configs(
-        MODEL, TRAIN, {"max_iters": 100, "eval_interval": 7, "n_embd": 32, "seed": TRAIN.seed}
+        MODEL, TRAIN, {"max_iters": 100, "eval_interval": 7, "n_embd": 16, "seed": TRAIN.seed}
     )
     assert model == MODEL
     assert (train.max_iters, train.eval_interval) == (100, 7)
@@ -182,7 +185,7 @@ def test_resume_refuses_a_state_from_another_model(corpus, tmp_path: Path, capsy
     small, _ = make_trainer(corpus, tmp_path / "a", max_iters=1)
     small.run()
     dataset, tokenizer = corpus
-    wide = dataclasses.replace(MODEL, n_embd=64)
+    wide = dataclasses.replace(MODEL, n_embd=32)
     one_step = dataclasses.replace(TRAIN, max_iters=1)
     other = Trainer(wide, one_step, dataset, tokenizer, tmp_path / "b")
     other.run()
