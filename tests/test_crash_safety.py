@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -157,3 +158,26 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path, capsy
     assert all(torch.isfinite(p).all() for p in load_run(out).model.parameters())
     assert not list(out.glob(".*.tmp"))
     assert (out / LAST).is_file()
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path: Path, capsys) -> None:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("a horse, a horse, my kingdom for a horse. " * 40)
+    out = tmp_path / "run"
+    argv = ["train", "--out", str(out), "--data", str(corpus), *TINY, "--eval-interval", "2"]
+    assert main([*argv, "--max-iters", "2"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix == ".safetensors"}
+
+    def fill_the_disk(tensors, filename, metadata=None) -> None:
+        Path(filename).write_bytes(b"\0" * 100)  # a partial write, then the disk is full
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("chargpt.checkpoint.save_file", fill_the_disk)
+        assert main(["train", "--resume", str(out), "--max-iters", "4"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("chargpt train: error: No space left on device (")
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix == ".safetensors"}
+    assert after == before  # the checkpoints of step 2, whole
+    assert not list(out.glob(".*.tmp"))
+    assert load_trainer_state(out)[1]["step"] == 2
