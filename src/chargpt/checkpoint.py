@@ -20,12 +20,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import random
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -239,6 +241,70 @@ def load_trainer_state(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str
             "resume: upgrade chargpt"
         )
     return tensors, state
+
+
+def rng_state(batch_generator: torch.Generator) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Every random stream training may draw from (Python, numpy, torch CPU and CUDA, and the
+    batch generator), as uint8 tensors plus the few scalars that go with them."""
+    version, words, gauss_next = random.getstate()
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    tensors = {
+        "rng.python": as_bytes(np.array(words, dtype=np.uint32)),
+        "rng.numpy": as_bytes(keys),
+        "rng.torch": torch.get_rng_state(),
+        "rng.batches": batch_generator.get_state(),
+    }
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = state
+    scalars = {"python": [version, gauss_next], "numpy": [pos, has_gauss, cached_gaussian]}
+    return tensors, scalars
+
+
+def set_rng_state(
+    tensors: dict[str, torch.Tensor], scalars: dict[str, Any], batch_generator: torch.Generator
+) -> None:
+    """Undo `rng_state`: put every random stream back where it was."""
+    version, gauss_next = scalars["python"]
+    words = tuple(int(w) for w in from_bytes(tensors["rng.python"], np.uint32))
+    random.setstate((version, words, gauss_next))
+    pos, has_gauss, cached_gaussian = scalars["numpy"]
+    keys = from_bytes(tensors["rng.numpy"], np.uint32)
+    np.random.set_state(("MT19937", keys, pos, has_gauss, cached_gaussian))
+    torch.set_rng_state(tensors["rng.torch"])
+    batch_generator.set_state(tensors["rng.batches"])
+    cuda_keys = [f"rng.cuda.{i}" for i in range(torch.cuda.device_count())]
+    if cuda_keys and all(k in tensors for k in cuda_keys):  # none when saved on another device
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda_keys])
+
+
+def as_bytes(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array).view(np.uint8).copy())
+
+
+def from_bytes(tensor: torch.Tensor, dtype: type) -> np.ndarray:
+    return tensor.numpy().view(dtype).copy()
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
+    """AdamW's per-parameter moments as named tensors, and its param groups (plain JSON)."""
+    state = optimizer.state_dict()
+    tensors = {
+        f"optimizer.{index}.{name}": torch.as_tensor(value).detach().to("cpu").contiguous()
+        for index, moments in state["state"].items()
+        for name, value in moments.items()
+    }
+    return tensors, state["param_groups"]
+
+
+def optimizer_state_dict(tensors: dict[str, torch.Tensor], groups: list) -> dict[str, Any]:
+    """Undo `optimizer_tensors`."""
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": groups}
 
 
 def remove_stale_temporaries(run_dir: Path) -> None:
