@@ -196,6 +196,11 @@ def test_stop_filter_emits_everything_before_the_first_stop(text, stops):
     assert emitted == cut_at_first_stop(text, tuple(stops))
 
 
+def test_bf16_runs_the_cached_path(model):
+    (text,) = generate(model, TOKENIZER, "abc", max_new_tokens=2 * BLOCK, dtype="bf16", seed=0)
+    assert len(text) == 2 * BLOCK and set(text) <= set(TOKENIZER.chars)
+
+
 def test_unknown_prompt_characters_are_listed_or_skipped(model):
     with pytest.raises(ChargptError, match=r"'X', 'Z'.*--on-unknown skip"):
         generate(model, TOKENIZER, "aXbZ", max_new_tokens=5)
