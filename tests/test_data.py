@@ -40,5 +40,5 @@ def test_split_shorter_than_block_size_plus_one_is_refused():
     text = "abcdefghij" * 10  # 100 characters: val has 10
     ds = CharDataset.from_text(text, CharTokenizer.from_text(text))
     ds.check_block_size(9)
-    with pytest.raises(ChargptError, match="val split has 10 characters.*--block-size"):
+    with pytest.raises(ChargptError, match=r"val split has 10 characters.*--block-size"):
         ds.check_block_size(10)

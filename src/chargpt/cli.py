@@ -132,7 +132,22 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.set_defaults(handler=cmd_eval)
     add_compare_and_plot_parsers(commands)
+    add_prepare_parser(commands)
     return parser
+
+
+def add_prepare_parser(commands: argparse._SubParsersAction) -> None:
+    prepare = commands.add_parser(
+        "prepare", help="stream large text corpora into memory-mapped train/val token arrays"
+    )
+    prepare.add_argument("--data", required=True, action="append", type=Path,
+                         help="a text file or a directory to recurse into (repeatable)")
+    prepare.add_argument("--out", required=True, type=Path, help="data directory to create")
+    prepare.add_argument("--glob", default="*.txt",
+                         help="which files to take from directories (default: *.txt)")
+    prepare.add_argument("--encoding-errors", choices=("strict", "replace", "ignore"),
+                         default="strict", help="what to do with bytes that are not UTF-8")
+    prepare.set_defaults(handler=cmd_prepare)
 
 
 def add_compare_and_plot_parsers(commands: argparse._SubParsersAction) -> None:
@@ -416,6 +431,19 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from chargpt.plot import plot_run
 
     print(f"wrote {plot_run(args.run, args.out)}")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from chargpt.corpus import BUNDLED, resolve_corpus_path
+    from chargpt.prepare import prepare
+
+    paths = [resolve_corpus_path(p) if str(p) in BUNDLED else p for p in args.data]
+    info = prepare(paths, args.out, args.glob, args.encoding_errors)
+    print(f"wrote {args.out}: {info['train_tokens']:,} train / {info['val_tokens']:,} val "
+          f"characters from {len(info['sources'])} file(s), vocabulary "
+          f"{len(info['tokenizer']['chars'])} ({info['dtype']})\n"
+          f"next: chargpt train --data {args.out} --out RUN_DIR")
     return 0
 
 
