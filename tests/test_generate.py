@@ -221,7 +221,8 @@ def test_unknown_prompt_characters_are_listed_or_skipped(model):
         (dict(num_samples=0), "num_samples"),
         (dict(stop=("",)), "stop"),
         (dict(window_keep=1.0), "window_keep"),
-        (dict(tempurature=1.0), "unknown sampling control"),
+        (dict(tempurature=1.0), "unknown SampleConfig option"),
+        (dict(top_k="5"), "top_k must be of type int"),
     ],
 )
 def test_invalid_controls_are_one_line_errors(model, controls, message):

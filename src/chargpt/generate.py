@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from chargpt.config import SampleConfig
+from chargpt.config import SampleConfig, from_dict
 from chargpt.device import autocast, resolve_dtype
 from chargpt.errors import ChargptError
 from chargpt.models import LanguageModel
@@ -35,13 +35,12 @@ class TextPiece(NamedTuple):
 
 
 def sample_config(config: SampleConfig | None = None, **controls: Any) -> SampleConfig:
-    """`config` (default: SampleConfig()) with `controls` replaced, checked."""
-    config = config or SampleConfig()
-    try:
-        config = dataclasses.replace(config, **controls)
-    except TypeError:
-        known = ", ".join(f.name for f in dataclasses.fields(SampleConfig))
-        raise ChargptError(f"unknown sampling control in {sorted(controls)}: use {known}") from None
+    """`config` (default: SampleConfig()) with `controls` replaced, type- and range-checked.
+    A single stop string may be given as a plain string."""
+    if isinstance(controls.get("stop"), str):
+        controls["stop"] = (controls["stop"],)
+    values = {**dataclasses.asdict(config or SampleConfig()), **controls}
+    config = from_dict(SampleConfig, values)
     config.validate()
     return config
 
