@@ -37,8 +37,8 @@ from chargpt.config import (
     given_fields,
     load_toml,
 )
-from chargpt.corpus import load_text, text_sha256
-from chargpt.data import CharDataset
+from chargpt.corpus import load_text
+from chargpt.data import CharDataset, load_corpus
 from chargpt.device import resolve_device
 from chargpt.errors import ChargptError
 from chargpt.evaluate import evaluate_run
@@ -51,7 +51,8 @@ def add_data_arguments(parser: argparse.ArgumentParser, default: str | None) -> 
     parser.add_argument(
         "--data",
         default=default,
-        help="a UTF-8 text file, or 'shakespeare' for the bundled corpus "
+        help="a UTF-8 text file, a `chargpt prepare` directory, or 'shakespeare' for the "
+        "bundled corpus "
         f"(default: {default or 'the data the run was trained on'})",
     )
     parser.add_argument(
@@ -243,11 +244,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     model_config, train_config = build_configs(args.preset or "auto", has_gpu, file_options, flags)
     resolve_device(train_config.device)
     data = args.data or "shakespeare"
-    text = load_text(data, args.encoding_errors)
-    tokenizer = CharTokenizer.from_text(text)
-    dataset = CharDataset.from_text(text, tokenizer)
+    dataset, tokenizer, digest = load_corpus(data, args.encoding_errors)
     dataset.check_block_size(model_config.block_size)
-    digest = text_sha256(text)
     trainer = Trainer(
         model_config, train_config, dataset, tokenizer, args.out, data, data_sha256=digest
     )
@@ -278,14 +276,12 @@ def resume_training(args: argparse.Namespace) -> int:
             "pass a larger --max-iters to train longer"
         )
     data = args.data or config.get("data") or "shakespeare"
-    text = load_text(data, args.encoding_errors)
-    digest = text_sha256(text)
+    dataset, _, digest = load_corpus(data, args.encoding_errors, tokenizer)
     if config.get("data_sha256") and digest != config["data_sha256"]:
         raise ChargptError(
             f"corpus {data!r} is not the text {run_dir} was trained on (its SHA-256 differs): "
             "pass the original corpus with --data"
         )
-    dataset = CharDataset.from_text(text, tokenizer)
     dataset.check_block_size(model_config.block_size)
     trainer = Trainer(
         model_config, train_config, dataset, tokenizer, run_dir, data, data_sha256=digest
@@ -359,8 +355,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     run = load_run(args.run, device)
     data = args.data or run.meta.get("data") or "shakespeare"
-    text = load_text(data, args.encoding_errors)
-    result = evaluate_run(run, text, device, args.batch_size, args.eval_iters, args.stride)
+    dataset, _, _ = load_corpus(data, args.encoding_errors, run.tokenizer)
+    result = evaluate_run(run, dataset, device, args.batch_size, args.eval_iters, args.stride)
     full = result.full_val
     if args.json:
         # headline figures from the deterministic full pass; details of both methods beside them

@@ -166,7 +166,9 @@ def assess_run(
         train_seconds=last.get("elapsed", 0.0),
         best_step=run.meta.get("step", last["step"]),
         learning_rate=run.train_config.learning_rate,
-        evaluation=evaluate_run(run, text, device, stride=stride),
+        evaluation=evaluate_run(
+            run, CharDataset.from_text(text, run.tokenizer), device, stride=stride
+        ),
         sample=sample_from(run, prompt, sample_chars, seed, device),
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from chargpt.corpus import load_text, text_sha256
 from chargpt.errors import ChargptError
 from chargpt.tokenizer import CharTokenizer
 
@@ -88,3 +90,29 @@ def load_prepared(data_dir: Path) -> tuple[CharDataset, CharTokenizer]:
             )
         arrays[split] = np.memmap(path, dtype=dtype, mode="r") if expected else np.empty(0, dtype)
     return CharDataset(**arrays), tokenizer
+
+
+def load_corpus(
+    data: str | Path, encoding_errors: str = "strict", tokenizer: CharTokenizer | None = None
+) -> tuple[CharDataset, CharTokenizer, str]:
+    """`--data` as a split dataset, its tokenizer and a fingerprint (to check a resumed run trains
+    on the same data). `data` is a bundled corpus name, a text file, or a `chargpt prepare`
+    directory. With `tokenizer` (a trained run's), the data must fit that vocabulary."""
+    path = Path(data)
+    if path.is_dir() and (path / "vocab.json").is_file():
+        dataset, own = load_prepared(path)
+        if tokenizer is not None and own != tokenizer:
+            raise ChargptError(
+                f"{path} was prepared with another vocabulary than the run's: prepare the "
+                "corpus the run was trained on, or train a new run on this one"
+            )
+        digest = hashlib.sha256((path / "vocab.json").read_bytes()).hexdigest()
+        return dataset, own, digest
+    if path.is_dir():
+        raise ChargptError(
+            f"{str(path)!r} is a directory without vocab.json: pass a text file, or run "
+            f"`chargpt prepare --data {path} --out DATADIR` and pass DATADIR"
+        )
+    text = load_text(data, encoding_errors)
+    tokenizer = tokenizer or CharTokenizer.from_text(text)
+    return CharDataset.from_text(text, tokenizer), tokenizer, text_sha256(text)

@@ -187,13 +187,13 @@ def evaluate(
 
 def evaluate_run(
     run: Run,
-    text: str,
+    dataset: CharDataset,
     device: torch.device,
     batch_size: int | None = None,
     eval_iters: int | None = None,
     stride: int | None = None,
 ) -> Evaluation:
-    """Score a loaded run on `text` split as in training; unset options come from the run."""
+    """Score a loaded run on a dataset (split as in training); unset options come from the run."""
     block_size = run.model_config.block_size
     batch_size = run.train_config.batch_size if batch_size is None else batch_size
     eval_iters = run.train_config.eval_iters if eval_iters is None else eval_iters
@@ -204,7 +204,6 @@ def evaluate_run(
         raise ChargptError(
             f"--stride must be between 1 and block_size ({block_size}), got {stride}"
         )
-    dataset = CharDataset.from_text(text, run.tokenizer)
     dataset.check_block_size(block_size)
     dtype = resolve_dtype(run.train_config.dtype, device)
     seed = run.train_config.seed + 1  # the windows the training run's estimates used
