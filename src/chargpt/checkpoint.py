@@ -243,16 +243,18 @@ def load_trainer_state(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str
     return tensors, state
 
 
-def rng_state(batch_generator: torch.Generator) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def rng_state(
+    batch_states: dict[int, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Every random stream training may draw from (Python, numpy, torch CPU and CUDA, and the
-    batch generator), as uint8 tensors plus the few scalars that go with them."""
+    batch generator of each micro-batch stream), as uint8 tensors plus a few scalars."""
     version, words, gauss_next = random.getstate()
     _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     tensors = {
         "rng.python": as_bytes(np.array(words, dtype=np.uint32)),
         "rng.numpy": as_bytes(keys),
         "rng.torch": torch.get_rng_state(),
-        "rng.batches": batch_generator.get_state(),
+        **{f"rng.batches.{k}": state for k, state in batch_states.items()},
     }
     if torch.cuda.is_available():
         for i, state in enumerate(torch.cuda.get_rng_state_all()):
@@ -262,7 +264,9 @@ def rng_state(batch_generator: torch.Generator) -> tuple[dict[str, torch.Tensor]
 
 
 def set_rng_state(
-    tensors: dict[str, torch.Tensor], scalars: dict[str, Any], batch_generator: torch.Generator
+    tensors: dict[str, torch.Tensor],
+    scalars: dict[str, Any],
+    batch_generators: dict[int, torch.Generator],
 ) -> None:
     """Undo `rng_state`: put every random stream back where it was."""
     version, gauss_next = scalars["python"]
@@ -272,7 +276,8 @@ def set_rng_state(
     keys = from_bytes(tensors["rng.numpy"], np.uint32)
     np.random.set_state(("MT19937", keys, pos, has_gauss, cached_gaussian))
     torch.set_rng_state(tensors["rng.torch"])
-    batch_generator.set_state(tensors["rng.batches"])
+    for stream, generator in batch_generators.items():
+        generator.set_state(tensors[f"rng.batches.{stream}"])
     cuda_keys = [f"rng.cuda.{i}" for i in range(torch.cuda.device_count())]
     if cuda_keys and all(k in tensors for k in cuda_keys):  # none when saved on another device
         torch.cuda.set_rng_state_all([tensors[k] for k in cuda_keys])

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import os
 import shlex
 import shutil
 import signal
@@ -40,6 +41,7 @@ from chargpt.config import (
 from chargpt.corpus import load_text
 from chargpt.data import CharDataset, load_corpus
 from chargpt.device import resolve_device
+from chargpt.distributed import close_world
 from chargpt.errors import ChargptError
 from chargpt.evaluate import evaluate_run
 from chargpt.generate import encode_prompt, generate, resolve_seed, stream
@@ -141,13 +143,23 @@ def add_prepare_parser(commands: argparse._SubParsersAction) -> None:
     prepare = commands.add_parser(
         "prepare", help="stream large text corpora into memory-mapped train/val token arrays"
     )
-    prepare.add_argument("--data", required=True, action="append", type=Path,
-                         help="a text file or a directory to recurse into (repeatable)")
+    prepare.add_argument(
+        "--data",
+        required=True,
+        action="append",
+        type=Path,
+        help="a text file or a directory to recurse into (repeatable)",
+    )
     prepare.add_argument("--out", required=True, type=Path, help="data directory to create")
-    prepare.add_argument("--glob", default="*.txt",
-                         help="which files to take from directories (default: *.txt)")
-    prepare.add_argument("--encoding-errors", choices=("strict", "replace", "ignore"),
-                         default="strict", help="what to do with bytes that are not UTF-8")
+    prepare.add_argument(
+        "--glob", default="*.txt", help="which files to take from directories (default: *.txt)"
+    )
+    prepare.add_argument(
+        "--encoding-errors",
+        choices=("strict", "replace", "ignore"),
+        default="strict",
+        help="what to do with bytes that are not UTF-8",
+    )
     prepare.set_defaults(handler=cmd_prepare)
 
 
@@ -205,7 +217,7 @@ def check_new_run_dir(out: Path, num_parameters: int) -> None:
         raise ChargptError(f"--out {out} is a file: choose a directory path")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
+        probe = out / f".write-test-{os.getpid()}"  # one per process under torchrun
         probe.write_bytes(b"ok")
         probe.unlink()
         free = shutil.disk_usage(out).free
@@ -293,28 +305,35 @@ def resume_training(args: argparse.Namespace) -> int:
 
 
 def train_and_report(trainer: Trainer, dataset: CharDataset) -> int:
-    """Run the trainer between one line that describes the run and one that sums it up."""
+    """Run the trainer between one line that describes the run and one that sums it up (under
+    torchrun, the main process alone prints)."""
     run_dir = trainer.out_dir
-    print(
+
+    def report(message: str) -> None:
+        if trainer.world.is_main:
+            print(message, file=sys.stderr)
+
+    report(
         f"training {trainer.model_config.model} ({trainer.model.num_parameters():,} parameters) "
         f"on {trainer.data_name}: {len(dataset.train):,} train / {len(dataset.val):,} val "
         f"characters, vocabulary {trainer.tokenizer.vocab_size}, device {trainer.device}, "
-        f"{str(trainer.dtype).removeprefix('torch.')}",
-        file=sys.stderr,
+        f"{str(trainer.dtype).removeprefix('torch.')}"
+        + (f", {trainer.world.size} processes" if trainer.world.distributed else "")
     )
-    result = trainer.run()
+    try:
+        result = trainer.run()
+    finally:
+        close_world()
     if result.stopped_by is not None:
-        print(
+        report(
             f"{signal.Signals(result.stopped_by).name}: stopped at step {result.steps} and saved; "
-            f"continue with: chargpt train --resume {shlex.quote(str(run_dir))}",
-            file=sys.stderr,
+            f"continue with: chargpt train --resume {shlex.quote(str(run_dir))}"
         )
         return 128 + result.stopped_by
-    print(
+    report(
         f"best val loss {result.best_val_loss:.4f} at step {result.best_step} "
         f"({result.elapsed:.0f}s of training, {result.tokens_per_second:,.0f} tokens/s); "
-        f"saved to {run_dir}\nnext: chargpt sample --run {shlex.quote(str(run_dir))}",
-        file=sys.stderr,
+        f"saved to {run_dir}\nnext: chargpt sample --run {shlex.quote(str(run_dir))}"
     )
     return 0
 
@@ -436,10 +455,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     paths = [resolve_corpus_path(p) if str(p) in BUNDLED else p for p in args.data]
     info = prepare(paths, args.out, args.glob, args.encoding_errors)
-    print(f"wrote {args.out}: {info['train_tokens']:,} train / {info['val_tokens']:,} val "
-          f"characters from {len(info['sources'])} file(s), vocabulary "
-          f"{len(info['tokenizer']['chars'])} ({info['dtype']})\n"
-          f"next: chargpt train --data {args.out} --out RUN_DIR")
+    print(
+        f"wrote {args.out}: {info['train_tokens']:,} train / {info['val_tokens']:,} val "
+        f"characters from {len(info['sources'])} file(s), vocabulary "
+        f"{len(info['tokenizer']['chars'])} ({info['dtype']})\n"
+        f"next: chargpt train --data {args.out} --out RUN_DIR"
+    )
     return 0
 
 

@@ -55,7 +55,11 @@ class ModelConfig:
 class TrainConfig:
     """How to train: the lab's loop settings plus schedule, clipping, precision and seed."""
 
-    batch_size: int = option(64, "sequences per optimisation step (B)")
+    batch_size: int = option(64, "sequences per micro-batch (B)")
+    grad_accum: int = option(
+        1, "micro-batches per optimisation step, over all processes together (a multiple of "
+        "the process count): the global batch is batch_size * grad_accum, whatever the count"
+    )
     max_iters: int = option(5000, "optimisation steps")
     eval_interval: int = option(500, "steps between train/val loss estimates")
     eval_iters: int = option(200, "batches averaged by each loss estimate")
@@ -79,7 +83,7 @@ class TrainConfig:
     sample_chars: int = option(200, "characters sampled at each evaluation (0: none)")
 
     def validate(self) -> None:
-        for name in ("batch_size", "max_iters", "eval_interval", "eval_iters"):
+        for name in ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters"):
             positive(name, getattr(self, name))
         for name in ("learning_rate",):
             if not 0 < getattr(self, name) < float("inf"):

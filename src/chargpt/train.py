@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from chargpt.checkpoint import (
@@ -32,6 +33,7 @@ from chargpt.checkpoint import (
 from chargpt.config import ModelConfig, TrainConfig, from_dict, split_overrides
 from chargpt.data import CharDataset
 from chargpt.device import autocast, resolve_device, resolve_dtype
+from chargpt.distributed import SINGLE_PROCESS, World, all_gather, all_reduce, init_world
 from chargpt.errors import ChargptError
 from chargpt.models import LanguageModel, build_model
 from chargpt.plot import plot_after_training
@@ -87,23 +89,27 @@ def estimate_loss(
     device: torch.device,
     dtype: torch.dtype,
     seed: int,
+    world: World = SINGLE_PROCESS,
 ) -> dict[str, float]:
     """The lab's estimate: mean loss over `eval_iters` random batches per split, in eval mode.
-    The windows come from their own seeded generator, so every estimate scores the same text."""
+    The windows come from their own seeded generator, so every estimate scores the same text.
+    Over several processes, process r scores batches r, r + size, ... and the sums are reduced,
+    which gives the single-process figure."""
     was_training = model.training
     model.eval()
-    out = {}
-    for split in ("train", "val"):
+    totals = torch.zeros(2, dtype=torch.float64)
+    for i, split in enumerate(("train", "val")):
         generator = torch.Generator().manual_seed(seed)
-        losses = torch.zeros(eval_iters)
         for k in range(eval_iters):
             x, y = dataset.get_batch(split, batch_size, block_size, generator, device)
+            if k % world.size != world.rank:
+                continue  # another process scores this batch (drawn anyway: same windows)
             with autocast(device, dtype):
                 _, loss = model(x, y)
-            losses[k] = loss.item()
-        out[split] = losses.mean().item()
+            totals[i] += loss.item()
     model.train(was_training)
-    return out
+    train, val = (all_reduce(totals, world) / eval_iters).tolist()
+    return {"train": train, "val": val}
 
 
 def sample_text(
@@ -118,6 +124,18 @@ def sample_text(
     out = model.generate(idx, length, generator=generator)
     model.train(was_training)
     return tokenizer.decode(out[0, 1:].tolist())
+
+
+def micro_batch_streams(grad_accum: int, world: World) -> range:
+    """The micro-batch streams this process draws: an equal share of the `grad_accum` streams,
+    so that N processes see the same batches as one process accumulating N times as many."""
+    if grad_accum % world.size:
+        raise ChargptError(
+            f"--grad-accum {grad_accum} is not a multiple of the {world.size} processes: pass "
+            f"--grad-accum {world.size * max(1, round(grad_accum / world.size))}"
+        )
+    share = grad_accum // world.size
+    return range(world.rank * share, (world.rank + 1) * share)
 
 
 def resume_configs(
@@ -197,18 +215,28 @@ class Trainer:
         self.data_name = data_name
         self.data_sha256 = data_sha256
         self.log = log
-        self.device = resolve_device(train_config.device)
+        # under torchrun, join the other processes (a no-op for a plain `chargpt train`)
+        self.world, self.device = init_world(resolve_device(train_config.device))
         self.dtype = resolve_dtype(train_config.dtype, self.device)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
         torch.manual_seed(train_config.seed)  # one seed for init and dropout...
-        self.batch_generator = torch.Generator().manual_seed(train_config.seed)  # ...one for data
+        # ...and one batch stream per micro-batch of a step; this process draws its share
+        self.batch_generators = {
+            stream: torch.Generator().manual_seed(train_config.seed + stream)
+            for stream in micro_batch_streams(train_config.grad_accum, self.world)
+        }
         self.model = build_model(model_config, tokenizer.vocab_size).to(self.device)
+        if self.world.rank:  # same initial weights everywhere, but each drops out its own units
+            torch.manual_seed(train_config.seed + self.world.rank)
         self.optimizer = configure_optimizer(self.model, train_config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_multiplier(step, train_config)
         )
         self.forward = torch.compile(self.model) if train_config.compile else self.model
+        if self.world.distributed:  # averages gradients over processes in backward()
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.forward = DistributedDataParallel(self.forward, device_ids=device_ids)
         self.step = 0
         self.best_val_loss = math.inf
         self.best_step = -1
@@ -218,28 +246,37 @@ class Trainer:
         self.stop_signal: int | None = None
 
     def train_step(self) -> float:
-        """One AdamW update on a fresh random batch; returns the batch loss."""
+        """One AdamW update on `grad_accum` fresh random micro-batches (this process's share);
+        returns their mean loss over all processes."""
         cfg = self.cfg
-        x, y = self.dataset.get_batch(
-            "train",
-            cfg.batch_size,
-            self.model_config.block_size,
-            self.batch_generator,
-            self.device,
-        )
-        with autocast(self.device, self.dtype):
-            _, loss = self.forward(x, y)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        generators = list(self.batch_generators.values())
+        total = torch.zeros((), device=self.device)
+        for i, generator in enumerate(generators):
+            x, y = self.dataset.get_batch(
+                "train", cfg.batch_size, self.model_config.block_size, generator, self.device
+            )
+            # processes exchange gradients only in the last micro-batch's backward pass
+            last = i == len(generators) - 1
+            with self.no_gradient_sync(unless=last):
+                with autocast(self.device, self.dtype):
+                    _, loss = self.forward(x, y)
+                (loss / len(generators)).backward()  # gradients add up to the mean's
+            total += loss.detach()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
-        value = loss.item()
+        value = all_reduce(total / cfg.grad_accum, self.world).item()
         if not math.isfinite(value):
             raise self.diverged("training loss", value)
         return value
+
+    def no_gradient_sync(self, unless: bool) -> contextlib.AbstractContextManager:
+        if self.world.distributed and not unless:
+            return self.forward.no_sync()
+        return contextlib.nullcontext()
 
     def diverged(self, what: str, value: float) -> TrainingDiverged:
         """The error for a NaN or infinite loss; nothing is saved after it."""
@@ -265,6 +302,7 @@ class Trainer:
             self.device,
             self.dtype,
             seed=cfg.seed + 1,
+            world=self.world,
         )
 
     def save(self) -> None:
@@ -282,10 +320,20 @@ class Trainer:
             dtype=str(self.dtype).removeprefix("torch."),
         )
 
+    def gather_batch_states(self) -> dict[int, torch.Tensor]:
+        """The state of every micro-batch stream, from all processes."""
+        local = torch.stack([g.get_state() for g in self.batch_generators.values()])
+        gathered = torch.cat(all_gather(local, self.world))  # streams in order 0..grad_accum-1
+        return dict(enumerate(gathered))
+
     def save_last(self) -> None:
-        """The whole training state, for `train --resume`, replaced in one atomic rename."""
+        """The whole training state, for `train --resume`, replaced in one atomic rename.
+        Every process takes part (the batch streams are gathered); the main one writes."""
+        batch_states = self.gather_batch_states()
+        if not self.world.is_main:
+            return
         optimizer, groups = optimizer_tensors(self.optimizer)
-        rngs, rng_scalars = rng_state(self.batch_generator)
+        rngs, rng_scalars = rng_state(batch_states)
         weights = {f"model.{k}": v for k, v in cpu_state(self.model).items()}
         state = {
             "step": self.step,
@@ -311,7 +359,7 @@ class Trainer:
         try:
             self.optimizer.load_state_dict(optimizer_state_dict(tensors, state["optimizer_groups"]))
             self.scheduler.load_state_dict(state["scheduler"])
-            set_rng_state(tensors, state["rng"], self.batch_generator)
+            set_rng_state(tensors, state["rng"], self.batch_generators)
             self.step, self.best_step = int(state["step"]), int(state["best_step"])
             self.best_val_loss = float(state["best_val_loss"])
             self.last_eval_step = int(state["last_eval_step"])
@@ -343,7 +391,20 @@ class Trainer:
     def checkpoint_if_best(self, losses: dict[str, float]) -> None:
         if losses["val"] < self.best_val_loss:
             self.best_val_loss, self.best_step = losses["val"], self.step
-            self.save()
+            if self.world.is_main:
+                self.save()
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Training tokens in one optimisation step, over all processes."""
+        return self.cfg.batch_size * self.cfg.grad_accum * self.model_config.block_size
+
+    def stop_requested(self) -> bool:
+        """Whether a signal asked to stop; processes agree, so that they all stop together."""
+        if self.world.distributed:
+            flag = torch.tensor([self.stop_signal or 0])
+            self.stop_signal = int(all_reduce(flag, self.world, op="max").item()) or None
+        return self.stop_signal is not None
 
     def due_for_eval(self) -> bool:
         cfg = self.cfg
@@ -358,26 +419,27 @@ class Trainer:
             losses = self.evaluate()
             text = (
                 sample_text(self.model, self.tokenizer, cfg.sample_chars, self.device, cfg.seed)
-                if cfg.sample_chars
+                if cfg.sample_chars and self.world.is_main
                 else ""
             )
         for split, value in losses.items():
             if not math.isfinite(value):
                 raise self.diverged(f"{split} loss estimate", value)
-        self.record(
-            {
-                "step": self.step,
-                "train_loss": losses["train"],
-                "val_loss": losses["val"],
-                "lr": self.scheduler.get_last_lr()[0],
-                "tokens_per_s": tokens_per_s,
-                "elapsed": self.train_time,
-                "tokens": self.step * cfg.batch_size * self.model_config.block_size,
-            }
-        )
-        bar.write(
-            f"step {self.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
-        )
+        if self.world.is_main:
+            self.record(
+                {
+                    "step": self.step,
+                    "train_loss": losses["train"],
+                    "val_loss": losses["val"],
+                    "lr": self.scheduler.get_last_lr()[0],
+                    "tokens_per_s": tokens_per_s,
+                    "elapsed": self.train_time,
+                    "tokens": self.step * self.tokens_per_step,
+                }
+            )
+            bar.write(
+                f"step {self.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+            )
         self.checkpoint_if_best(losses)
         self.last_eval_step = self.step
         self.save_last()
@@ -388,13 +450,17 @@ class Trainer:
         """Train up to `max_iters` steps, estimating losses every `eval_interval` steps. SIGINT or
         SIGTERM stops it after the current step, with the state saved for `train --resume`."""
         cfg = self.cfg
-        tokens_per_step = cfg.batch_size * self.model_config.block_size
+        tokens_per_step = self.tokens_per_step
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.model.train()
         start_step, start_time = self.step, self.train_time
         window_start, window_steps = time.perf_counter(), 0
         bar = tqdm(
-            total=cfg.max_iters, initial=self.step, unit="step", dynamic_ncols=True, disable=None
+            total=cfg.max_iters,
+            initial=self.step,
+            unit="step",
+            dynamic_ncols=True,
+            disable=None if self.world.is_main else True,  # one progress bar, not one a process
         )
         with stop_on_signals(self):
             while True:
@@ -406,7 +472,7 @@ class Trainer:
                     window_start, window_steps = time.perf_counter(), 0
                 if self.step >= cfg.max_iters:
                     break
-                if self.stop_signal is not None:  # finish here: save, and let the caller report
+                if self.stop_requested():  # finish here: save, and let the caller report
                     self.train_time += time.perf_counter() - window_start
                     self.save_last()
                     break
@@ -418,7 +484,8 @@ class Trainer:
                     loss=f"{loss:.4f}", tok_s=f"{window_steps * tokens_per_step / elapsed:,.0f}"
                 )
         bar.close()
-        plot_after_training(self.out_dir)  # loss.png beside metrics.jsonl
+        if self.world.is_main:
+            plot_after_training(self.out_dir)  # loss.png beside metrics.jsonl
         session_time = self.train_time - start_time
         return TrainResult(
             self.model,

@@ -1,0 +1,78 @@
+"""Multi-process training on PyTorch's own engine: torchrun starts the processes, this module
+joins them into a process group (gloo on CPU, NCCL on GPUs) and reduces numbers across them.
+
+A plain `chargpt train` is a world of one process, and every helper here is then a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from chargpt.errors import ChargptError
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the training processes."""
+
+    rank: int = 0
+    local_rank: int = 0
+    size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone writes checkpoints, metrics and logs."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+SINGLE_PROCESS = World()
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_world(device: torch.device) -> tuple[World, torch.device]:
+    """Join the process group torchrun describes (environment variables RANK, WORLD_SIZE, ...);
+    on GPUs each process takes the GPU of its local rank."""
+    if not launched_by_torchrun():
+        return SINGLE_PROCESS, device
+    rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise ChargptError(f"multi-process training runs on cpu or cuda, not {device.type}")
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return World(rank, local_rank, size), device
+
+
+def close_world() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce(values: torch.Tensor, world: World, op: str = "sum") -> torch.Tensor:
+    """Sum (or max) a tensor over all processes; identity in a world of one."""
+    if world.distributed:
+        dist.all_reduce(values, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return values
+
+
+def all_gather(tensor: torch.Tensor, world: World) -> list[torch.Tensor]:
+    """Every process's copy of a same-shaped tensor, in rank order."""
+    if not world.distributed:
+        return [tensor]
+    out = [torch.empty_like(tensor) for _ in range(world.size)]
+    dist.all_gather(out, tensor)
+    return out
