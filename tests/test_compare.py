@@ -157,7 +157,7 @@ def test_trained_bigram_lands_near_the_count_based_bigram(tmp_path):
     trainer.run()
     tokens, start = validation_stream(dataset, 16)
     loss, _ = full_pass_loss(trainer.model, tokens, 16, start)
-    unigram, bigram = count_references(CORPUS)
+    unigram, bigram = count_references(dataset, tokenizer.vocab_size)
     assert loss == pytest.approx(bigram.val.nats, abs=0.02)
     assert bigram.val.nats < unigram.val.nats
 

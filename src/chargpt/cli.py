@@ -38,14 +38,12 @@ from chargpt.config import (
     given_fields,
     load_toml,
 )
-from chargpt.corpus import load_text
 from chargpt.data import CharDataset, load_corpus
 from chargpt.device import resolve_device
 from chargpt.distributed import close_world
 from chargpt.errors import ChargptError
 from chargpt.evaluate import evaluate_run
 from chargpt.generate import encode_prompt, generate, resolve_seed, stream
-from chargpt.tokenizer import CharTokenizer
 from chargpt.train import Trainer, resume_configs
 
 
@@ -414,12 +412,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
         has_gpu = torch.cuda.is_available()
         model_config, train_config = build_configs(args.preset, has_gpu, file_options, flags)
         data = args.data or "shakespeare"
-    text = load_text(data, args.encoding_errors)
-    CharTokenizer.from_text(text).encode(args.prompt)  # an unusable prompt fails before training
+    dataset, tokenizer, _ = load_corpus(data, args.encoding_errors)
+    tokenizer.encode(args.prompt)  # an unusable prompt fails before training
     compare.check_new_comparison_dir(args.out, () if args.runs else compare.MODELS)
     if not args.runs:
         runs = compare.train_both(
-            text,
+            dataset,
+            tokenizer,
             str(data),
             model_config,
             train_config,
@@ -429,12 +428,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
         )
     results = [
         compare.assess_run(
-            label, run, text, device, args.prompt, args.sample_length, args.sample_seed, args.stride
+            label,
+            run,
+            dataset,
+            tokenizer,
+            device,
+            args.prompt,
+            args.sample_length,
+            args.sample_seed,
+            args.stride,
         )
         for label, run in runs.items()
     ]
     command = "chargpt " + shlex.join(sys.argv[1:])
-    references = compare.count_references(text)
+    references = compare.count_references(dataset, tokenizer.vocab_size)
     report = compare.write_report(
         args.out, results, references, str(data), args.prompt, args.sample_seed, command
     )

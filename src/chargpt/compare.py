@@ -87,7 +87,8 @@ def with_learning_rate(config: TrainConfig, learning_rate: float) -> TrainConfig
 
 
 def train_both(
-    text: str,
+    dataset: CharDataset,
+    tokenizer: CharTokenizer,
     data_name: str,
     model_config: ModelConfig,
     train_config: TrainConfig,
@@ -96,11 +97,9 @@ def train_both(
     bigram_learning_rate: float | None = BIGRAM_LEARNING_RATE,
     log=print,
 ) -> dict[str, Path]:
-    """Train the bigram and the GPT on `text` with the same training config and budget, into
+    """Train the bigram and the GPT on `dataset` with the same training config and budget, into
     out/bigram and out/gpt; the bigram at its own peak learning rate (None: the GPT's), with
     min_lr scaled alike. Returns the run directories by model name."""
-    tokenizer = CharTokenizer.from_text(text)
-    dataset = CharDataset.from_text(text, tokenizer)
     dataset.check_block_size(model_config.block_size)
     runs = {}
     for name in MODELS:
@@ -147,15 +146,20 @@ def sample_from(run: Run, prompt: str, length: int, seed: int, device: torch.dev
 def assess_run(
     label: str,
     run_dir: Path,
-    text: str,
+    dataset: CharDataset,
+    tokenizer: CharTokenizer,
     device: torch.device,
     prompt: str,
     sample_chars: int,
     seed: int,
     stride: int | None = None,
 ) -> ModelResult:
-    """Evaluate a run's best checkpoint on `text` and sample from it."""
+    """Evaluate a run's best checkpoint on `dataset` (encoded by `tokenizer`) and sample from it."""
     run = load_run(run_dir, device)
+    if run.tokenizer != tokenizer:
+        raise ChargptError(
+            f"{run_dir} was trained on another vocabulary than this data's: pass its --data"
+        )
     last = read_metrics(run_dir)[-1]
     return ModelResult(
         label=label,
@@ -166,9 +170,7 @@ def assess_run(
         train_seconds=last.get("elapsed", 0.0),
         best_step=run.meta.get("step", last["step"]),
         learning_rate=run.train_config.learning_rate,
-        evaluation=evaluate_run(
-            run, CharDataset.from_text(text, run.tokenizer), device, stride=stride
-        ),
+        evaluation=evaluate_run(run, dataset, device, stride=stride),
         sample=sample_from(run, prompt, sample_chars, seed, device),
     )
 
@@ -183,12 +185,10 @@ class CountReference:
     val: Loss  # cross-entropy on every validation character
 
 
-def count_references(text: str) -> list[CountReference]:
+def count_references(data: CharDataset, vocab_size: int) -> list[CountReference]:
     """The unigram and count-based bigram, scored on the same characters as the full pass (the
     bigram predicts the first validation character from the last training character)."""
-    tokenizer = CharTokenizer.from_text(text)
-    data = CharDataset.from_text(text, tokenizer)
-    V = tokenizer.vocab_size
+    V = vocab_size
     val_with_context = np.concatenate([data.train[-1:], data.val])
     return [
         CountReference(

@@ -57,8 +57,9 @@ class TrainConfig:
 
     batch_size: int = option(64, "sequences per micro-batch (B)")
     grad_accum: int = option(
-        1, "micro-batches per optimisation step, over all processes together (a multiple of "
-        "the process count): the global batch is batch_size * grad_accum, whatever the count"
+        1,
+        "micro-batches per optimisation step, over all processes together (a multiple of "
+        "the process count): the global batch is batch_size * grad_accum, whatever the count",
     )
     max_iters: int = option(5000, "optimisation steps")
     eval_interval: int = option(500, "steps between train/val loss estimates")
@@ -154,19 +155,19 @@ def positive(name: str, value: int) -> None:
 PRESETS: dict[str, dict[str, Any]] = {
     # The notebook's exact settings: AdamW at a constant 3e-4, no clipping, no schedule.
     "lab": {},
-    # Sized for about 5 minutes on a 2-core CPU (see benchmarks/train_cpu.py for the measured run).
+    # Sized for about 5 minutes on 2 CPU cores; benchmarks/train_default.py measures it (README).
     "cpu": dict(
         block_size=128,
-        n_embd=192,
-        n_head=6,
+        n_embd=128,
+        n_head=4,
         n_layer=4,
         dropout=0.0,
         batch_size=32,
-        max_iters=2600,
-        eval_interval=250,
-        eval_iters=50,
-        learning_rate=2e-3,
-        min_lr=2e-4,
+        max_iters=1200,
+        eval_interval=200,
+        eval_iters=20,
+        learning_rate=3e-3,
+        min_lr=3e-4,
         warmup_iters=100,
         lr_schedule="cosine",
         weight_decay=0.1,
