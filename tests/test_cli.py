@@ -86,3 +86,25 @@ def test_existing_run_is_never_overwritten(tiny_run, capsys):
     assert main(["train", "--out", str(tiny_run), *TINY]) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert (tiny_run / "model.safetensors").read_bytes() == before
+
+
+def test_a_closed_pipe_ends_sampling_quietly(tiny_run):
+    # `chargpt sample | head -c 5`: the reader leaves early; no traceback, the shell's SIGPIPE code
+    cmd = [
+        sys.executable,
+        "-m",
+        "chargpt",
+        "sample",
+        "--run",
+        str(tiny_run),
+        "--seed",
+        "1",
+        "--max-new-tokens",
+        "20000",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.read(5)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141
+    assert "Traceback" not in err and "Exception ignored" not in err

@@ -478,6 +478,9 @@ def main(argv: list[str] | None = None) -> int:
     except ChargptError as err:
         print(f"chargpt {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away, as in `chargpt sample | head`: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second one at exit
+        return 128 + signal.SIGPIPE
     except OSError as err:  # e.g. the disk filled up while saving: the previous files are intact
         where = f" ({err.filename})" if err.filename else ""
         print(f"chargpt {args.command}: error: {err.strerror or err}{where}", file=sys.stderr)
