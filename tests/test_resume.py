@@ -52,7 +52,7 @@ def make_trainer(corpus, out: Path, **train_changes) -> tuple[Trainer, list[floa
     """A trainer whose per-step training losses are collected in the returned list."""
     dataset, tokenizer = corpus
     cfg = dataclasses.replace(TRAIN, **train_changes)
-    trainer = Trainer(MODEL, cfg, dataset, tokenizer, out, log=lambda *_: None)
+    trainer = Trainer(MODEL, cfg, dataset, tokenizer, out)
     losses: list[float] = []
     step = trainer.train_step
 

@@ -204,7 +204,6 @@ class Trainer:
         tokenizer: CharTokenizer,
         out_dir: Path,
         data_name: str = "",
-        log=print,
         data_sha256: str = "",
     ):
         self.model_config = model_config
@@ -214,7 +213,6 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.data_name = data_name
         self.data_sha256 = data_sha256
-        self.log = log
         # under torchrun, join the other processes (a no-op for a plain `chargpt train`)
         self.world, self.device = init_world(resolve_device(train_config.device))
         self.dtype = resolve_dtype(train_config.dtype, self.device)
