@@ -1,4 +1,5 @@
 import json
+import math
 import subprocess
 import sys
 
@@ -51,8 +52,8 @@ def test_sample_prints_prompt_and_continuation(tiny_run, capsys):
 def test_eval_reports_loss_bits_and_perplexity(tiny_run, capsys):
     assert main(["eval", "--run", str(tiny_run), "--json"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    val = report["val_loss"] if "val_loss" in report else report["estimate"]["val_loss"]
-    assert 1.0 < val < 4.5
+    assert 1.0 < report["val_loss"] < 4.5
+    assert report["bits_per_char"] == pytest.approx(report["val_loss"] / math.log(2))
 
 
 def test_console_script_end_to_end(tmp_path):

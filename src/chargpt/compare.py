@@ -23,6 +23,7 @@ from chargpt.config import ModelConfig, TrainConfig
 from chargpt.data import CharDataset
 from chargpt.errors import ChargptError
 from chargpt.evaluate import Evaluation, Loss, count_cross_entropy, evaluate_run
+from chargpt.generate import generate
 from chargpt.plot import plot_comparison, read_metrics
 from chargpt.tokenizer import CharTokenizer
 from chargpt.train import Trainer
@@ -135,12 +136,9 @@ class ModelResult:
     sample: str
 
 
-def sample_from(run: Run, prompt: str, length: int, seed: int, device: torch.device) -> str:
-    """`length` characters after `prompt`, from a generator seeded with `seed`."""
-    idx = torch.tensor([run.tokenizer.encode(prompt)], device=device)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    out = run.model.generate(idx, length, generator=generator)
-    return prompt + run.tokenizer.decode(out[0, idx.shape[1] :].tolist())
+def sample_from(run: Run, prompt: str, length: int, seed: int) -> str:
+    """`prompt` and `length` characters after it, sampled with `seed`."""
+    return prompt + generate(run.model, run.tokenizer, prompt, max_new_tokens=length, seed=seed)[0]
 
 
 def assess_run(
@@ -171,7 +169,7 @@ def assess_run(
         best_step=run.meta.get("step", last["step"]),
         learning_rate=run.train_config.learning_rate,
         evaluation=evaluate_run(run, dataset, device, stride=stride),
-        sample=sample_from(run, prompt, sample_chars, seed, device),
+        sample=sample_from(run, prompt, sample_chars, seed),
     )
 
 

@@ -35,6 +35,7 @@ from chargpt.data import CharDataset
 from chargpt.device import autocast, resolve_device, resolve_dtype
 from chargpt.distributed import SINGLE_PROCESS, World, all_gather, all_reduce, init_world
 from chargpt.errors import ChargptError
+from chargpt.generate import generate
 from chargpt.models import LanguageModel, build_model
 from chargpt.plot import plot_after_training
 from chargpt.tokenizer import CharTokenizer
@@ -112,18 +113,14 @@ def estimate_loss(
     return {"train": train, "val": val}
 
 
-def sample_text(
-    model: LanguageModel, tokenizer: CharTokenizer, length: int, device: torch.device, seed: int
-) -> str:
-    """A short sample from a newline prompt, to watch the model learn."""
-    start = tokenizer.stoi.get("\n", 0)
-    idx = torch.tensor([[start]], device=device)
-    generator = torch.Generator(device=device).manual_seed(seed)
+def sample_text(model: LanguageModel, tokenizer: CharTokenizer, length: int, seed: int) -> str:
+    """A short sample from an empty prompt (a newline), to watch the model learn."""
     was_training = model.training
     model.eval()
-    out = model.generate(idx, length, generator=generator)
-    model.train(was_training)
-    return tokenizer.decode(out[0, 1:].tolist())
+    try:
+        return generate(model, tokenizer, max_new_tokens=length, seed=seed)[0]
+    finally:
+        model.train(was_training)
 
 
 def micro_batch_streams(grad_accum: int, world: World) -> range:
@@ -416,7 +413,7 @@ class Trainer:
         with torch.random.fork_rng(devices=cuda):  # leave the training random streams untouched
             losses = self.evaluate()
             text = (
-                sample_text(self.model, self.tokenizer, cfg.sample_chars, self.device, cfg.seed)
+                sample_text(self.model, self.tokenizer, cfg.sample_chars, cfg.seed)
                 if cfg.sample_chars and self.world.is_main
                 else ""
             )
