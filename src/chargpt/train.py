@@ -102,9 +102,14 @@ def estimate_loss(
     for i, split in enumerate(("train", "val")):
         generator = torch.Generator().manual_seed(seed)
         for k in range(eval_iters):
-            x, y = dataset.get_batch(split, batch_size, block_size, generator, device)
-            if k % world.size != world.rank:
-                continue  # another process scores this batch (drawn anyway: same windows)
+            mine = k % world.size == world.rank
+            # every process draws every batch, so that the windows are one process's; only its
+            # own batches go to the device
+            x, y = dataset.get_batch(
+                split, batch_size, block_size, generator, device if mine else "cpu"
+            )
+            if not mine:
+                continue
             with autocast(device, dtype):
                 _, loss = model(x, y)
             totals[i] += loss.item()
