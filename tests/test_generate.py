@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 from chargpt.checkpoint import save_run
 from chargpt.cli import main
 from chargpt.config import ModelConfig, TrainConfig
+from chargpt.decoding import Decoder, KVCache, make_decoder
 from chargpt.errors import ChargptError
 from chargpt.generate import StopFilter, generate, stream
 from chargpt.models import BigramLanguageModel, GPTLanguageModel
-from chargpt.models.base import Decoder
 from chargpt.tokenizer import CharTokenizer
 
 BLOCK = 16
@@ -91,7 +91,7 @@ def recompute_logits(model: GPTLanguageModel, seq: torch.Tensor, context: int) -
 
 def test_exact_mode_logits_see_exactly_the_last_block_size_ids(model):
     seq = prompts(3 * BLOCK)
-    decoder = model.decoder(seq[:, :5], long_context="exact")
+    decoder = make_decoder(model, seq[:, :5], long_context="exact")
     for n, logits in enumerate(teacher_forced_logits(decoder, seq[:, 5:]), start=5):
         expected = recompute_logits(model, seq[:, :n], min(n, BLOCK))
         torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
@@ -102,12 +102,25 @@ def test_window_mode_follows_its_documented_schedule(model, window_keep):
     keep = int(window_keep * BLOCK)
     period = BLOCK - keep + 1
     seq = prompts(4 * BLOCK)
-    decoder = model.decoder(seq[:, :3], long_context="window", window_keep=window_keep)
+    decoder = make_decoder(model, seq[:, :3], long_context="window", window_keep=window_keep)
     for n, logits in enumerate(teacher_forced_logits(decoder, seq[:, 3:]), start=3):
         # up to block_size: everything; then keep, keep + 1, ..., block_size, keep, ...
         context = n if n <= BLOCK else keep + (n - BLOCK - 1) % period
         expected = recompute_logits(model, seq[:, :n], context)
         torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunks", [(5, 3, 8), (1, 7, 1, 7), (16,)])
+def test_cache_appended_several_positions_at_a_time_equals_one_full_pass(model, chunks):
+    seq = prompts(sum(chunks))
+    caches = [KVCache(BLOCK) for _ in model.blocks]
+    with torch.no_grad():
+        pieces, start = [], 0
+        for n in chunks:  # each chunk's queries see the cached keys and their own causal past
+            pieces.append(model.logits(seq[:, start : start + n], caches))
+            start += n
+        torch.testing.assert_close(torch.cat(pieces, 1), model.logits(seq), atol=1e-5, rtol=1e-5)
+    assert caches[0].length == sum(chunks)
 
 
 def test_prompt_longer_than_block_size_is_cropped_to_its_end(model):
@@ -131,6 +144,27 @@ def test_bigram_reads_one_position_per_token():
 
 
 # --- the text API ---
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-6])
+def test_vanishing_temperature_samples_greedily_without_error(model, temperature):
+    tiny = generate(model, TOKENIZER, "abc", max_new_tokens=20, temperature=temperature, seed=1)
+    assert tiny == generate(model, TOKENIZER, "abc", max_new_tokens=20, temperature=0)
+
+
+def test_sampling_sets_eval_mode_itself_and_restores_the_callers_mode():
+    config = ModelConfig(block_size=BLOCK, n_embd=32, n_head=4, n_layer=2, dropout=0.5)
+    torch.manual_seed(0)
+    dropout_model = GPTLanguageModel(config, TOKENIZER.vocab_size)
+    expected = generate(dropout_model.eval(), TOKENIZER, "abc", max_new_tokens=30, seed=3)
+    dropout_model.train()  # the caller forgot model.eval(): dropout must still be off
+    assert generate(dropout_model, TOKENIZER, "abc", max_new_tokens=30, seed=3) == expected
+    assert dropout_model.training
+    pieces = stream(dropout_model, TOKENIZER, "abc", max_new_tokens=30, seed=3)
+    next(pieces)
+    assert not dropout_model.training  # while it streams...
+    pieces.close()
+    assert dropout_model.training  # ...and back once the caller closes the stream
 
 
 def test_temperature_zero_ignores_the_seed(model):

@@ -101,7 +101,9 @@ class SampleConfig:
     """How to generate: length, randomness controls, stop strings, batch, seed, long contexts."""
 
     max_new_tokens: int = option(500, "characters to generate per sample")
-    temperature: float = option(1.0, "divide the logits by this before sampling; 0 is greedy")
+    temperature: float = option(
+        1.0, "divide the logits by this before sampling; 0 (or below 1e-5) is greedy"
+    )
     top_k: int = option(0, "sample among the k likeliest characters only (0: no limit)")
     top_p: float = option(
         1.0, "nucleus: sample among the fewest likeliest characters whose probability reaches top_p"

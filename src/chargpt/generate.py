@@ -105,8 +105,21 @@ def stream(
     **controls: Any,
 ) -> Iterator[TextPiece]:
     """Generate from `prompt`, yielding each sample's new text as soon as it is known. Controls
-    are SampleConfig fields, as a `config`, keywords, or both. Call `model.eval()` first."""
+    are SampleConfig fields, as a `config`, keywords, or both. The model samples in eval mode (no
+    dropout); a model in training mode is put back in it when the stream ends or is closed."""
     config = sample_config(config, **controls)
+    was_training = model.training
+    model.eval()
+    try:
+        yield from sample_pieces(model, tokenizer, prompt, config)
+    finally:
+        model.train(was_training)
+
+
+def sample_pieces(
+    model: LanguageModel, tokenizer: CharTokenizer, prompt: str, config: SampleConfig
+) -> Iterator[TextPiece]:
+    """`stream`'s work, on a model already in eval mode."""
     device = next(model.parameters()).device
     ids = encode_prompt(tokenizer, prompt, config.on_unknown)
     idx = torch.tensor([ids] * config.num_samples, device=device)  # (num_samples, T)

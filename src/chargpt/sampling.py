@@ -14,6 +14,10 @@ from torch.nn import functional as F
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
+# Below this temperature, logits / temperature overflow float32 (1e-40 turns a logit gap of 1
+# into inf, and softmax into NaN), so sampling is greedy: the limit of a shrinking temperature.
+GREEDY_BELOW = 1e-5
+
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = 0, top_p: float = 1.0) -> torch.Tensor:
     """(B, V) -> (B, V): -inf for every logit outside the top k (0 or None: no limit) and outside
@@ -40,11 +44,12 @@ def sample_next(
     top_p: float = 1.0,
     generator: Generators = None,
 ) -> torch.Tensor:
-    """Pick one token id per row of `logits` (B, V); temperature 0 means greedy. Returns (B, 1).
+    """Pick one token id per row of `logits` (B, V); a temperature below 1e-5 (0 included) is
+    greedy. Returns (B, 1).
 
     `generator` is one torch.Generator for the whole batch, or a sequence of one per row: then
     row i's draw depends on its own generator only, so a batch reproduces one-at-a-time samples."""
-    if temperature == 0:
+    if temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1, keepdim=True)  # greedy: the first of the likeliest characters
     logits = filter_logits(logits.float() / temperature, top_k, top_p)  # < 1 sharpens, > 1 flattens
     probs = F.softmax(logits, dim=-1)  # (B, V); zero outside the kept set

@@ -8,23 +8,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from chargpt.decoding import make_decoder
 from chargpt.sampling import Generators, sample_next
-
-
-class Decoder:
-    """Next-token logits for a batch of growing sequences: read `logits`, then `append` the ids
-    chosen. This one is the lab's loop: every new token re-runs the model on the last
-    `context_length` ids. It keeps only those, so a bigram (context 1) costs O(1) per token."""
-
-    def __init__(self, model: LanguageModel, idx: torch.Tensor):
-        self.model = model
-        self.idx = idx[:, -model.context_length :]  # (B, <= context): all the next id depends on
-        self.logits = model.logits(self.idx)[:, -1, :]  # (B, V): only the last position matters
-
-    def append(self, idx_next: torch.Tensor) -> None:
-        """Extend every sequence by its (B, 1) next id and compute the following logits."""
-        self.idx = torch.cat([self.idx, idx_next], dim=1)[:, -self.model.context_length :]
-        self.logits = self.model.logits(self.idx)[:, -1, :]  # (B, V)
 
 
 class LanguageModel(nn.Module):
@@ -47,16 +32,6 @@ class LanguageModel(nn.Module):
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         return logits, loss
 
-    def decoder(
-        self,
-        idx: torch.Tensor,
-        kv_cache: bool = True,
-        long_context: str = "window",
-        window_keep: float = 0.5,
-    ) -> Decoder:
-        """The decoding strategy for (B, T) prompt ids; models with a KV cache override this."""
-        return Decoder(self, idx)
-
     @torch.inference_mode()
     def generate_steps(
         self,
@@ -69,10 +44,10 @@ class LanguageModel(nn.Module):
         **decoding: object,
     ) -> Iterator[torch.Tensor]:
         """Yield `max_new_tokens` sampled (B, 1) ids that continue the (B, T) ids `idx`.
-        `decoding` (kv_cache, long_context, window_keep) goes to `decoder`."""
+        `decoding` (kv_cache, long_context, window_keep) goes to `chargpt.decoding.make_decoder`."""
         if max_new_tokens == 0:
             return
-        decoder = self.decoder(idx, **decoding)  # reads the prompt once
+        decoder = make_decoder(self, idx, **decoding)  # reads the prompt once
         for step in range(max_new_tokens):
             idx_next = sample_next(decoder.logits, temperature, top_k, top_p, generator)  # (B, 1)
             yield idx_next

@@ -13,7 +13,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from chargpt.config import ModelConfig
-from chargpt.models.base import Decoder, LanguageModel
+from chargpt.decoding import KVCache, cached_causal_mask
+from chargpt.models.base import LanguageModel
 
 
 class Head(nn.Module):
@@ -84,41 +85,6 @@ def _qkv_to_heads(module: MultiHeadAttention, state_dict: dict, prefix: str, *_a
             state_dict[f"{prefix}heads.{i}.{name}.weight"] = head_weight
 
 
-class KVCache:
-    """One decoder block's keys and values for positions 0..length-1, so that generation
-    computes each position's keys and values once. Room for `capacity` positions."""
-
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        # (B, n_head, capacity, hs) each, allocated by the first append (its batch and dtype)
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
-        self.length = 0  # positions filled
-
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store (B, n_head, T, hs) keys and values of the next T positions; return those of
-        every position so far, (B, n_head, length, hs) each."""
-        B, n_head, T, hs = k.shape
-        if self.k is None or self.v is None:
-            self.k = k.new_empty(B, n_head, self.capacity, hs)
-            self.v = v.new_empty(B, n_head, self.capacity, hs)
-        start, end = self.length, self.length + T
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        self.length = end
-        return self.k[:, :, :end], self.v[:, :, :end]
-
-
-def cached_causal_mask(T: int, start: int, device: torch.device) -> torch.Tensor | None:
-    """Which of start + T keys each of the T newest queries may see: (T, start + T) booleans.
-    SDPA's `is_causal` aligns its mask top-left, which is wrong when the queries are the last T
-    positions of a longer sequence; a single query may see every key, so it needs no mask."""
-    if T == 1:
-        return None
-    # query i sits at position start + i and sees keys 0..start + i
-    return torch.ones(T, start + T, dtype=torch.bool, device=device).tril(diagonal=start)
-
-
 class CausalSelfAttention(nn.Module):
     """The fused path: all heads' Q, K, V in one matmul, attention by PyTorch's fused kernel."""
 
@@ -142,8 +108,11 @@ class CausalSelfAttention(nn.Module):
         else:
             start = cache.length
             k, v = cache.append(k, v)  # (B, n_head, start + T, hs): earlier positions too
-            mask = cached_causal_mask(T, start, x.device)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+            mask = cached_causal_mask(T, start, x.device)  # None from position 0 or for one query
+            causal = mask is None and T > 1
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout_p
+            )
         y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side again: (B, T, C)
         return self.dropout(self.proj(y))  # (B, T, C)
 
@@ -201,6 +170,11 @@ class GPTLanguageModel(LanguageModel):
         self.lm_head = nn.Linear(config.n_embd, vocab_size)
         self.apply(self._init_weights)
 
+    @property
+    def supports_kv_cache(self) -> bool:
+        """Only the fused attention path reads and fills a KV cache (see chargpt.decoding)."""
+        return self.config.attention == "fused"
+
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         """N(0, 0.02) for every linear and embedding weight, zero biases (as in the lab)."""
@@ -210,7 +184,7 @@ class GPTLanguageModel(LanguageModel):
             nn.init.zeros_(module.bias)
 
     def logits(self, idx: torch.Tensor, caches: list[KVCache] | None = None) -> torch.Tensor:
-        """(B, T) ids -> (B, T, V) logits. With `caches` (from `new_caches`), idx holds the T
+        """(B, T) ids -> (B, T, V) logits. With `caches` (one `KVCache` per block), idx holds the T
         positions that follow those already cached, and their keys and values join the caches."""
         B, T = idx.shape
         start = caches[0].length if caches else 0  # positions already cached
@@ -229,55 +203,3 @@ class GPTLanguageModel(LanguageModel):
                 x = block(x, cache)  # (B, T, C)
         x = self.ln_f(x)  # (B, T, C)
         return self.lm_head(x)  # (B, T, vocab_size)
-
-    def new_caches(self) -> list[KVCache]:
-        """Empty key/value caches, one per decoder block, with room for block_size positions."""
-        return [KVCache(self.config.block_size) for _ in self.blocks]
-
-    def decoder(
-        self,
-        idx: torch.Tensor,
-        kv_cache: bool = True,
-        long_context: str = "window",
-        window_keep: float = 0.5,
-    ) -> Decoder:
-        """The KV-cached decoder on the fused path; the lab's full recompute otherwise."""
-        if not kv_cache or self.config.attention != "fused":
-            return Decoder(self, idx)
-        if long_context not in ("window", "exact"):
-            raise ValueError(f"long_context must be 'window' or 'exact', got {long_context!r}")
-        keep = min(max(1, int(window_keep * self.config.block_size)), self.config.block_size - 1)
-        return CachedDecoder(self, idx, exact=long_context == "exact", keep=keep)
-
-
-class CachedDecoder(Decoder):
-    """Generation with a KV cache: the prompt is read once (prefill), then one position per token.
-
-    Positions are learned absolute embeddings, so once the text outgrows block_size every cached
-    key sits at the wrong position. Then `exact` re-reads the last block_size ids for every new
-    token (the lab's meaning, a full forward pass per token); otherwise the cache restarts from
-    the last `keep` ids (one prefill per block_size - keep tokens), so every token still sees at
-    least `keep` characters."""
-
-    def __init__(self, model: GPTLanguageModel, idx: torch.Tensor, exact: bool, keep: int):
-        self.model = model
-        self.exact = exact
-        self.keep = keep
-        self.block_size = model.config.block_size
-        self.idx = idx[:, -self.block_size :]  # (B, <= block_size): all the next id depends on
-        self.prefill()
-
-    def prefill(self) -> None:
-        """Fill fresh caches with the keys and values of `idx`, in one forward pass."""
-        self.caches = self.model.new_caches()
-        self.logits = self.model.logits(self.idx, self.caches)[:, -1, :]  # (B, V)
-
-    def append(self, idx_next: torch.Tensor) -> None:
-        self.idx = torch.cat([self.idx, idx_next], dim=1)[:, -self.block_size :]
-        if self.caches[0].length < self.block_size:  # room left: run the new position alone
-            self.logits = self.model.logits(idx_next, self.caches)[:, -1, :]  # (B, V)
-        elif self.exact:  # full: recompute the last block_size positions, cache unused
-            self.logits = self.model.logits(self.idx)[:, -1, :]
-        else:  # full: restart the cache from the most recent `keep` ids
-            self.idx = self.idx[:, -self.keep :]
-            self.prefill()
