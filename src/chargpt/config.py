@@ -168,6 +168,9 @@ class ServeConfig:
     max_body_bytes: int = option(1_048_576, "request body size in bytes; larger bodies get 413")
     device: str = option("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     threads: int = option(0, "PyTorch intra-op threads (0: PyTorch's default)")
+    dtype: Literal["auto", "fp32", "bf16"] = option(
+        "auto", "precision of the forward passes; auto picks bf16 where the hardware runs it fast"
+    )
     grace_period: float = option(
         10.0, "seconds that requests in flight get to finish after SIGTERM before they are cut"
     )

@@ -16,9 +16,10 @@ from fastapi import APIRouter, FastAPI, Request, Response
 from chargpt import __version__
 from chargpt.checkpoint import WEIGHTS, Run
 from chargpt.config import SampleConfig, ServeConfig
+from chargpt.device import resolve_dtype
 from chargpt.generate import encode_prompt
 from chargpt.serve.engine import Engine, Job, QueueFull, ShuttingDown, Submission
-from chargpt.serve.errors import APIError, install_error_handlers
+from chargpt.serve.errors import APIError, install_error_handlers, json_body
 from chargpt.serve.metrics import ServeMetrics
 from chargpt.serve.middleware import CountRequests, LimitBodySize, RequireAPIKey
 from chargpt.serve.responses import (
@@ -32,6 +33,7 @@ from chargpt.serve.schemas import Completion, CompletionRequest, ModelCard, Mode
 from chargpt.tokenizer import CharTokenizer, UnknownCharactersError
 
 router = APIRouter()
+REQUEST_SCHEMA = CompletionRequest.model_json_schema()  # for /docs: the body is parsed by hand
 
 
 def api_routers() -> list[APIRouter]:
@@ -55,8 +57,9 @@ def create_app(run: Run, run_dir: Path, settings: ServeConfig) -> FastAPI:
     app.state.metrics = metrics
     app.state.model_id = Path(run_dir).resolve().name
     app.state.created = int((Path(run_dir) / WEIGHTS).stat().st_mtime)
+    dtype = resolve_dtype(settings.dtype, next(run.model.parameters()).device)
     app.state.engine = Engine(
-        run.model, run.tokenizer, settings.max_batch, settings.max_queue, metrics
+        run.model, run.tokenizer, settings.max_batch, settings.max_queue, metrics, dtype
     )
     install_error_handlers(app)
     routers = api_routers()
@@ -117,8 +120,13 @@ def check_model(model_id: str, request: Request) -> None:
         )
 
 
-@router.post("/v1/completions", response_model=None)
-async def create_completion(body: CompletionRequest, request: Request) -> Completion | Response:
+@router.post(
+    "/v1/completions",
+    response_model=None,
+    openapi_extra={"requestBody": {"content": {"application/json": {"schema": REQUEST_SCHEMA}}}},
+)
+async def create_completion(request: Request) -> Completion | Response:
+    body = await json_body(request, CompletionRequest)
     state = request.app.state
     check_model(body.model, request)
     job = build_job(body, state.run.tokenizer, state.settings)

@@ -30,7 +30,7 @@ from torch.nn import functional as F
 
 from chargpt.config import SampleConfig
 from chargpt.decoding import Decoder, SlotDecoder, make_decoder
-from chargpt.device import autocast, resolve_dtype
+from chargpt.device import autocast
 from chargpt.generate import StopFilter, resolve_seed
 from chargpt.models import LanguageModel
 from chargpt.sampling import sample_next
@@ -199,12 +199,13 @@ class Engine:
         max_batch: int,
         max_queue: int,
         metrics: ServeMetrics,
+        dtype: torch.dtype = torch.float32,
     ):
         self.model, self.tokenizer, self.metrics = model.eval(), tokenizer, metrics
         self.max_queue = max_queue
         self.device = next(model.parameters()).device
-        defaults = SampleConfig()  # the window rule and precision of `chargpt sample`
-        self.dtype = resolve_dtype(defaults.dtype, self.device)
+        self.dtype = dtype  # autocast's, as `chargpt.device.resolve_dtype` picks it
+        defaults = SampleConfig()  # the window rule of `chargpt sample`
         if getattr(model, "supports_kv_cache", False):
             self.backend: SlotBackend | LoopBackend = SlotBackend(
                 model, max_batch, defaults.window_keep, self.dtype

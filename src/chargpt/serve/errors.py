@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
 log = logging.getLogger("chargpt.serve")
@@ -62,6 +63,18 @@ def openai_error(
     return JSONResponse(error_body(message, type, param, code), status, headers=headers)
 
 
+Body = TypeVar("Body", bound=BaseModel)
+
+
+async def json_body(request: Request, model: type[Body]) -> Body:
+    """The request's JSON body as `model`, whatever its Content-Type says (`curl -d` says form
+    data); a body that is not valid JSON or not a valid `model` is a 400."""
+    try:
+        return model.model_validate_json(await request.body())
+    except ValidationError as err:
+        raise RequestValidationError(err.errors(include_url=False)) from None
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(APIError, handle_api_error)
     app.add_exception_handler(RequestValidationError, handle_validation_error)
@@ -101,8 +114,6 @@ def validation_message(error: Mapping[str, Any], param: str | None) -> str:
     if param is None:
         if kind == "value_error":
             return str(ctx.get("error", error.get("msg")))
-        if isinstance(error.get("input"), bytes):  # not sent as application/json
-            return "The request body must be a JSON object sent as Content-Type: application/json"
         return "The request body must be a JSON object"
     if kind == "extra_forbidden":
         return f"Unrecognized request argument supplied: {param}"
