@@ -15,6 +15,7 @@ from serve_support import BLOCK, MODEL, eventually, make_run, serving
 from chargpt.checkpoint import load_run
 from chargpt.evaluate import full_pass_loss
 from chargpt.generate import generate
+from chargpt.serve.engine import LoopBackend
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPT = "ROMEO:\nWhat light"
@@ -244,3 +245,22 @@ def test_a_full_queue_answers_429_with_retry_after(run_dir):
         assert reply.status_code == 200
         engine = served.app.state.engine
         assert eventually(lambda: (engine.queued, len(engine.running)) == (0, 0))
+
+
+@pytest.mark.parametrize(("kind", "attention"), [("bigram", "fused"), ("gpt", "reference")])
+def test_bigram_and_reference_runs_are_served_by_the_labs_loop(tmp_path, kind, attention):
+    run_dir = make_run(tmp_path, kind, attention)
+    run = load_run(run_dir)
+    prompts = [PROMPT, "A"]
+    with serving(run_dir, dtype="fp32") as served:
+        assert isinstance(served.app.state.engine.backend, LoopBackend)
+        client = openai.OpenAI(base_url=served.v1, api_key="unused", max_retries=0)
+        reply = client.completions.create(
+            model=MODEL, prompt=prompts, n=2, max_tokens=2 * BLOCK, seed=5
+        )
+    for p, prompt in enumerate(prompts):
+        expected = generate(
+            run.model, run.tokenizer, prompt, max_new_tokens=2 * BLOCK, num_samples=2, seed=5,
+            **FP32,
+        )  # fmt: skip
+        assert [c.text for c in reply.choices[2 * p : 2 * p + 2]] == expected

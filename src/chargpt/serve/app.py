@@ -76,7 +76,12 @@ def create_app(run: Run, run_dir: Path, settings: ServeConfig) -> FastAPI:
 @router.get("/health")
 async def health(request: Request) -> dict:
     engine: Engine = request.app.state.engine
-    return {"status": "ok", "model": request.app.state.model_id, "queued": engine.queued}
+    return {
+        "status": "ok",
+        "model": request.app.state.model_id,
+        "queued": engine.queued,
+        "running": len(engine.running),
+    }
 
 
 @router.get("/metrics")
