@@ -15,7 +15,7 @@ from serve_support import BLOCK, MODEL, eventually, make_run, serving
 from chargpt.checkpoint import load_run
 from chargpt.evaluate import full_pass_loss
 from chargpt.generate import generate
-from chargpt.serve.engine import LoopBackend
+from chargpt.serve.backends import LoopBackend
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPT = "ROMEO:\nWhat light"

@@ -22,100 +22,23 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import torch
 from torch.nn import functional as F
 
 from chargpt.config import SampleConfig
-from chargpt.decoding import Decoder, SlotDecoder, make_decoder
 from chargpt.device import autocast
 from chargpt.generate import StopFilter, resolve_seed
 from chargpt.models import LanguageModel
 from chargpt.sampling import sample_next
+from chargpt.serve.backends import make_backend
+from chargpt.serve.jobs import Failure, Finish, Job, Piece, QueueFull, ShuttingDown, Submission
 from chargpt.serve.metrics import ServeMetrics
 from chargpt.serve.scoring import PromptScore, TokenLogprob, token_logprobs
 from chargpt.tokenizer import CharTokenizer
 
 log = logging.getLogger("chargpt.serve")
-
-
-@dataclass(frozen=True)
-class Piece:
-    """New text of one choice (with its logprobs entries when they were asked for)."""
-
-    choice: int
-    text: str
-    logprobs: list[TokenLogprob] | None
-
-
-@dataclass(frozen=True)
-class Finish:
-    choice: int
-    reason: str  # "stop" or "length"
-    completion_tokens: int  # characters sampled, those of a stop string included
-
-
-@dataclass(frozen=True)
-class Failure:
-    message: str
-
-
-Event = Piece | Finish | Failure
-
-
-@dataclass(frozen=True)
-class Job:
-    """What a request asks the engine for."""
-
-    prompts: list[list[int]]  # token ids of each prompt, as the model reads it
-    config: SampleConfig  # num_samples choices per prompt, max_new_tokens each, ...
-    logprobs: int | None = None  # how many of the likeliest characters to report (None: none)
-    echo: bool = False  # send the prompt first (scored, with logprobs)
-
-    @property
-    def choices(self) -> int:
-        return len(self.prompts) * self.config.num_samples
-
-
-class QueueFull(Exception):
-    """The queue cannot take a request's sequences now."""
-
-
-class ShuttingDown(Exception):
-    """The engine stopped taking requests."""
-
-
-class Submission:
-    """A request inside the engine; its events arrive in order, per choice, on an asyncio queue."""
-
-    def __init__(self, job: Job, loop: asyncio.AbstractEventLoop):
-        self.job = job
-        self.loop = loop
-        self.queue: asyncio.Queue[Event] = asyncio.Queue()
-        self.cancelled = False  # set by the client's side; the engine drops it at the next step
-        self.arrived = time.monotonic()
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-    def post(self, event: Event) -> None:
-        """Called from the scheduler thread."""
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
-        except RuntimeError:  # the event loop is closed: nobody is listening any more
-            self.cancelled = True
-
-    async def events(self) -> AsyncIterator[Event]:
-        """Every event until each choice has finished, or the first failure."""
-        finished = 0
-        while finished < self.job.choices:
-            event = await self.queue.get()
-            yield event
-            if isinstance(event, Failure):
-                return
-            finished += isinstance(event, Finish)
 
 
 @dataclass(eq=False)
@@ -146,49 +69,6 @@ class Sequence:
         return self.submission.job.config
 
 
-class SlotBackend:
-    """The fused GPT: every running sequence in one `SlotDecoder` pass per step."""
-
-    def __init__(self, model: LanguageModel, slots: int, window_keep: float, dtype: torch.dtype):
-        self.decoder = SlotDecoder(model, slots, window_keep, dtype)  # type: ignore[arg-type]
-
-    def start(self, slot: int, ids: list[int]) -> None:
-        self.decoder.start(slot, ids)
-
-    def logits(self, slots: list[int]) -> torch.Tensor:
-        return self.decoder.logits[slots]  # (R, V)
-
-    def append(self, next_ids: dict[int, int]) -> None:
-        self.decoder.append(next_ids)
-
-    def free(self, slot: int) -> None:
-        self.decoder.free(slot)
-
-
-class LoopBackend:
-    """Bigram and `reference`-attention runs: the lab's decoder for each sequence, as in
-    `chargpt sample`; one forward pass per sequence per step."""
-
-    def __init__(self, model: LanguageModel, window_keep: float):
-        self.model, self.window_keep = model, window_keep
-        self.decoders: dict[int, Decoder] = {}
-        self.device = next(model.parameters()).device
-
-    def start(self, slot: int, ids: list[int]) -> None:
-        idx = torch.tensor([ids], device=self.device)
-        self.decoders[slot] = make_decoder(self.model, idx, window_keep=self.window_keep)
-
-    def logits(self, slots: list[int]) -> torch.Tensor:
-        return torch.cat([self.decoders[slot].logits for slot in slots])  # (R, V)
-
-    def append(self, next_ids: dict[int, int]) -> None:
-        for slot, token in next_ids.items():
-            self.decoders[slot].append(torch.tensor([[token]], device=self.device))
-
-    def free(self, slot: int) -> None:
-        del self.decoders[slot]
-
-
 class Engine:
     """Runs every request's sequences on one model, in one scheduler thread."""
 
@@ -206,12 +86,7 @@ class Engine:
         self.device = next(model.parameters()).device
         self.dtype = dtype  # autocast's, as `chargpt.device.resolve_dtype` picks it
         defaults = SampleConfig()  # the window rule of `chargpt sample`
-        if getattr(model, "supports_kv_cache", False):
-            self.backend: SlotBackend | LoopBackend = SlotBackend(
-                model, max_batch, defaults.window_keep, self.dtype
-            )
-        else:
-            self.backend = LoopBackend(model, defaults.window_keep)
+        self.backend = make_backend(model, max_batch, defaults.window_keep, dtype)
         self.free_slots = list(range(max_batch))[::-1]
         self.running: dict[int, Sequence] = {}  # slot -> sequence
         self.queue: deque[Sequence] = deque()  # the scheduler's own
@@ -360,7 +235,8 @@ class Engine:
         return next_ids
 
     def emit(self, seq: Sequence, token: int, log_probs: torch.Tensor) -> bool:
-        """Pass one sampled character on; return whether the sequence goes on."""
+        """Pass one sampled character on (`log_probs`: its (1, V) distribution, unchanged by
+        temperature or filters, for `logprobs`); return whether the sequence goes on."""
         now = time.monotonic()
         if seq.produced == 0:
             self.metrics.time_to_first_character.observe(now - seq.last_time)
