@@ -1,8 +1,9 @@
 """`chargpt serve` under load: aggregate characters/s and time to first character at 1, 4, 16
 and 64 concurrent streaming clients, beside `chargpt sample` run one request after another.
 
-    python benchmarks/serve.py            # the lab model size (about 5-10 minutes on 2 cores)
-    python benchmarks/serve.py --smoke    # a tiny model and little work: checks that it runs
+    python benchmarks/serve.py              # the lab model size (about 5-10 minutes on 2 cores)
+    python benchmarks/serve.py --smoke      # a tiny model and little work: checks that it runs
+    python benchmarks/serve.py --agreement  # served logits against `chargpt sample`'s (seconds)
 
 The model is the lab's size (6 layers, 384 wide, 6 heads, block 256, vocabulary 65) with random
 weights, saved as a run in a temporary directory and served by `chargpt serve` in a subprocess
@@ -16,6 +17,12 @@ from the run, `chargpt.generate.stream`, the same prompts and lengths), one requ
 its rate is per character, so it is measured on --baseline-requests requests and compared with
 every row. "x 1 client" compares each row with the server's own single-stream rate. The server
 and the baseline use --threads PyTorch threads (default 1, see --help).
+
+--agreement measures how far the server's numbers are from `chargpt sample`'s: three sequences
+at different positions share batched steps (`SlotDecoder`, 16 slots) past block_size, beside each
+decoded alone (the batch-of-one `CachedDecoder` that `chargpt sample` uses), in fp32 and in bf16
+autocast; it prints the largest difference of a logit and of a probability. The model is the lab
+size with random weights, or a trained run's with --run RUN.
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ import torch
 from chargpt.checkpoint import load_run, save_run
 from chargpt.config import ModelConfig, TrainConfig
 from chargpt.corpus import load_text
+from chargpt.decoding import SlotDecoder, make_decoder
+from chargpt.device import autocast
 from chargpt.generate import stream
 from chargpt.models import GPTLanguageModel
 from chargpt.tokenizer import CharTokenizer
@@ -49,6 +58,10 @@ SMOKE = ModelConfig(block_size=32, n_embd=32, n_head=2, n_layer=2, dropout=0.0)
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny model, little work")
+    parser.add_argument(
+        "--agreement", action="store_true", help="batched against batch-of-one numbers"
+    )
+    parser.add_argument("--run", type=Path, help="--agreement: a trained run's model instead")
     parser.add_argument("--levels", default="1,4,16,64", help="concurrent clients per row")
     parser.add_argument("--max-tokens", type=int, default=200, help="characters per request")
     parser.add_argument("--requests-per-client", type=int, default=2)
@@ -179,6 +192,46 @@ def row(what: str, result: dict, base: float, single: float | None) -> str:
     )
 
 
+@torch.inference_mode()
+def agreement(model: GPTLanguageModel, dtype: torch.dtype, steps: int = 300) -> tuple[float, float]:
+    """Largest |logit| and |probability| differences, batched slots against decoding alone."""
+    generator = torch.Generator().manual_seed(1)
+    texts = [torch.randint(65, (n + steps,), generator=generator).tolist() for n in (3, 17, 40)]
+    prompts = [text[: len(text) - steps] for text in texts]
+    batched = SlotDecoder(model, 16, dtype=dtype)
+    alone = [make_decoder(model, torch.tensor([prompt])) for prompt in prompts]
+    logit, prob = 0.0, 0.0
+    with autocast(torch.device("cpu"), dtype):
+        for slot, prompt in enumerate(prompts):
+            batched.start(slot, prompt)
+        for t in range(steps + 1):
+            for slot, decoder in enumerate(alone):
+                a, b = batched.logits[slot].float(), decoder.logits[0].float()
+                logit = max(logit, (a - b).abs().max().item())
+                prob = max(prob, (a.softmax(-1) - b.softmax(-1)).abs().max().item())
+            if t == steps:
+                break
+            nexts = {slot: texts[slot][len(prompt) + t] for slot, prompt in enumerate(prompts)}
+            batched.append(nexts)
+            for slot, decoder in enumerate(alone):
+                decoder.append(torch.tensor([[nexts[slot]]]))
+    return logit, prob
+
+
+def print_agreement(config: ModelConfig, run_dir: Path | None) -> None:
+    if run_dir is None:
+        torch.manual_seed(0)
+        model = GPTLanguageModel(config, 65).eval()
+    else:
+        model = load_run(run_dir).model  # type: ignore[assignment]
+    c = model.config
+    print(f"{run_dir or 'random weights'}: {c.n_layer} x {c.n_embd}, block {c.block_size}\n")
+    print("| dtype | max logit difference | max probability difference |\n|---|---:|---:|")
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        logit, prob = agreement(model, dtype)
+        print(f"| {name} | {logit:.1e} | {prob:.1e} |")
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
@@ -189,6 +242,8 @@ def main() -> None:
             cpu = line.split(":", 1)[1].strip()
     print(f"# chargpt serve: {cpu}, PyTorch {torch.__version__}, {args.threads} thread(s)")
     config = SMOKE if args.smoke else LAB
+    if args.agreement:
+        return print_agreement(config, args.run)
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = save_model(Path(tmp), config)
         texts = prompts(max(levels) * args.requests_per_client, args.prompt_chars)
