@@ -4,6 +4,7 @@ OpenAI's shapes."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import httpx
@@ -264,3 +265,30 @@ def test_bigram_and_reference_runs_are_served_by_the_labs_loop(tmp_path, kind, a
             **FP32,
         )  # fmt: skip
         assert [c.text for c in reply.choices[2 * p : 2 * p + 2]] == expected
+
+
+def test_a_non_streaming_client_that_leaves_frees_its_slots(run_dir):
+    with serving(run_dir, max_tokens_limit=1_000_000) as served:
+        body = {"model": MODEL, "prompt": "A", "max_tokens": 500_000, "n": 2}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(served.v1 + "/completions", json=body, timeout=0.5)
+        engine = served.app.state.engine
+        assert eventually(lambda: (engine.queued, len(engine.running)) == (0, 0))
+
+
+def test_an_engine_failure_fails_its_requests_and_the_engine_goes_on(run_dir, monkeypatch):
+    with serving(run_dir) as served:
+        backend = served.app.state.engine.backend
+
+        def broken(next_ids: dict[int, int]) -> None:
+            monkeypatch.undo()  # fails once
+            raise RuntimeError("out of memory")
+
+        url = served.v1 + "/completions"
+        body = {"model": MODEL, "prompt": "A", "max_tokens": 5}
+        monkeypatch.setattr(backend, "append", broken)
+        assert error_of(httpx.post(url, json=body), 500)["type"] == "server_error"
+        monkeypatch.setattr(backend, "append", broken)
+        streamed = httpx.post(url, json={**body, "stream": True}).text.strip().split("\n\n")
+        assert json.loads(streamed[-1].removeprefix("data: "))["error"]["type"] == "server_error"
+        assert httpx.post(url, json=body).status_code == 200
