@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 import uvicorn
@@ -99,7 +99,7 @@ def serving(run_dir: Path, **settings: Any) -> Iterator[Served]:
 class Subprocess:
     process: subprocess.Popen
     url: str
-    log: IO[str]
+    log: Path  # its stdout and stderr
 
     def rss_bytes(self) -> int:
         status = Path(f"/proc/{self.process.pid}/status").read_text()
@@ -107,16 +107,19 @@ class Subprocess:
 
 
 @contextlib.contextmanager
-def serve_subprocess(run_dir: Path, log_path: Path, *flags: str) -> Iterator[Subprocess]:
-    """`python -m chargpt serve --run RUN --port 0 FLAGS...`; the URL is read from its banner."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+def serve_subprocess(
+    run_dir: Path, log_path: Path, *flags: str, api_key: str = ""
+) -> Iterator[Subprocess]:
+    """`python -m chargpt serve --run RUN --port 0 FLAGS...` (with `api_key` in its environment);
+    the URL is read from its banner."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "CHARGPT_API_KEY": api_key}
     command = [sys.executable, "-m", "chargpt", "serve", "--run", str(run_dir), "--port", "0"]
     with log_path.open("w+") as log:
         process = subprocess.Popen(
             [*command, "--threads", "1", *flags], stdout=log, stderr=subprocess.STDOUT, env=env
         )
         try:
-            yield Subprocess(process, wait_for_url(process, log_path), log)
+            yield Subprocess(process, wait_for_url(process, log_path), log_path)
         finally:
             if process.poll() is None:
                 process.kill()

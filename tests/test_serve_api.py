@@ -35,7 +35,8 @@ def run(run_dir):
 
 @pytest.fixture(scope="module")
 def server(run_dir):
-    with serving(run_dir, max_tokens_limit=600, max_body_bytes=4096, dtype="fp32") as served:
+    limits = dict(max_tokens_limit=600, max_body_bytes=4096, max_prompt_chars=2000)
+    with serving(run_dir, **limits, dtype="fp32") as served:
         yield served
 
 
@@ -192,6 +193,7 @@ def error_of(response: httpx.Response, status: int) -> dict:
         ({"model": MODEL, "prompt": "A", "n": 65}, 400, "n", "--max-queue"),
         ({"model": "gpt-4", "prompt": "A"}, 404, "model", "does not exist"),
         ({"model": MODEL, "prompt": "A" * 5000}, 413, None, "--max-body-bytes"),
+        ({"model": MODEL, "prompt": ["A" * 1500] * 2}, 400, "prompt", "--max-prompt-chars"),
     ],
 )
 def test_bad_requests_get_openai_shaped_errors(server, body, status, param, says):

@@ -121,9 +121,12 @@ def test_a_bounded_fault_run_leaves_the_server_answering_with_flat_memory(run_di
         assert completion.status_code == 200
 
 
+KEY = {"Authorization": "Bearer k3y"}
+
+
 def read_stream(url: str, body: dict, lines: list[str], started: threading.Event) -> None:
     try:
-        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as response:
+        with httpx.stream("POST", url, json=body, headers=KEY, timeout=30) as response:
             for line in response.iter_lines():
                 if line:
                     lines.append(line)
@@ -136,14 +139,18 @@ def read_stream(url: str, body: dict, lines: list[str], started: threading.Event
 def test_sigterm_finishes_or_cuts_requests_in_flight_and_exits_0(run_dir, tmp_path):
     grace = 2.0
     flags = ("--grace-period", str(grace), "--max-tokens-limit", "10000000")
-    with serve_subprocess(run_dir, tmp_path / "log", *flags) as server:
+    with serve_subprocess(run_dir, tmp_path / "log", *flags, api_key="k3y") as server:
+        url = server.url + "/v1/completions"
+        assert httpx.post(url, json={"model": MODEL, "prompt": "A"}).status_code == 401
+        banner = server.log.read_text()
+        assert "Bearer $CHARGPT_API_KEY" in banner and "k3y" not in banner
         short = {"model": MODEL, "prompt": "A", "max_tokens": 40, "stream": True}
         endless = {"model": MODEL, "prompt": "B", "max_tokens": 5_000_000, "stream": True}
         streams = {}
         for name, body in (("short", short), ("endless", endless)):
             lines: list[str] = []
             started = threading.Event()
-            thread = threading.Thread(target=read_stream, args=(server.url, body, lines, started))
+            thread = threading.Thread(target=read_stream, args=(url, body, lines, started))
             thread.start()
             assert started.wait(20)
             streams[name] = (thread, lines)

@@ -164,7 +164,7 @@ class ServeConfig:
     max_tokens_limit: int = option(
         4096, "characters one request may ask for in all (prompts x n x max_tokens)"
     )
-    max_prompt_chars: int = option(16384, "characters per prompt")
+    max_prompt_chars: int = option(16384, "characters of a request's prompts together")
     max_body_bytes: int = option(1_048_576, "request body size in bytes; larger bodies get 413")
     device: str = option("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     threads: int = option(0, "PyTorch intra-op threads (0: PyTorch's default)")

@@ -159,40 +159,40 @@ def build_job(body: CompletionRequest, tokenizer: CharTokenizer, settings: Serve
     """The engine's job for a valid request, after the server's limits and the vocabulary."""
     config = body.sample_config()
     prompts = body.prompts
-    for i, text in enumerate(prompts):
-        check_prompt(
-            text,
-            "prompt" if isinstance(body.prompt, str) else f"prompt[{i}]",
-            config,
-            tokenizer,
-            settings,
-        )
+    check_prompt_length(sum(map(len, prompts)), settings)
+    if config.on_unknown == "error":
+        for i, text in enumerate(prompts):
+            check_known(
+                text, "prompt" if isinstance(body.prompt, str) else f"prompt[{i}]", tokenizer
+            )
     check_size(len(prompts), config, settings)
     ids = [encode_prompt(tokenizer, text, config.on_unknown) for text in prompts]
     return Job(ids, config, body.logprobs, bool(body.echo))
 
 
-def check_prompt(
-    text: str, where: str, config: SampleConfig, tokenizer: CharTokenizer, settings: ServeConfig
-) -> None:
-    if len(text) > settings.max_prompt_chars:
+def check_prompt_length(length: int, settings: ServeConfig) -> None:
+    """All of a request's prompts together: scoring them with `echo` keeps an entry per
+    character until the answer is sent."""
+    if length > settings.max_prompt_chars:
         raise APIError(
             400,
-            f"{where} has {len(text)} characters, more than this server's limit of "
+            f"the prompt has {length} characters, more than this server's limit of "
             f"{settings.max_prompt_chars} (--max-prompt-chars): send a shorter prompt",
             param="prompt",
             code="prompt_too_long",
         )
-    if config.on_unknown == "error":
-        try:
-            tokenizer.check_known(text)
-        except UnknownCharactersError as err:
-            raise APIError(
-                400,
-                f'{where} has {err}: remove them, or send "on_unknown": "skip" to drop them',
-                param="prompt",
-                code="unknown_characters",
-            ) from None
+
+
+def check_known(text: str, where: str, tokenizer: CharTokenizer) -> None:
+    try:
+        tokenizer.check_known(text)
+    except UnknownCharactersError as err:
+        raise APIError(
+            400,
+            f'{where} has {err}: remove them, or send "on_unknown": "skip" to drop them',
+            param="prompt",
+            code="unknown_characters",
+        ) from None
 
 
 def check_size(prompts: int, config: SampleConfig, settings: ServeConfig) -> None:
