@@ -86,4 +86,5 @@ class Submission:
             yield event
             if isinstance(event, Failure):
                 return
-            finished += isinstance(event, Finish)
+            if isinstance(event, Finish):
+                finished += 1

@@ -95,14 +95,12 @@ async def complete_unless_gone(
     answer = asyncio.ensure_future(complete(submission, reply))
     gone = asyncio.ensure_future(disconnected(request))
     try:
-        await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
+        done, _ = await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when this request is cancelled (a shutdown's grace period ran out)
+        answer.cancel()  # no-ops for a task that is done
         gone.cancel()
-        submission.cancel()  # nothing left to do once finished; frees the slots otherwise
-    if answer.done():
-        return answer.result()
-    answer.cancel()
-    return None
+        submission.cancel()  # the engine drops whatever of it is left
+    return answer.result() if answer in done else None
 
 
 async def disconnected(request: Request) -> None:

@@ -16,6 +16,7 @@ import uvicorn
 from chargpt.checkpoint import load_run
 from chargpt.config import ServeConfig
 from chargpt.device import resolve_device
+from chargpt.errors import ChargptError
 from chargpt.serve.app import create_app
 
 
@@ -61,8 +62,13 @@ def bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     listener = socket.socket(family, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind((host, port))
-    listener.set_inheritable(True)
+    try:
+        listener.bind((host, port))
+    except OSError as err:
+        listener.close()
+        raise ChargptError(
+            f"cannot listen on {host} port {port} ({err.strerror}): choose another --port or --host"
+        ) from None
     return listener
 
 
