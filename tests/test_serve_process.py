@@ -16,6 +16,9 @@ import httpx
 import pytest
 from serve_support import MODEL, ROOT, eventually, make_run, serve_subprocess
 
+from chargpt.cli import main
+from chargpt.serve.server import bind
+
 CLIENTS = 64
 FAULT_REQUESTS = 320  # per round; the first round warms up, the second is measured
 # Resident memory may grow this much over the second round. The first round, the same mix at the
@@ -197,3 +200,18 @@ def test_without_the_serve_extra_serve_fails_in_one_line_and_the_rest_imports(ru
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1
     assert "pip install 'chargpt[serve]'" in result.stderr
+
+
+def test_serve_mistakes_are_one_line_errors_that_name_the_fix(run_dir, tmp_path, capsys):
+    taken = bind("127.0.0.1", 0)
+    taken.listen()
+    cases = [
+        (["--run", str(tmp_path / "nothing")], "does not exist"),
+        (["--run", str(run_dir), "--max-batch", "0"], "max_batch must be a positive integer"),
+        (["--run", str(run_dir), "--port", str(taken.getsockname()[1])], "choose another --port"),
+    ]
+    for flags, says in cases:
+        assert main(["serve", *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and says in err
+    taken.close()

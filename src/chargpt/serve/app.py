@@ -18,8 +18,9 @@ from chargpt.checkpoint import WEIGHTS, Run
 from chargpt.config import SampleConfig, ServeConfig
 from chargpt.device import resolve_dtype
 from chargpt.generate import encode_prompt
-from chargpt.serve.engine import Engine, Job, QueueFull, ShuttingDown, Submission
+from chargpt.serve.engine import Engine
 from chargpt.serve.errors import APIError, install_error_handlers, json_body
+from chargpt.serve.jobs import Job, QueueFull, ShuttingDown, Submission
 from chargpt.serve.metrics import ServeMetrics
 from chargpt.serve.middleware import CountRequests, LimitBodySize, RequireAPIKey
 from chargpt.serve.responses import (
