@@ -221,17 +221,9 @@ class SlotDecoder:
         self.model = model
         self.block_size = c.block_size
         self.keep = window_length(c.block_size, window_keep)
-        self.caches = [
-            SlotKVCache(
-                slots,
-                c.n_head,
-                c.block_size,
-                c.n_embd // c.n_head,
-                param.device,
-                dtype or param.dtype,
-            )
-            for _ in model.blocks
-        ]
+        shape = (slots, c.n_head, c.block_size, c.n_embd // c.n_head)
+        dtype = dtype or param.dtype
+        self.caches = [SlotKVCache(*shape, param.device, dtype) for _ in model.blocks]
         self.ids: list[list[int]] = [[] for _ in range(slots)]  # each slot's last block_size ids
         self.lengths = [0] * slots  # positions cached in each slot
         # (slots, V): the next-token logits of each busy slot
