@@ -67,6 +67,24 @@ def test_cached_greedy_equals_recompute_for_every_prompt_length(model, length):
     assert cached.tolist() == recomputed.tolist()
 
 
+@pytest.mark.parametrize("length", range(1, BLOCK))
+def test_lean_step_equals_the_general_cached_forward(model, length):
+    """`step` (generation's decode step) against `logits(idx, caches)` for one position, from
+    every cache length; the decoder tests below run it past block_size in both modes."""
+    seq = prompts(length + 1)
+    lean, general = ([KVCache(BLOCK) for _ in model.blocks] for _ in range(2))
+    with torch.no_grad():
+        model.logits(seq[:, :-1], lean)
+        model.logits(seq[:, :-1], general)
+        stepped = model.step(seq[:, -1:], lean)
+        expected = model.logits(seq[:, -1:], general)[:, -1, :]
+    torch.testing.assert_close(stepped, expected, atol=1e-5, rtol=1e-5)
+    for a, b in zip(lean, general, strict=True):
+        assert a.length == b.length == length + 1
+        torch.testing.assert_close(a.k[:, :, : a.length], b.k[:, :, : b.length])
+        torch.testing.assert_close(a.v[:, :, : a.length], b.v[:, :, : b.length])
+
+
 def test_fused_cache_equals_the_labs_reference_heads(model):
     reference = tiny_gpt("reference")
     reference.load_state_dict(model.state_dict())

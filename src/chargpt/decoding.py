@@ -147,7 +147,8 @@ class Decoder:
 
 
 class CachedDecoder(Decoder):
-    """Generation with a KV cache: the prompt is read once (prefill), then one position per token.
+    """Generation with a KV cache: the prompt is read once (prefill), then one position per token
+    (`GPTLanguageModel.step`, the lean decode step).
 
     Positions are learned absolute embeddings, so once the text outgrows block_size every cached
     key sits at the wrong position. Then `exact` re-reads the last block_size ids for every new
@@ -160,19 +161,23 @@ class CachedDecoder(Decoder):
         self.exact = exact
         self.keep = keep
         self.block_size = model.config.block_size
-        self.idx = idx[:, -self.block_size :]  # (B, <= block_size): all the next id depends on
+        self.idx = idx[:, -self.block_size :]  # (B, <= block_size): the ids of the last prefill
         self.prefill()
 
     def prefill(self) -> None:
         """Fill fresh caches with the keys and values of `idx`, in one forward pass."""
         self.caches = [KVCache(self.block_size) for _ in self.model.blocks]
         self.logits = self.model.logits(self.idx, self.caches)[:, -1, :]  # (B, V)
+        self.stepped: list[torch.Tensor] = []  # (B, 1) ids run one at a time since, not in idx
 
     def append(self, idx_next: torch.Tensor) -> None:
-        self.idx = torch.cat([self.idx, idx_next], dim=1)[:, -self.block_size :]
         if self.caches[0].length < self.block_size:  # room left: run the new position alone
-            self.logits = self.model.logits(idx_next, self.caches)[:, -1, :]  # (B, V)
-        elif self.exact:  # full: recompute the last block_size positions, cache unused
+            self.stepped.append(idx_next)  # joined to idx only when the cache is full
+            self.logits = self.model.step(idx_next, self.caches)  # (B, V)
+            return
+        self.idx = torch.cat([self.idx, *self.stepped, idx_next], dim=1)[:, -self.block_size :]
+        self.stepped = []
+        if self.exact:  # full: recompute the last block_size positions, cache unused
             self.logits = self.model.logits(self.idx)[:, -1, :]
         else:  # full: restart the cache from the most recent `keep` ids
             self.idx = self.idx[:, -self.keep :]

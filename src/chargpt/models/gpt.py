@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from chargpt.config import ModelConfig
-from chargpt.decoding import AttentionCache
+from chargpt.decoding import AttentionCache, KVCache
 from chargpt.models.base import LanguageModel
 
 
@@ -117,6 +117,18 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side again: (B, T, C)
         return self.dropout(self.proj(y))  # (B, T, C)
 
+    def step(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """`forward` for one new position per row, all rows after the same cached ones:
+        (B, 1, C) -> (B, 1, C). One query sees every key (no mask), and with one position the
+        heads need no transposes."""
+        B, _, C = x.shape
+        # (B, 1, 3C) -> q, k, v: (B, n_head, 1, hs) each
+        q, k, v = self.qkv(x).view(B, 3, self.n_head, 1, C // self.n_head).unbind(1)
+        k, v = cache.append(k, v)  # (B, n_head, length, hs): earlier positions too
+        dropout_p = self.attn_dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # (B, n_head, 1, hs)
+        return self.dropout(self.proj(y.view(B, 1, C)))  # heads side by side again: (B, 1, C)
+
 
 class FeedForward(nn.Module):
     """Lab part e: position-wise MLP, n_embd -> 4 n_embd -> n_embd with a ReLU in between."""
@@ -154,6 +166,11 @@ class DecoderBlock(nn.Module):
         x = x + attended  # attend, add back (residual): (B, T, C)
         x = x + self.ffwd(self.ln2(x))  # normalise, transform, add back (residual): (B, T, C)
         return x
+
+    def step(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """`forward` for one new position per row (see `CausalSelfAttention.step`): (B, 1, C)."""
+        x = x + self.sa.step(self.ln1(x), cache)
+        return x + self.ffwd(self.ln2(x))
 
 
 class GPTLanguageModel(LanguageModel):
@@ -207,3 +224,13 @@ class GPTLanguageModel(LanguageModel):
                 x = block(x, cache)  # (B, T, C)
         x = self.ln_f(x)  # (B, T, C)
         return self.lm_head(x)  # (B, T, vocab_size)
+
+    def step(self, idx: torch.Tensor, caches: Sequence[KVCache]) -> torch.Tensor:
+        """`logits(idx, caches)[:, -1]` for one new id per row, all rows at the same position:
+        generation's decode step, in fewer operations (no positions, mask or head transposes).
+        (B, 1) -> (B, vocab_size)."""
+        position = self.position_embedding_table.weight[caches[0].length]  # (C,)
+        x = self.token_embedding_table(idx) + position  # (B, 1, C)
+        for block, cache in zip(self.blocks, caches, strict=True):
+            x = block.step(x, cache)  # (B, 1, C)
+        return self.lm_head(self.ln_f(x))[:, 0]  # (B, vocab_size)
