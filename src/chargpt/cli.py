@@ -29,6 +29,7 @@ from chargpt.checkpoint import (
 )
 from chargpt.config import (
     PRESET_NAMES,
+    QUANTIZE_HELP,
     ModelConfig,
     SampleConfig,
     ServeConfig,
@@ -45,6 +46,8 @@ from chargpt.distributed import close_world
 from chargpt.errors import ChargptError
 from chargpt.evaluate import evaluate_run
 from chargpt.generate import encode_prompt, generate, resolve_seed, stream
+from chargpt.quantize import METHODS as QUANTIZE_METHODS
+from chargpt.quantize import quantized
 from chargpt.train import Trainer, resume_configs
 
 
@@ -131,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: block_size // 2; 1 gives each the full context)",
     )
     evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    evaluate.add_argument(
+        "--quantize",
+        default="none",
+        choices=QUANTIZE_METHODS,
+        help=f"{QUANTIZE_HELP} (default: none)",
+    )
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.set_defaults(handler=cmd_eval)
     add_compare_and_plot_parsers(commands)
@@ -363,6 +372,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     config.validate()
     device = resolve_device(args.device)
     run = load_run(args.run, device)
+    model = quantized(run.model, config.quantize)
     prompt = read_prompt(args)
     shown = run.tokenizer.decode(encode_prompt(run.tokenizer, prompt, config.on_unknown))
     if config.seed == -1:  # say which seed was drawn, so that a good sample can be had again
@@ -370,11 +380,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
         print(f"seed {config.seed} (pass --seed {config.seed} to repeat)", file=sys.stderr)
     if config.num_samples == 1:  # one sample: print each character as soon as it exists
         print(shown, end="", flush=True)
-        for piece in stream(run.model, run.tokenizer, prompt, config):
+        for piece in stream(model, run.tokenizer, prompt, config):
             print(piece.text, end="", flush=True)
         print()
         return 0
-    texts = generate(run.model, run.tokenizer, prompt, config)
+    texts = generate(model, run.tokenizer, prompt, config)
     print(("\n" + "-" * 40 + "\n").join(shown + text for text in texts))
     return 0
 
@@ -382,6 +392,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     run = load_run(args.run, device)
+    run = dataclasses.replace(run, model=quantized(run.model, args.quantize))
     data = args.data or run.meta.get("data") or "shakespeare"
     dataset, _, _ = load_corpus(data, args.encoding_errors, run.tokenizer)
     result = evaluate_run(run, dataset, device, args.batch_size, args.eval_iters, args.stride)

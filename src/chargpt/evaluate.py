@@ -30,9 +30,10 @@ from torch.nn import functional as F
 
 from chargpt.checkpoint import Run
 from chargpt.data import CharDataset
-from chargpt.device import autocast, resolve_dtype
+from chargpt.device import autocast
 from chargpt.errors import ChargptError
 from chargpt.models import LanguageModel
+from chargpt.quantize import forward_dtype
 from chargpt.train import estimate_loss
 
 
@@ -205,7 +206,7 @@ def evaluate_run(
             f"--stride must be between 1 and block_size ({block_size}), got {stride}"
         )
     dataset.check_block_size(block_size)
-    dtype = resolve_dtype(run.train_config.dtype, device)
+    dtype = forward_dtype(run.model, run.train_config.dtype, device)  # fp32 for int8
     seed = run.train_config.seed + 1  # the windows the training run's estimates used
     return evaluate(
         run.model, dataset, block_size, batch_size, eval_iters, device, dtype, seed, stride

@@ -21,9 +21,10 @@ from typing import Any, NamedTuple
 import torch
 
 from chargpt.config import SampleConfig, from_dict
-from chargpt.device import autocast, resolve_dtype
+from chargpt.device import autocast
 from chargpt.errors import ChargptError
 from chargpt.models import LanguageModel
+from chargpt.quantize import forward_dtype, quantized
 from chargpt.tokenizer import CharTokenizer, UnknownCharactersError
 
 
@@ -106,8 +107,11 @@ def stream(
 ) -> Iterator[TextPiece]:
     """Generate from `prompt`, yielding each sample's new text as soon as it is known. Controls
     are SampleConfig fields, as a `config`, keywords, or both. The model samples in eval mode (no
-    dropout); a model in training mode is put back in it when the stream ends or is closed."""
+    dropout); a model in training mode is put back in it when the stream ends or is closed.
+    `quantize="int8"` samples from an int8 copy of the model, made for this call (quantize once
+    with `chargpt.quantize.quantized` to sample from it many times)."""
     config = sample_config(config, **controls)
+    model = quantized(model, config.quantize)  # the caller's model itself unless quantize asks
     was_training = model.training
     model.eval()
     try:
@@ -138,7 +142,7 @@ def sample_pieces(
         long_context=config.long_context,
         window_keep=config.window_keep,
     )
-    dtype = resolve_dtype(config.dtype, device)
+    dtype = forward_dtype(model, config.dtype, device)
     filters = [StopFilter(config.stop) for _ in range(config.num_samples)]
     while not all(f.done for f in filters):  # every sample stopped: no more forward passes
         with autocast(device, dtype):  # entered per step: the caller's code runs unaffected

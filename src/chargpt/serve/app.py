@@ -16,8 +16,8 @@ from fastapi import APIRouter, FastAPI, Request, Response
 from chargpt import __version__
 from chargpt.checkpoint import WEIGHTS, Run
 from chargpt.config import SampleConfig, ServeConfig
-from chargpt.device import resolve_dtype
 from chargpt.generate import encode_prompt
+from chargpt.quantize import forward_dtype
 from chargpt.serve.engine import Engine
 from chargpt.serve.errors import APIError, install_error_handlers, json_body
 from chargpt.serve.jobs import Job, QueueFull, ShuttingDown, Submission
@@ -58,7 +58,7 @@ def create_app(run: Run, run_dir: Path, settings: ServeConfig) -> FastAPI:
     app.state.metrics = metrics
     app.state.model_id = Path(run_dir).resolve().name
     app.state.created = int((Path(run_dir) / WEIGHTS).stat().st_mtime)
-    dtype = resolve_dtype(settings.dtype, next(run.model.parameters()).device)
+    dtype = forward_dtype(run.model, settings.dtype, next(run.model.parameters()).device)
     app.state.engine = Engine(
         run.model, run.tokenizer, settings.max_batch, settings.max_queue, metrics, dtype
     )

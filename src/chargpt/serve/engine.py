@@ -84,7 +84,7 @@ class Engine:
         self.model, self.tokenizer, self.metrics = model.eval(), tokenizer, metrics
         self.max_queue = max_queue
         self.device = next(model.parameters()).device
-        self.dtype = dtype  # autocast's, as `chargpt.device.resolve_dtype` picks it
+        self.dtype = dtype  # autocast's, as `chargpt.quantize.forward_dtype` picks it
         defaults = SampleConfig()  # the window rule of `chargpt sample`
         self.backend = make_backend(model, max_batch, defaults.window_keep, dtype)
         self.free_slots = list(range(max_batch))[::-1]

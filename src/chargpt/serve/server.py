@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import shlex
 import signal
 import socket
@@ -17,6 +18,7 @@ from chargpt.checkpoint import load_run
 from chargpt.config import ServeConfig
 from chargpt.device import resolve_device
 from chargpt.errors import ChargptError
+from chargpt.quantize import quantized
 from chargpt.serve.app import create_app
 
 
@@ -44,6 +46,7 @@ def serve(run_dir: Path, settings: ServeConfig) -> int:
     if settings.threads:
         torch.set_num_threads(settings.threads)
     run = load_run(run_dir, resolve_device(settings.device))
+    run = dataclasses.replace(run, model=quantized(run.model, settings.quantize))
     app = create_app(run, run_dir, settings)
     listener = bind(settings.host, settings.port)
     config = uvicorn.Config(

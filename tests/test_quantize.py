@@ -1,0 +1,225 @@
+"""Int8 weights (`chargpt.quantize`): each layer within its rounding bound of fp32, a model's
+predictions close to fp32's, the caller's model and the run untouched, clear errors where int8
+cannot run, and `--quantize` reaching the model in sample, eval and serve."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from chargpt.checkpoint import WEIGHTS, save_run
+from chargpt.cli import main
+from chargpt.config import ModelConfig, SampleConfig, TrainConfig
+from chargpt.decoding import SlotDecoder, make_decoder
+from chargpt.errors import ChargptError
+from chargpt.generate import generate
+from chargpt.models import BigramLanguageModel, GPTLanguageModel
+from chargpt.quantize import Int8Linear, forward_dtype, is_quantized, quantized
+from chargpt.tokenizer import CharTokenizer
+
+BLOCK = 16
+TOKENIZER = CharTokenizer(tuple("\n abcdefghij"))
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def tiny_gpt(seed: int = 0) -> GPTLanguageModel:
+    """Weights spread wider than the N(0, 0.02) init, so that logits are as decisive as a trained
+    model's (the same model as tests/test_generate.py's)."""
+    config = ModelConfig(block_size=BLOCK, n_embd=32, n_head=4, n_layer=2, dropout=0.0)
+    torch.manual_seed(seed)
+    model = GPTLanguageModel(config, TOKENIZER.vocab_size)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.3)
+    return model.eval()
+
+
+def random_ids(batch: int, length: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(TOKENIZER.vocab_size, (batch, length), generator=generator)
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 32), (3, 7, 32), (5, 32)])
+def test_int8_linear_is_within_its_rounding_bound(shape):
+    """Rounding moves each weight by at most half its row's step (max |w_row| / 127) and each
+    input by half its row's step; int32 sums are exact. So |y_int8 - y| is at most
+    sum_i |x_i| dw + dx |w_i| + dx dw for every output, which this checks (plus float slack)."""
+    torch.manual_seed(0)
+    linear = nn.Linear(32, 24)
+    x = torch.randn(shape) * 3
+    x.view(-1, 32)[0] = 0.0  # an all-zero row must come out as the bias
+    dw = linear.weight.abs().amax(dim=1) / 127 / 2  # (out,)
+    dx = x.abs().amax(dim=-1, keepdim=True) / 127 / 2  # (..., 1)
+    bound = x.abs().sum(-1, keepdim=True) * dw + dx * linear.weight.abs().sum(1) + 32 * dx * dw
+    with torch.no_grad():
+        error = (Int8Linear(linear)(x) - linear(x)).abs()
+    assert error.shape == bound.shape
+    assert (error <= bound + 1e-5).all()
+    assert (error > 0).any()  # it did round
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_int8_logits_stay_close_to_fp32(seed):
+    """Bounds with a margin of about 2x over what three seeds measured: each int8 product is
+    off by about 1% of its scale (two roundings of 1/254 of a row's maximum), and nine of them
+    in sequence (two blocks of four, and the head) leave the logits within a few percent."""
+    model = tiny_gpt(seed)
+    idx = random_ids(8, BLOCK, seed)
+    with torch.no_grad():
+        fp32, int8 = model.logits(idx), quantized(model, "int8").logits(idx)
+    assert (int8 - fp32).abs().max() <= 0.06 * fp32.abs().max()  # measured 0.028-0.034
+    kl = F.kl_div(int8.log_softmax(-1), fp32.log_softmax(-1), log_target=True, reduction="none")
+    assert kl.sum(-1).mean() < 2e-3  # nats per character; measured 3.5e-4 to 5.7e-4
+
+
+def test_greedy_choices_mostly_equal_fp32():
+    """Teacher-forced, so that one near-tie does not make all later text differ: the likeliest
+    next character agrees at 98-100% of 128 positions (measured over three seeds)."""
+    model = tiny_gpt()
+    idx = random_ids(8, BLOCK, 1)
+    with torch.no_grad():
+        fp32, int8 = model.logits(idx), quantized(model, "int8").logits(idx)
+    assert (fp32.argmax(-1) == int8.argmax(-1)).float().mean() >= 0.95
+
+
+def test_greedy_text_through_the_cached_decoder_starts_the_same():
+    model = tiny_gpt(1)  # whose greedy texts measured identical for 200 characters
+    idx = random_ids(4, 3, 3)
+    fp32 = model.generate(idx, 3 * BLOCK, temperature=0)
+    int8 = quantized(model, "int8").generate(idx, 3 * BLOCK, temperature=0)
+    assert (fp32 == int8).float().mean() >= 0.9
+
+
+def test_quantized_copies_and_leaves_the_callers_model_alone():
+    model = tiny_gpt()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    int8 = quantized(model, "int8")
+    assert int8 is not model and is_quantized(int8) and not is_quantized(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert quantized(int8, "int8") is int8  # already int8: itself
+    assert quantized(model, "none") is model
+    assert not any(isinstance(m, nn.Linear) for m in int8.modules())
+
+
+def test_an_int8_model_runs_in_fp32_whatever_the_dtype_setting():
+    model = tiny_gpt()
+    cpu = torch.device("cpu")
+    assert forward_dtype(quantized(model, "int8"), "bf16", cpu) == torch.float32
+    assert forward_dtype(model, "bf16", cpu) == torch.bfloat16
+    with pytest.raises(ChargptError, match="drop --dtype bf16"):
+        SampleConfig(quantize="int8", dtype="bf16").validate()
+
+
+def test_bigram_other_devices_and_a_missing_kernel_are_one_line_errors(monkeypatch):
+    with pytest.raises(ChargptError, match=r"bigram.*drop --quantize"):
+        quantized(BigramLanguageModel(5), "int8")
+    with pytest.raises(ChargptError, match="CPU only, not on meta"):
+        quantized(tiny_gpt().to("meta"), "int8")
+
+    def missing(*_args: object) -> None:
+        raise RuntimeError("_int_mm: not implemented\nfor this build")
+
+    monkeypatch.setattr(torch, "_int_mm", missing)
+    with pytest.raises(ChargptError, match="no int8 matrix product") as err:
+        quantized(tiny_gpt(), "int8")
+    assert "\n" not in str(err.value)
+
+
+@torch.inference_mode()
+def test_the_serving_decoder_runs_an_int8_model_close_to_fp32():
+    model = tiny_gpt()
+    int8 = quantized(model, "int8")
+    ids = random_ids(1, 2 * BLOCK, 4)[0].tolist()
+    rows = []
+    for m in (model, int8):
+        decoder = SlotDecoder(m, slots=2)
+        decoder.start(1, ids[:5])
+        for token in ids[5:]:  # past block_size: window restarts too
+            decoder.append({1: token})
+        rows.append(decoder.logits[1])
+    single = make_decoder(int8, torch.tensor([ids[:5]]))
+    for token in ids[5:]:
+        single.append(torch.tensor([[token]]))
+    assert (rows[1] - rows[0]).abs().max() <= 0.06 * rows[0].abs().max()
+    torch.testing.assert_close(rows[1], single.logits[0], atol=1e-4, rtol=1e-4)
+
+
+# --- the flags ---
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("run")
+    model = tiny_gpt()
+    save_run(path, model, TOKENIZER, model.config, TrainConfig(dtype="fp32"))
+    return path
+
+
+@pytest.fixture
+def int8_calls(monkeypatch) -> list[int]:
+    """Counts Int8Linear forward passes: proof that a command ran the int8 model."""
+    calls: list[int] = []
+    forward = Int8Linear.forward
+
+    def counted(self: Int8Linear, x: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return forward(self, x)
+
+    monkeypatch.setattr(Int8Linear, "forward", counted)
+    return calls
+
+
+def test_sample_quantize_int8_samples_from_the_int8_model(run_dir, capsys, int8_calls):
+    args = ["sample", "--run", str(run_dir), "--prompt", "ab", "--max-new-tokens", "20"]
+    assert main([*args, "--seed", "3", "--quantize", "int8"]) == 0
+    assert int8_calls
+    expected = generate(tiny_gpt(), TOKENIZER, "ab", max_new_tokens=20, seed=3, quantize="int8")
+    assert capsys.readouterr().out == "ab" + expected[0] + "\n"
+    weights = run_dir / WEIGHTS
+    assert weights.stat().st_size > 4 * tiny_gpt().num_parameters()  # still fp32
+
+
+def test_eval_quantize_int8_scores_the_int8_model(run_dir, capsys, int8_calls, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text(TOKENIZER.decode(random_ids(1, 3000, 5)[0].tolist()), encoding="utf-8")
+    base = ["eval", "--run", str(run_dir), "--data", str(text), "--eval-iters", "1", "--json"]
+    assert main(base) == 0
+    assert not int8_calls
+    fp32 = json.loads(capsys.readouterr().out)["val_loss"]
+    assert main([*base, "--quantize", "int8"]) == 0
+    assert int8_calls
+    int8 = json.loads(capsys.readouterr().out)["val_loss"]
+    assert int8 != fp32 and abs(int8 - fp32) < 0.05
+
+
+def test_serve_quantize_int8_serves_the_int8_model(run_dir, monkeypatch):
+    pytest.importorskip("fastapi")
+    import chargpt.serve.server as server
+
+    class Served(Exception):
+        pass
+
+    def create_app(run, *_args):
+        raise Served(is_quantized(run.model))
+
+    monkeypatch.setattr(server, "create_app", create_app)
+    with pytest.raises(Served) as served:
+        main(["serve", "--run", str(run_dir), "--quantize", "int8", "--port", "0"])
+    assert served.value.args == (True,)
+
+
+def test_quantize_flag_errors_are_one_line(run_dir, capsys, tmp_path):
+    bigram = tmp_path / "bigram"
+    config = ModelConfig(model="bigram")
+    save_run(bigram, BigramLanguageModel(TOKENIZER.vocab_size), TOKENIZER, config, TrainConfig())
+    for command in (["sample", "--run", str(bigram)], ["eval", "--run", str(bigram)]):
+        assert main([*command, "--quantize", "int8"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "drop --quantize" in err
+    assert main(["sample", "--run", str(run_dir), "--quantize", "int8", "--dtype", "bf16"]) == 2
+    assert "drop --dtype bf16" in capsys.readouterr().err
