@@ -91,7 +91,8 @@ def draw_one_head(seen: Inspection, layer: int, head: int) -> Any:
     axes = figure.subplots()
     image = draw_heatmap(axes, seen, layer, head)
     labels = [shown(c) for c in seen.chars]
-    size = min(10.0, max(3.0, 900.0 / T / 2))
+    cell = (side - 2.0) / T * 72  # points per row, roughly: the axes fill all but ~2 inches
+    size = min(10.0, max(3.0, 0.75 * cell))
     axes.set_xticks(range(T), labels, fontsize=size)
     axes.set_yticks(range(T), labels, fontsize=size)
     axes.tick_params(length=0)
