@@ -64,8 +64,8 @@ def test_one_head_is_one_large_matrix_and_replaces_the_old_file(runs, tmp_path):
 @pytest.mark.parametrize(
     ("flags", "text", "message"),
     [
-        (["--layer", "2"], "ROMEO", "--layer 2 does not exist: the model has layers 0 to 1"),
-        (["--head", "-1"], "ROMEO", "--head -1 does not exist: the model has heads 0 to 3"),
+        (["--layer", "2"], "RO", "--layer 2 does not exist: the model has 2 layers: pass 0 to 1"),
+        (["--head", "-1"], "RO", "--head -1 does not exist: the model has 4 heads: pass 0 to 3"),
         ([], "ROMEO!", "not in the vocabulary: '!': remove them"),
         ([], "R" * 17, "the text has 17 characters but the model reads at most 16"),
     ],

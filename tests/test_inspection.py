@@ -131,6 +131,8 @@ def test_unknown_characters_get_the_sampling_error(models):
         inspect_text(models["fused"], TOKENIZER, "ROMEO: ¡zé!")
     assert str(inspecting.value) == str(sampling.value)
     assert "'é'" in str(inspecting.value) and "\n" not in str(inspecting.value)
+    skipped = inspect_text(models["fused"], TOKENIZER, "ROMEO: ¡zé!", on_unknown="skip")
+    assert skipped.chars == list("ROMEO: ")
 
 
 def test_text_longer_than_the_context_is_refused(models, tiny_config):

@@ -29,8 +29,10 @@ def check_selection(seen: Inspection, layer: int | None, head: int | None) -> No
         raise ChargptError(f"{seen.note}, so there is nothing to draw: pass a GPT run")
     for name, value, count in (("layer", layer, seen.n_layer), ("head", head, seen.n_head)):
         if value is not None and not 0 <= value < count:
+            choices = "0" if count == 1 else f"0 to {count - 1}"
             raise ChargptError(
-                f"--{name} {value} does not exist: the model has {name}s 0 to {count - 1}"
+                f"--{name} {value} does not exist: the model has {count} {name}"
+                f"{'s' if count > 1 else ''}: pass {choices}"
             )
 
 

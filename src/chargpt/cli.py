@@ -151,6 +151,12 @@ def add_attention_parser(commands: argparse._SubParsersAction) -> None:
     attention.add_argument(
         "--head", type=int, help="only this head (from 0); with --layer: one head, large"
     )
+    attention.add_argument(
+        "--on-unknown",
+        choices=("error", "skip"),
+        default="error",
+        help="characters the model never saw: error lists them, skip drops them",
+    )
     attention.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     attention.set_defaults(handler=cmd_attention)
 
@@ -478,8 +484,12 @@ def cmd_attention(args: argparse.Namespace) -> int:
     from chargpt.attention_plot import plot_attention
     from chargpt.inspection import inspect_text
 
+    if not args.out.parent.is_dir():
+        raise ChargptError(
+            f"--out {args.out}: the directory {args.out.parent} does not exist: create it first"
+        )
     run = load_run(args.run, resolve_device(args.device))
-    seen = inspect_text(run.model, run.tokenizer, args.text)
+    seen = inspect_text(run.model, run.tokenizer, args.text, on_unknown=args.on_unknown)
     print(f"wrote {plot_attention(seen, args.out, args.layer, args.head)}")
     return 0
 

@@ -87,13 +87,18 @@ def rounded(values: torch.Tensor, decimals: int) -> list:
 
 
 def inspect_text(
-    model: LanguageModel, tokenizer: CharTokenizer, text: str, top_k: int = 10
+    model: LanguageModel,
+    tokenizer: CharTokenizer,
+    text: str,
+    top_k: int = 10,
+    on_unknown: str = "error",
 ) -> Inspection:
     """Run `model` on `text` (at most its block_size characters; empty reads a newline, as in
-    sampling) and keep its next-character probabilities and attention weights, on the CPU."""
+    sampling) and keep its next-character probabilities and attention weights, on the CPU.
+    Characters the model never saw are an error, or dropped with `on_unknown="skip"`."""
     if top_k < 1:
         raise ChargptError(f"top_k must be at least 1, got {top_k}")
-    ids = encode_prompt(tokenizer, text)
+    ids = encode_prompt(tokenizer, text, on_unknown)
     limit = max_text_length(model)
     if limit is not None and len(ids) > limit:
         raise ChargptError(
