@@ -1,24 +1,25 @@
 """The playground page at `/` and `POST /v1/inspect`, the chargpt extension it reads.
 
-`POST /v1/inspect` is not part of the OpenAI API. For a text it answers what the model computes
-at every position (`chargpt.inspection.inspect_text`): the likeliest next characters, the
-log-probability of every character, and each layer's and head's attention weights over the
-preceding positions, rounded to three decimals to keep the payload small. Its errors have the
-completions endpoint's shape.
+`POST /v1/inspect` is not part of the OpenAI API. For a text of at most the model's context
+length it answers what the model computes at every position (`chargpt.inspection`): the
+likeliest next characters, the log-probability of every character, and each layer's and head's
+attention weights over the preceding positions (the lab's `wei`), rounded to three decimals to
+keep the payload small. Its errors have the completions endpoint's shape.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
-from pydantic import BaseModel, Field
+from fastapi.responses import FileResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
 
-from chargpt.errors import ChargptError
+from chargpt.checkpoint import Run
 from chargpt.inspection import inspect_text, max_text_length
-from chargpt.serve.errors import openai_error
+from chargpt.serve.errors import APIError
+from chargpt.tokenizer import UnknownCharactersError
 
 STATIC = Path(__file__).parent / "static"
 ASSETS = {"playground.css": "text/css", "playground.js": "text/javascript"}
@@ -30,9 +31,14 @@ router = APIRouter()
 class InspectRequest(BaseModel):
     """Body of POST /v1/inspect."""
 
+    model_config = ConfigDict(strict=True, extra="forbid")
+
     text: str = Field(description="the text to read: 1 to context_length characters")
     top_k: int = Field(10, ge=1, le=100, description="likeliest next characters per position")
     model: str | None = Field(None, description="the served model's id (optional)")
+    on_unknown: Literal["error", "skip"] = Field(
+        "error", description="characters the model never saw: an error, or skip them"
+    )
 
 
 @router.get("/", include_in_schema=False)
@@ -42,39 +48,51 @@ def page() -> FileResponse:
 
 @router.get("/static/{name}", include_in_schema=False)
 def asset(name: str) -> Response:
-    if name not in ASSETS:  # only the page's own files: no path ever reaches the filesystem
-        return Response(status_code=404)
+    if name not in ASSETS:  # the page's own files only: no request path reaches the filesystem
+        raise APIError(404, f"Invalid URL (GET /static/{name})")
     return FileResponse(STATIC / name, media_type=ASSETS[name])
 
 
-@router.post(
-    "/v1/inspect",
-    summary="Inspect a text (chargpt extension, not in the OpenAI API)",
-    response_description="per position: top next characters, log-probabilities, attention",
-)
-def inspect(body: InspectRequest, request: Request) -> Any:
-    """Next-character probabilities and attention weights at every position of `text`:
-    `attention[layer][head][t]` holds position t's weights over positions 0..t (the lab's
-    `wei`), `top[t]` the likeliest characters to follow position t, `logprobs[t]` the natural
-    log-probability of every character of `vocab`. A bigram model has no attention
-    (`n_layer` 0, and `note` says why)."""
-    run = request.app.state.run
+@router.post("/v1/inspect", summary="Inspect a text (chargpt extension, not in the OpenAI API)")
+def inspect(body: InspectRequest, request: Request) -> dict[str, Any]:
+    """What the model computes at every position of `text`. `attention[layer][head][t]` holds
+    position t's weights over positions 0..t (the lab's `wei`: softmax(q kᵀ / √head_size),
+    causal, before dropout); `top[t]` lists the likeliest characters to follow position t;
+    `logprobs[t]` holds the natural log-probability of each character of `vocab`. A bigram
+    model has no attention: `n_layer` is 0 and `note` says why."""
+    state = request.app.state
+    if body.model is not None and body.model != state.model_id:
+        raise APIError(
+            404,
+            f"The model '{body.model}' does not exist: this server serves '{state.model_id}'",
+            param="model",
+            code="model_not_found",
+        )
+    check_text(body.text, body.on_unknown, state.run)
+    seen = inspect_text(
+        state.run.model, state.run.tokenizer, body.text, body.top_k, body.on_unknown
+    )
+    return {"object": "inspection", "model": state.model_id, **seen.to_dict(DECIMALS)}
+
+
+def check_text(text: str, on_unknown: str, run: Run) -> None:
+    """The completions endpoint's errors for unknown characters, and the context as the limit."""
     limit = max_text_length(run.model) or run.model_config.block_size
-    if not body.text:
-        return openai_error(
-            400, "text is empty: give at least one character", "invalid_request_error", "text"
-        )
-    if len(body.text) > limit:
-        return openai_error(
+    if not 1 <= len(text) <= limit:
+        raise APIError(
             400,
-            f"text has {len(body.text)} characters but the model reads at most {limit}: "
-            f"send the last {limit}",
-            "invalid_request_error",
-            "text",
-            "context_length_exceeded",
+            f"text has {len(text)} characters; this model reads 1 to {limit} at once: "
+            f"send the last {limit} characters",
+            param="text",
+            code="context_length_exceeded" if text else None,
         )
-    try:
-        seen = inspect_text(run.model, run.tokenizer, body.text, top_k=body.top_k)
-    except ChargptError as err:
-        return openai_error(400, str(err), "invalid_request_error", "text")
-    return JSONResponse({"object": "inspection", "text": body.text, **seen.to_dict(DECIMALS)})
+    if on_unknown == "error":
+        try:
+            run.tokenizer.check_known(text)
+        except UnknownCharactersError as err:
+            raise APIError(
+                400,
+                f'text has {err}: remove them, or send "on_unknown": "skip" to drop them',
+                param="text",
+                code="unknown_characters",
+            ) from None
