@@ -78,13 +78,15 @@ def inspect(body: InspectRequest, request: Request) -> dict[str, Any]:
 def check_text(text: str, on_unknown: str, run: Run) -> None:
     """The completions endpoint's errors for unknown characters, and the context as the limit."""
     limit = max_text_length(run.model) or run.model_config.block_size
-    if not 1 <= len(text) <= limit:
+    if not text:
+        raise APIError(400, "text is empty: send at least one character", param="text")
+    if len(text) > limit:
         raise APIError(
             400,
-            f"text has {len(text)} characters; this model reads 1 to {limit} at once: "
-            f"send the last {limit} characters",
+            f"text has {len(text)} characters, more than the {limit} this model reads at once "
+            f"(its context): send the last {limit}",
             param="text",
-            code="context_length_exceeded" if text else None,
+            code="context_length_exceeded",
         )
     if on_unknown == "error":
         try:

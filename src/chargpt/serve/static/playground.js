@@ -12,6 +12,8 @@ const VIRIDIS = [
 
 const SHOWN = { "\n": "↵", " ": "␣", "\t": "→" }; // characters that would print as nothing
 const KEY_STORAGE = "chargpt-api-key";
+const INTRO =
+  "Generate some text, then pick a character: see what the model expects next and where it looked.";
 
 const state = {
   model: null, // data[0] of GET /v1/models
@@ -164,6 +166,7 @@ async function generate() {
   state.controller = new AbortController();
   setGenerating(true);
   resetText(request.prompt);
+  setStatus("Generating…");
   const started = performance.now();
   let stopped = false;
   try {
@@ -310,9 +313,8 @@ function renderInspection() {
   if (!ready) {
     $("bars").replaceChildren();
     $("heads").replaceChildren();
-    if (seen && state.selected >= 0) {
-      $("position").textContent = "Reading the context before this character…";
-    }
+    $("position").textContent =
+      seen && state.selected >= 0 ? "Reading the context before this character…" : INTRO;
     return;
   }
   describePosition(seen, t);
@@ -380,10 +382,12 @@ function renderBars(seen, t) {
 function barRow(char, modelProb, sampledProb, isNext) {
   const row = document.createElement("div");
   row.className = isNext ? "bar-row next" : "bar-row";
+  row.setAttribute("role", "img");
   row.setAttribute(
     "aria-label",
     `${char === " " ? "space" : char === "\n" ? "newline" : char}: ${percent(sampledProb)} ` +
-      `when sampling, ${percent(modelProb)} for the model${isNext ? ", the text's next character" : ""}`,
+      `when sampling, ${percent(modelProb)} for the model` +
+      (isNext ? ", the text's next character" : ""),
   );
   row.innerHTML =
     '<span class="char"></span><span class="track"><span class="bar"></span>' +
@@ -445,7 +449,8 @@ function headCell(seen, layer, head, t) {
   canvas.className = "strip";
   const caption = document.createElement("span");
   caption.className = "caption";
-  caption.textContent = `${shown(seen.chars[top])} ${back ? `−${back}` : "0"} ${percent(weights[top])}`;
+  const offset = back ? `−${back}` : "0";
+  caption.textContent = `${shown(seen.chars[top])} ${offset} ${percent(weights[top])}`;
   button.append(canvas, caption);
   button.addEventListener("click", () => openMatrix(layer, head));
   return button;
@@ -587,6 +592,7 @@ function start() {
   $("matrix").addEventListener("mousemove", matrixPointer);
   new ResizeObserver(() => state.inspection && drawStrips()).observe($("heads"));
   $("temperature-value").textContent = Number($("temperature").value).toFixed(2);
+  renderInspection();
   loadModel();
 }
 
