@@ -2,7 +2,7 @@
 
     run = load_run("runs/shakespeare")
     seen = inspect_text(run.model, run.tokenizer, "ROMEO: I")
-    seen.top(7)                    # [("n", 0.41), (" ", 0.22), ...]: what may follow "ROMEO: I"
+    seen.top(7)                    # [(character, probability), ...]: what may follow "ROMEO: I"
     wei = seen.attention[0, 2]     # (T, T): layer 0, head 2, the lab's `wei`
 
 The weights are the lab's `wei` (part d): softmax(q kᵀ / sqrt(head_size)) with the future masked
