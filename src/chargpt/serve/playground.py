@@ -15,10 +15,11 @@ from typing import Any, Literal
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 
 from chargpt.checkpoint import Run
 from chargpt.inspection import inspect_text, max_text_length
-from chargpt.serve.errors import APIError
+from chargpt.serve.errors import APIError, json_body
 from chargpt.tokenizer import UnknownCharactersError
 
 STATIC = Path(__file__).parent / "static"
@@ -41,6 +42,9 @@ class InspectRequest(BaseModel):
     )
 
 
+REQUEST_SCHEMA = InspectRequest.model_json_schema()  # for /docs: the body is parsed by hand
+
+
 @router.get("/", include_in_schema=False)
 def page() -> FileResponse:
     return FileResponse(STATIC / "index.html", media_type="text/html")
@@ -53,13 +57,18 @@ def asset(name: str) -> Response:
     return FileResponse(STATIC / name, media_type=ASSETS[name])
 
 
-@router.post("/v1/inspect", summary="Inspect a text (chargpt extension, not in the OpenAI API)")
-def inspect(body: InspectRequest, request: Request) -> dict[str, Any]:
+@router.post(
+    "/v1/inspect",
+    summary="Inspect a text (chargpt extension, not in the OpenAI API)",
+    openapi_extra={"requestBody": {"content": {"application/json": {"schema": REQUEST_SCHEMA}}}},
+)
+async def inspect(request: Request) -> dict[str, Any]:
     """What the model computes at every position of `text`. `attention[layer][head][t]` holds
     position t's weights over positions 0..t (the lab's `wei`: softmax(q kᵀ / √head_size),
     causal, before dropout); `top[t]` lists the likeliest characters to follow position t;
     `logprobs[t]` holds the natural log-probability of each character of `vocab`. A bigram
     model has no attention: `n_layer` is 0 and `note` says why."""
+    body = await json_body(request, InspectRequest)  # as the completions endpoint reads its body
     state = request.app.state
     if body.model is not None and body.model != state.model_id:
         raise APIError(
@@ -69,8 +78,9 @@ def inspect(body: InspectRequest, request: Request) -> dict[str, Any]:
             code="model_not_found",
         )
     check_text(body.text, body.on_unknown, state.run)
-    seen = inspect_text(
-        state.run.model, state.run.tokenizer, body.text, body.top_k, body.on_unknown
+    run = state.run  # the model runs in a worker thread, beside the engine's decode thread
+    seen = await run_in_threadpool(
+        inspect_text, run.model, run.tokenizer, body.text, body.top_k, body.on_unknown
     )
     return {"object": "inspection", "model": state.model_id, **seen.to_dict(DECIMALS)}
 

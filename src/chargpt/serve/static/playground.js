@@ -489,14 +489,30 @@ function matrixLayout(T) {
 }
 
 function openMatrix(layer, head) {
-  const seen = state.inspection;
-  const rows = seen.attention[layer][head];
+  const rows = state.inspection.attention[layer][head];
+  const T = rows.length;
+  const t = state.selected - state.offset;
+  const { cell, margin } = matrixLayout(T);
+  drawMatrix($("matrix"), rows, state.inspection.chars, t);
+  $("matrix").dataset.layer = String(layer);
+  $("matrix").dataset.head = String(head);
+  $("matrix-title").textContent = `Layer ${layer}, head ${head}: wei, ${T} × ${T}`;
+  $("matrix-readout").textContent = readout(rows, t);
+  $("matrix-dialog").showModal();
+  const scroll = $("matrix-scroll");
+  scroll.scrollTop = margin + (t + 0.5) * cell - scroll.clientHeight / 2; // the selected row
+  scroll.scrollLeft = margin + (t + 3) * cell - scroll.clientWidth; // its end, by the diagonal
+}
+
+// The T x T weights, keys labelled above and below, queries on the left; row t outlined.
+function drawMatrix(canvas, rows, chars, t) {
   const T = rows.length;
   const { cell, margin } = matrixLayout(T);
-  const canvas = $("matrix");
-  canvas.style.width = `${margin + T * cell}px`;
-  canvas.style.height = `${margin + T * cell}px`;
-  const ctx = fitCanvas(canvas, margin + T * cell, margin + T * cell);
+  const width = margin + T * cell;
+  const height = 2 * margin + T * cell;
+  canvas.style.width = `${width}px`;
+  canvas.style.height = `${height}px`;
+  const ctx = fitCanvas(canvas, width, height);
   ctx.fillStyle = "#ececec";
   ctx.fillRect(margin, margin, T * cell, T * cell);
   rows.forEach((row, q) =>
@@ -509,25 +525,18 @@ function openMatrix(layer, head) {
   ctx.font = `${Math.min(cell - 1, 14)}px ui-monospace, monospace`;
   ctx.textAlign = "center";
   ctx.textBaseline = "middle";
-  seen.chars.forEach((c, i) => {
-    ctx.fillText(shown(c), margin + i * cell + cell / 2, margin / 2); // keys along the top
-    ctx.fillText(shown(c), margin / 2, margin + i * cell + cell / 2); // queries down the left
+  chars.forEach((c, i) => {
+    const along = margin + i * cell + cell / 2;
+    ctx.fillText(shown(c), along, margin / 2); // keys above
+    ctx.fillText(shown(c), along, height - margin / 2); // and below
+    ctx.fillText(shown(c), margin / 2, along); // queries on the left
   });
-  const t = state.selected - state.offset;
   ctx.strokeStyle = "#e8e8e8";
   ctx.lineWidth = 2;
   ctx.strokeRect(margin, margin + t * cell, (t + 1) * cell, cell);
   ctx.strokeStyle = "#111";
   ctx.lineWidth = 1;
   ctx.strokeRect(margin - 1, margin + t * cell - 1, (t + 1) * cell + 2, cell + 2);
-  canvas.dataset.layer = String(layer);
-  canvas.dataset.head = String(head);
-  $("matrix-title").textContent = `Layer ${layer}, head ${head}: wei, ${T} × ${T}`;
-  $("matrix-readout").textContent = readout(rows, t);
-  $("matrix-dialog").showModal();
-  const scroll = $("matrix-scroll");
-  scroll.scrollTop = margin + (t + 0.5) * cell - scroll.clientHeight / 2; // the selected row
-  scroll.scrollLeft = margin + (t + 3) * cell - scroll.clientWidth; // its end, by the diagonal
 }
 
 function readout(rows, q, k = undefined) {
