@@ -31,6 +31,7 @@ from chargpt.config import (
     PRESET_NAMES,
     ModelConfig,
     SampleConfig,
+    ServeConfig,
     TrainConfig,
     add_dataclass_arguments,
     build_configs,
@@ -135,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_compare_and_plot_parsers(commands)
     add_prepare_parser(commands)
     add_attention_parser(commands)
+    add_serve_parser(commands)
     return parser
 
 
@@ -183,6 +185,15 @@ def add_prepare_parser(commands: argparse._SubParsersAction) -> None:
         help="what to do with bytes that are not UTF-8",
     )
     prepare.set_defaults(handler=cmd_prepare)
+
+
+def add_serve_parser(commands: argparse._SubParsersAction) -> None:
+    serve = commands.add_parser(
+        "serve", help="serve a run over HTTP: OpenAI's completions API, continuous batching"
+    )
+    serve.add_argument("--run", required=True, type=Path, help="run directory")
+    add_dataclass_arguments(serve, ServeConfig)
+    serve.set_defaults(handler=cmd_serve)
 
 
 def add_compare_and_plot_parsers(commands: argparse._SubParsersAction) -> None:
@@ -507,6 +518,26 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         f"next: chargpt train --data {args.out} --out RUN_DIR"
     )
     return 0
+
+
+# what the `serve` extra installs (pydantic and starlette come with FastAPI)
+SERVE_MODULES = {"fastapi", "starlette", "pydantic", "uvicorn", "prometheus_client"}
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    values = given_fields(args, ServeConfig)
+    values.setdefault("api_key", os.environ.get("CHARGPT_API_KEY", ""))
+    settings = from_dict(ServeConfig, values)
+    settings.validate()
+    try:
+        from chargpt.serve.server import serve
+    except ImportError as err:
+        if (err.name or "").split(".")[0] not in SERVE_MODULES:
+            raise
+        raise ChargptError(
+            f"serving needs the serve extra ({err.name} is missing): pip install 'chargpt[serve]'"
+        ) from None
+    return serve(args.run, settings)
 
 
 def main(argv: list[str] | None = None) -> int:

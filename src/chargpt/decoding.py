@@ -3,11 +3,15 @@
 `Decoder` is the lab's loop: every new character re-runs the model on the last `context_length`
 ids. `CachedDecoder` (the fused GPT) reads the prompt once and then runs one position per new
 character, reusing every earlier position's keys and values from a `KVCache` per block.
+`SlotDecoder` does the same for many independent sequences at once, each in a slot of a
+`SlotKVCache` at its own position, and lets sequences start and end between steps (continuous
+batching, as `chargpt serve` uses it).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -42,6 +46,17 @@ class KVCache:
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
 
+    def positions(self, T: int, device: torch.device) -> torch.Tensor:
+        """(T,) positions of the next T ids: they follow the cached ones."""
+        end = self.length + T
+        if end > self.capacity:
+            raise ValueError(f"sequence length {end} exceeds block_size {self.capacity}")
+        return torch.arange(self.length, self.length + T, device=device)
+
+    def query_mask(self, T: int, device: torch.device) -> torch.Tensor | None:
+        """Which keys the next T queries may see (see `cached_causal_mask`)."""
+        return cached_causal_mask(T, self.length, device)
+
 
 def cached_causal_mask(T: int, start: int, device: torch.device) -> torch.Tensor | None:
     """Which of start + T keys each of the T newest queries may see: (T, start + T) booleans, or
@@ -52,6 +67,67 @@ def cached_causal_mask(T: int, start: int, device: torch.device) -> torch.Tensor
         return None
     # query i sits at position start + i and sees keys 0..start + i
     return torch.ones(T, start + T, dtype=torch.bool, device=device).tril(diagonal=start)
+
+
+class AttentionCache(Protocol):
+    """What attention needs from a cache: where the next T ids sit, which keys their queries may
+    see, and every key and value so far once theirs are stored (`KVCache`, `SlotKVCache`)."""
+
+    def positions(self, T: int, device: torch.device) -> torch.Tensor: ...
+
+    def query_mask(self, T: int, device: torch.device) -> torch.Tensor | None: ...
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class SlotKVCache:
+    """One decoder block's keys and values for `slots` independent sequences, each at its own
+    length: slot s holds positions 0..lengths[s]-1. A step appends the next T positions of every
+    slot at once, and attention reads all `capacity` positions of each slot through a mask, so
+    every step has the same shapes whatever the slots hold."""
+
+    def __init__(
+        self,
+        slots: int,
+        n_head: int,
+        capacity: int,
+        head_size: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
+        self.k = torch.zeros(slots, n_head, capacity, head_size, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        # (slots,) positions filled in each slot, set by the caller before each step
+        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
+
+    def row(self, slot: int) -> KVCache:
+        """Slot `slot` alone, as an empty `KVCache` that stores into this one (for a prefill)."""
+        cache = KVCache(self.k.shape[2])
+        cache.k, cache.v = self.k[slot : slot + 1], self.v[slot : slot + 1]  # views, not copies
+        return cache
+
+    def positions(self, T: int, device: torch.device) -> torch.Tensor:
+        """(slots, T): each slot's next T ids follow its own cached ones."""
+        return self.lengths[:, None] + torch.arange(T, device=device)
+
+    def query_mask(self, T: int, device: torch.device) -> torch.Tensor:
+        """(slots, 1, T, capacity): the new query at position p sees the keys at positions <= p."""
+        keys = torch.arange(self.k.shape[2], device=device)  # (capacity,)
+        return (keys <= self.positions(T, device)[:, :, None])[:, None]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store (slots, n_head, T, hs) keys and values at each slot's next T positions; return
+        all of every slot's, (slots, n_head, capacity, hs) each (`query_mask` hides the rest)."""
+        pos = self.positions(k.shape[2], k.device)  # (slots, T)
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]  # (slots, 1)
+        self.k[rows, :, pos] = k.transpose(1, 2)  # indexed as (slots, T, n_head, hs)
+        self.v[rows, :, pos] = v.transpose(1, 2)
+        return self.k, self.v
+
+
+def window_length(block_size: int, window_keep: float) -> int:
+    """How many of the latest ids a full cache restarts from in window mode: in [1, block_size)."""
+    return min(max(1, int(window_keep * block_size)), block_size - 1)
 
 
 class Decoder:
@@ -116,6 +192,83 @@ def make_decoder(
         raise ValueError(f"long_context must be 'window' or 'exact', got {long_context!r}")
     if not kv_cache or not getattr(model, "supports_kv_cache", False):
         return Decoder(model, idx)
-    block_size = model.context_length
-    keep = min(max(1, int(window_keep * block_size)), block_size - 1)
+    keep = window_length(model.context_length, window_keep)
     return CachedDecoder(model, idx, exact=long_context == "exact", keep=keep)
+
+
+class SlotDecoder:
+    """Next-token logits for up to `slots` independent sequences of one fused GPT, each at its own
+    position (continuous batching): `start` a sequence in a free slot, `append` the next ids of
+    any set of slots in one forward pass, `free` a slot for the next sequence.
+
+    A row's logits depend on its own sequence alone: a prompt is read by itself (B = 1), and every
+    step runs all slots over all block_size keys, so the shapes, and with them the order of every
+    floating-point sum, are the same whichever slots are busy and however long they are. Past
+    block_size each slot follows `CachedDecoder`'s window rule: when its cache is full, it
+    restarts from its last `window_length(block_size, window_keep)` ids (read alone again)."""
+
+    def __init__(
+        self,
+        model: GPTLanguageModel,
+        slots: int,
+        window_keep: float = 0.5,
+        dtype: torch.dtype | None = None,
+    ):
+        if not model.supports_kv_cache:
+            raise ValueError("SlotDecoder needs the fused attention path (a KV cache)")
+        c = model.config
+        param = next(model.parameters())
+        self.model = model
+        self.block_size = c.block_size
+        self.keep = window_length(c.block_size, window_keep)
+        shape = (slots, c.n_head, c.block_size, c.n_embd // c.n_head)
+        dtype = dtype or param.dtype
+        self.caches = [SlotKVCache(*shape, param.device, dtype) for _ in model.blocks]
+        self.ids: list[list[int]] = [[] for _ in range(slots)]  # each slot's last block_size ids
+        self.lengths = [0] * slots  # positions cached in each slot
+        # (slots, V): the next-token logits of each busy slot
+        self.logits = torch.zeros(slots, model.vocab_size, device=param.device)
+
+    def start(self, slot: int, ids: list[int]) -> None:
+        """Begin a sequence in `slot`: read the last block_size of `ids` in one forward pass."""
+        self.ids[slot] = list(ids[-self.block_size :])
+        self.prefill(slot)
+
+    def free(self, slot: int) -> None:
+        self.ids[slot], self.lengths[slot] = [], 0
+
+    def append(self, next_ids: Mapping[int, int]) -> None:
+        """Extend each slot in `next_ids` by its id and compute its next logits; other slots keep
+        their place."""
+        stepping = {}
+        for slot, token in next_ids.items():
+            self.ids[slot] = (self.ids[slot] + [token])[-self.block_size :]
+            if self.lengths[slot] < self.block_size:  # room left: one position, batched
+                stepping[slot] = token
+        if stepping:
+            self.step(stepping)
+        for slot in next_ids.keys() - stepping.keys():  # full: restart from the latest `keep` ids
+            self.ids[slot] = self.ids[slot][-self.keep :]
+            self.prefill(slot)
+
+    def prefill(self, slot: int) -> None:
+        """Fill `slot` with the keys and values of its ids from position 0, alone."""
+        idx = torch.tensor([self.ids[slot]], device=self.logits.device)  # (1, T)
+        caches = [cache.row(slot) for cache in self.caches]
+        self.logits[slot] = self.model.logits(idx, caches)[0, -1]  # (V,)
+        self.lengths[slot] = idx.shape[1]
+
+    def step(self, next_ids: Mapping[int, int]) -> None:
+        """One position for every slot in `next_ids`, in one forward pass. The other slots run
+        too, so that every step has the same shapes: on id 0, stored at their next free position
+        (a full slot: its last, and it restarts before anything reads it)."""
+        device = self.logits.device
+        ids = [[next_ids.get(slot, 0)] for slot in range(len(self.lengths))]
+        lengths = torch.tensor([min(n, self.block_size - 1) for n in self.lengths], device=device)
+        for cache in self.caches:
+            cache.lengths = lengths
+        logits = self.model.logits(torch.tensor(ids, device=device), self.caches)  # (slots, 1, V)
+        rows = torch.tensor(list(next_ids), device=device)
+        self.logits[rows] = logits[rows, -1].to(self.logits.dtype)
+        for slot in next_ids:
+            self.lengths[slot] += 1

@@ -8,12 +8,14 @@ matrix per block), so a checkpoint loads into either.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from chargpt.config import ModelConfig
-from chargpt.decoding import KVCache, cached_causal_mask
+from chargpt.decoding import AttentionCache
 from chargpt.models.base import LanguageModel
 
 
@@ -96,7 +98,7 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = dropout
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: AttentionCache | None = None) -> torch.Tensor:
         """(B, T, C) -> (B, T, C). With a `cache`, x holds the T positions after those cached."""
         B, T, C = x.shape
         # (B, T, 3C) -> three (B, n_head, T, hs) tensors
@@ -106,10 +108,9 @@ class CausalSelfAttention(nn.Module):
             # softmax(q k^T / sqrt(hs)) v with the causal mask, in one kernel: (B, n_head, T, hs)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
         else:
-            start = cache.length
-            k, v = cache.append(k, v)  # (B, n_head, start + T, hs): earlier positions too
-            mask = cached_causal_mask(T, start, x.device)  # None from position 0 or for one query
+            mask = cache.query_mask(T, x.device)  # None from position 0 or for one query
             causal = mask is None and T > 1
+            k, v = cache.append(k, v)  # (B, n_head, keys, hs): earlier positions too
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout_p
             )
@@ -147,7 +148,7 @@ class DecoderBlock(nn.Module):
         self.ln1 = nn.LayerNorm(c.n_embd)
         self.ln2 = nn.LayerNorm(c.n_embd)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: AttentionCache | None = None) -> torch.Tensor:
         h = self.ln1(x)  # normalise: (B, T, C)
         attended = self.sa(h) if cache is None else self.sa(h, cache)  # a cache: fused path only
         x = x + attended  # attend, add back (residual): (B, T, C)
@@ -183,18 +184,21 @@ class GPTLanguageModel(LanguageModel):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def logits(self, idx: torch.Tensor, caches: list[KVCache] | None = None) -> torch.Tensor:
-        """(B, T) ids -> (B, T, V) logits. With `caches` (one `KVCache` per block), idx holds the T
-        positions that follow those already cached, and their keys and values join the caches."""
+    def logits(
+        self, idx: torch.Tensor, caches: Sequence[AttentionCache] | None = None
+    ) -> torch.Tensor:
+        """(B, T) ids -> (B, T, V) logits. With `caches` (one per block), idx holds the T
+        positions that follow those already cached, and their keys and values join the caches;
+        with `SlotKVCache`s, each row follows its own cached positions."""
         B, T = idx.shape
-        start = caches[0].length if caches else 0  # positions already cached
-        if start + T > self.config.block_size:
-            raise ValueError(
-                f"sequence length {start + T} exceeds block_size {self.config.block_size}"
-            )
+        if caches is None and T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
         tok_emb = self.token_embedding_table(idx)  # (B, T, C): what each character is
-        pos = torch.arange(start, start + T, device=idx.device)
-        pos_emb = self.position_embedding_table(pos)  # (T, C): where each character is
+        if caches is None:
+            pos = torch.arange(T, device=idx.device)  # (T,)
+        else:
+            pos = caches[0].positions(T, idx.device)  # (T,), or (B, T): a position per row
+        pos_emb = self.position_embedding_table(pos)  # (T, C) or (B, T, C): where each one is
         x = tok_emb + pos_emb  # (B, T, C)
         if caches is None:
             x = self.blocks(x)  # (B, T, C)

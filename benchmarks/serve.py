@@ -1,0 +1,275 @@
+"""`chargpt serve` under load: aggregate characters/s and time to first character at 1, 4, 16
+and 64 concurrent streaming clients, beside `chargpt sample` run one request after another.
+
+    python benchmarks/serve.py              # the lab model size (about 5-10 minutes on 2 cores)
+    python benchmarks/serve.py --smoke      # a tiny model and little work: checks that it runs
+    python benchmarks/serve.py --agreement  # served logits against `chargpt sample`'s (seconds)
+
+The model is the lab's size (6 layers, 384 wide, 6 heads, block 256, vocabulary 65) with random
+weights, saved as a run in a temporary directory and served by `chargpt serve` in a subprocess
+(on 127.0.0.1, a free port). Each client streams its requests one after another (temperature 1,
+its own seed, no stop string, so every request produces exactly --max-tokens characters), from a
+prompt cut from the bundled Shakespeare. The clients run in this process, on the same CPU as
+the server: on a small machine their share of it is part of what is measured.
+
+The sequential baseline is `chargpt sample`'s work done in this process (the same model loaded
+from the run, `chargpt.generate.stream`, the same prompts and lengths), one request at a time;
+its rate is per character, so it is measured on --baseline-requests requests and compared with
+every row. "x 1 client" compares each row with the server's own single-stream rate. The server
+and the baseline use --threads PyTorch threads (default 1, see --help).
+
+--agreement measures how far the server's numbers are from `chargpt sample`'s: three sequences
+at different positions share batched steps (`SlotDecoder`, 16 slots) past block_size, beside each
+decoded alone (the batch-of-one `CachedDecoder` that `chargpt sample` uses), in fp32 and in bf16
+autocast; it prints the largest difference of a logit and of a probability. The model is the lab
+size with random weights, or a trained run's with --run RUN.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+from chargpt.checkpoint import load_run, save_run
+from chargpt.config import ModelConfig, TrainConfig
+from chargpt.corpus import load_text
+from chargpt.decoding import SlotDecoder, make_decoder
+from chargpt.device import autocast
+from chargpt.generate import stream
+from chargpt.models import GPTLanguageModel
+from chargpt.tokenizer import CharTokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+LAB = ModelConfig(dropout=0.0)  # 6 x 384, 6 heads, block 256
+SMOKE = ModelConfig(block_size=32, n_embd=32, n_head=2, n_layer=2, dropout=0.0)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny model, little work")
+    parser.add_argument(
+        "--agreement", action="store_true", help="batched against batch-of-one numbers"
+    )
+    parser.add_argument("--run", type=Path, help="--agreement: a trained run's model instead")
+    parser.add_argument("--levels", default="1,4,16,64", help="concurrent clients per row")
+    parser.add_argument("--max-tokens", type=int, default=200, help="characters per request")
+    parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--baseline-requests", type=int, default=4)
+    parser.add_argument("--prompt-chars", type=int, default=64)
+    parser.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch")
+    parser.add_argument("--dtype", default="auto", help="the server's and the baseline's dtype")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="PyTorch threads of the server and the baseline (default 1: on a 2-core machine the "
+        "clients need the other core; two server threads and the clients oversubscribe it)",
+    )
+    args = parser.parse_args()
+    if args.smoke:
+        args.levels, args.max_tokens, args.baseline_requests = "1,4", 20, 2
+        args.requests_per_client = 1
+    return args
+
+
+def save_model(directory: Path, config: ModelConfig) -> Path:
+    run_dir = directory / "lab-size-random"
+    tokenizer = CharTokenizer.from_text(load_text("shakespeare"))
+    torch.manual_seed(0)
+    model = GPTLanguageModel(config, tokenizer.vocab_size)
+    save_run(run_dir, model, tokenizer, config, TrainConfig(), step=0)
+    return run_dir
+
+
+def prompts(count: int, length: int) -> list[str]:
+    text = load_text("shakespeare")
+    step = len(text) // (count + 1)
+    return [text[i * step : i * step + length] for i in range(count)]
+
+
+def start_server(
+    run_dir: Path, args: argparse.Namespace, log: Path
+) -> tuple[subprocess.Popen, str]:
+    command = [
+        sys.executable, "-m", "chargpt", "serve", "--run", str(run_dir), "--port", "0",
+        "--max-batch", str(args.max_batch), "--max-queue", "1024", "--dtype", args.dtype,
+        "--threads", str(args.threads),
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        text = log.read_text()
+        if "Application startup complete" in text:
+            url = text.split(" at ", 1)[1].split("/v1", 1)[0]
+            return process, url
+        if process.poll() is not None:
+            raise SystemExit(f"chargpt serve exited:\n{text}")
+        time.sleep(0.1)
+    process.kill()
+    raise SystemExit(f"chargpt serve did not start:\n{log.read_text()}")
+
+
+async def one_stream(http: httpx.AsyncClient, body: dict) -> tuple[float, int]:
+    """(time to first character, characters) of one streamed completion."""
+    start, first, chars = time.perf_counter(), None, 0
+    async with http.stream("POST", "/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            choices = json.loads(line.removeprefix("data: "))["choices"]
+            text = choices[0]["text"] if choices else ""
+            if text and first is None:
+                first = time.perf_counter() - start
+            chars += len(text)
+    return first or float("nan"), chars
+
+
+async def load(url: str, model: str, clients: int, texts: list[str], args) -> dict:
+    """`clients` concurrent clients, each streaming its share of `texts` in turn."""
+    limits = httpx.Limits(max_connections=clients)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=None) as http:
+
+        async def client(k: int) -> list[tuple[float, int]]:
+            done = []
+            for i, prompt in enumerate(texts[k::clients]):
+                body = {"model": model, "prompt": prompt, "max_tokens": args.max_tokens}
+                body.update(stream=True, seed=k * 1000 + i)
+                done.append(await one_stream(http, body))
+            return done
+
+        start = time.perf_counter()
+        results = await asyncio.gather(*(client(k) for k in range(clients)))
+        elapsed = time.perf_counter() - start
+    ttfts = [t for rows in results for t, _ in rows]
+    chars = sum(c for rows in results for _, c in rows)
+    return {"chars": chars, "seconds": elapsed, "ttfts": ttfts}
+
+
+def sequential(run_dir: Path, texts: list[str], args) -> dict:
+    """`chargpt sample`'s work, one request after another, in this process."""
+    run = load_run(run_dir)
+    ttfts, chars = [], 0
+    start = time.perf_counter()
+    for i, prompt in enumerate(texts):
+        begun, first = time.perf_counter(), None
+        for piece in stream(run.model, run.tokenizer, prompt, max_new_tokens=args.max_tokens,
+                            seed=i, dtype=args.dtype):  # fmt: skip
+            if first is None:
+                first = time.perf_counter() - begun
+            chars += len(piece.text)
+        ttfts.append(first)
+    return {"chars": chars, "seconds": time.perf_counter() - start, "ttfts": ttfts}
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def rate(result: dict) -> float:
+    return result["chars"] / result["seconds"]
+
+
+def row(what: str, result: dict, base: float, single: float | None) -> str:
+    p50, p99 = (1000 * percentile(result["ttfts"], q) for q in (0.5, 0.99))
+    vs_single = f"{rate(result) / single:.1f}x" if single else ""
+    return (
+        f"| {what} | {len(result['ttfts'])} | {result['chars']:,} | {rate(result):,.1f} | "
+        f"{p50:,.0f} | {p99:,.0f} | {rate(result) / base:.1f}x | {vs_single} |"
+    )
+
+
+@torch.inference_mode()
+def agreement(model: GPTLanguageModel, dtype: torch.dtype, steps: int = 300) -> tuple[float, float]:
+    """Largest |logit| and |probability| differences, batched slots against decoding alone."""
+    generator = torch.Generator().manual_seed(1)
+    texts = [torch.randint(65, (n + steps,), generator=generator).tolist() for n in (3, 17, 40)]
+    prompts = [text[: len(text) - steps] for text in texts]
+    batched = SlotDecoder(model, 16, dtype=dtype)
+    alone = [make_decoder(model, torch.tensor([prompt])) for prompt in prompts]
+    logit, prob = 0.0, 0.0
+    with autocast(torch.device("cpu"), dtype):
+        for slot, prompt in enumerate(prompts):
+            batched.start(slot, prompt)
+        for t in range(steps + 1):
+            for slot, decoder in enumerate(alone):
+                a, b = batched.logits[slot].float(), decoder.logits[0].float()
+                logit = max(logit, (a - b).abs().max().item())
+                prob = max(prob, (a.softmax(-1) - b.softmax(-1)).abs().max().item())
+            if t == steps:
+                break
+            nexts = {slot: texts[slot][len(prompt) + t] for slot, prompt in enumerate(prompts)}
+            batched.append(nexts)
+            for slot, decoder in enumerate(alone):
+                decoder.append(torch.tensor([[nexts[slot]]]))
+    return logit, prob
+
+
+def print_agreement(config: ModelConfig, run_dir: Path | None) -> None:
+    if run_dir is None:
+        torch.manual_seed(0)
+        model = GPTLanguageModel(config, 65).eval()
+    else:
+        model = load_run(run_dir).model  # type: ignore[assignment]
+    c = model.config
+    print(f"{run_dir or 'random weights'}: {c.n_layer} x {c.n_embd}, block {c.block_size}\n")
+    print("| dtype | max logit difference | max probability difference |\n|---|---:|---:|")
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        logit, prob = agreement(model, dtype)
+        print(f"| {name} | {logit:.1e} | {prob:.1e} |")
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    levels = [int(n) for n in args.levels.split(",")]
+    cpu = platform.processor()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+    print(f"# chargpt serve: {cpu}, PyTorch {torch.__version__}, {args.threads} thread(s)")
+    config = SMOKE if args.smoke else LAB
+    if args.agreement:
+        return print_agreement(config, args.run)
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = save_model(Path(tmp), config)
+        texts = prompts(max(levels) * args.requests_per_client, args.prompt_chars)
+        base = sequential(run_dir, texts[: args.baseline_requests], args)
+        process, url = start_server(run_dir, args, Path(tmp) / "serve.log")
+        try:
+            asyncio.run(load(url, run_dir.name, 1, texts[:1], args))  # warm-up, not shown
+            print(
+                f"model {config.n_layer} x {config.n_embd}, block {config.block_size}; "
+                f"{args.max_tokens} characters per request from {args.prompt_chars}-character "
+                f"prompts; server --max-batch {args.max_batch}, --dtype {args.dtype}\n"
+            )
+            print("| clients | requests | characters | chars/s | TTFT p50 ms | TTFT p99 ms "
+                  "| x sequential | x 1 client |")  # fmt: skip
+            print("|---|---:|---:|---:|---:|---:|---:|---:|")
+            print(row("sequential `chargpt sample`", base, rate(base), None))
+            single = None
+            for clients in levels:
+                count = clients * args.requests_per_client
+                result = asyncio.run(load(url, run_dir.name, clients, texts[:count], args))
+                single = single or (rate(result) if clients == 1 else None)
+                print(row(str(clients), result, rate(base), single), flush=True)
+        finally:
+            process.terminate()
+            process.wait(30)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,276 @@
+"""The batching engine: one model, one scheduler thread, continuous batching.
+
+A request becomes one sequence per prompt and choice, queued (boundedly) for a slot in the batch.
+The scheduler thread repeats one iteration:
+
+1. admit: queued sequences take free slots, and each one's prompt is read alone (a prefill);
+   prompts whose log-probabilities `echo` asked for are scored first, a few windows at a time;
+2. sample: every running sequence draws its next character from its own logits with its own
+   `torch.Generator` (`chargpt.sampling.sample_next`); its text goes through a `StopFilter` to
+   its request's events; a sequence that is done leaves the batch and frees its slot;
+3. decode: one forward pass gives every continuing sequence its next logits.
+
+Requests join and leave between iterations. The fused GPT decodes all slots in one pass
+(`chargpt.decoding.SlotDecoder`: each sequence at its own position, and its numbers independent of
+the others); bigram and `reference`-attention runs get the lab's decoder per sequence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+from torch.nn import functional as F
+
+from chargpt.config import SampleConfig
+from chargpt.device import autocast
+from chargpt.generate import StopFilter, resolve_seed
+from chargpt.models import LanguageModel
+from chargpt.sampling import sample_next
+from chargpt.serve.backends import make_backend
+from chargpt.serve.jobs import Failure, Finish, Job, Piece, QueueFull, ShuttingDown, Submission
+from chargpt.serve.metrics import ServeMetrics
+from chargpt.serve.scoring import PromptScore, TokenLogprob, token_logprobs
+from chargpt.tokenizer import CharTokenizer
+
+log = logging.getLogger("chargpt.serve")
+
+
+@dataclass(eq=False)
+class Prompt:
+    """One prompt of a request, shared by its choices."""
+
+    ids: list[int]
+    text: str  # as the model reads it
+    score: PromptScore | None  # echo with logprobs: the prompt's own log-probabilities
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One choice of one prompt, from the queue to its last character."""
+
+    submission: Submission
+    prompt: Prompt
+    choice: int
+    generator: torch.Generator
+    stop: StopFilter
+    held: list[TokenLogprob] = field(default_factory=list)  # logprobs of text held back
+    produced: int = 0  # characters sampled
+    slot: int = -1
+    last_time: float = 0.0
+
+    @property
+    def config(self) -> SampleConfig:
+        return self.submission.job.config
+
+
+class Engine:
+    """Runs every request's sequences on one model, in one scheduler thread."""
+
+    def __init__(
+        self,
+        model: LanguageModel,
+        tokenizer: CharTokenizer,
+        max_batch: int,
+        max_queue: int,
+        metrics: ServeMetrics,
+        dtype: torch.dtype = torch.float32,
+    ):
+        self.model, self.tokenizer, self.metrics = model.eval(), tokenizer, metrics
+        self.max_queue = max_queue
+        self.device = next(model.parameters()).device
+        self.dtype = dtype  # autocast's, as `chargpt.device.resolve_dtype` picks it
+        defaults = SampleConfig()  # the window rule of `chargpt sample`
+        self.backend = make_backend(model, max_batch, defaults.window_keep, dtype)
+        self.free_slots = list(range(max_batch))[::-1]
+        self.running: dict[int, Sequence] = {}  # slot -> sequence
+        self.queue: deque[Sequence] = deque()  # the scheduler's own
+        self.queued = 0  # len(self.queue), readable from any thread
+        self.lock = threading.Condition()  # guards incoming and stopping
+        self.incoming: list[Sequence] = []
+        self.stopping = False
+        self.admitting: Sequence | None = None  # the queued sequence being started
+        self.thread = threading.Thread(target=self.run, name="chargpt-engine", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop taking requests; requests still in the engine get a Failure."""
+        with self.lock:
+            self.stopping = True
+            self.lock.notify()
+        self.thread.join(timeout)
+
+    def submit(self, job: Job) -> Submission:
+        """Queue a request (from the event loop). Raises QueueFull or ShuttingDown."""
+        submission = Submission(job, asyncio.get_running_loop())
+        seed = resolve_seed(job.config.seed)  # choice i of each prompt uses seed + i
+        sequences = []
+        for p, ids in enumerate(job.prompts):
+            prompt = self.prompt(ids, job)
+            for i in range(job.config.num_samples):
+                generator = torch.Generator(device=self.device).manual_seed(seed + i)
+                choice = p * job.config.num_samples + i
+                stop = StopFilter(job.config.stop)
+                sequences.append(Sequence(submission, prompt, choice, generator, stop))
+        with self.lock:
+            if self.stopping:
+                raise ShuttingDown
+            if len(self.incoming) + self.queued + len(sequences) > self.max_queue:
+                raise QueueFull
+            self.incoming += sequences
+            self.metrics.queue_depth.set(len(self.incoming) + self.queued)
+            self.lock.notify()
+        return submission
+
+    def prompt(self, ids: list[int], job: Job) -> Prompt:
+        score = None
+        if job.echo and job.logprobs is not None:
+            context = self.model.context_length
+            score = PromptScore(ids, context, job.logprobs, self.tokenizer.itos)
+        return Prompt(ids, self.tokenizer.decode(ids), score)
+
+    def run(self) -> None:
+        with torch.inference_mode(), autocast(self.device, self.dtype):
+            while self.wait_for_work():
+                try:
+                    self.iterate()
+                except Exception:  # a bug or an out-of-memory: fail these, keep serving
+                    log.exception("engine step failed")
+                    self.fail_current()
+        for seq in [*self.running.values(), *self.queue, *self.incoming]:
+            self.fail(seq, "The server is shutting down")
+
+    def fail_current(self) -> None:
+        """Fail the sequences an iteration was working on when it broke."""
+        broken = list(self.running.values())
+        if self.admitting is not None and self.admitting in self.queue:
+            self.queue.remove(self.admitting)
+            self.queued = len(self.queue)
+            broken.append(self.admitting)
+        for seq in broken:
+            self.fail(seq, "The server had an error while generating this completion")
+
+    def wait_for_work(self) -> bool:
+        with self.lock:
+            while not (self.incoming or self.queue or self.running or self.stopping):
+                self.lock.wait()
+            self.queue += self.incoming
+            self.incoming.clear()
+            self.queued = len(self.queue)
+            return not self.stopping
+
+    def iterate(self) -> None:
+        self.drop_cancelled()
+        self.admit()
+        next_ids = self.sample() if self.running else {}
+        if next_ids:
+            self.backend.append(next_ids)
+        self.metrics.queue_depth.set(self.queued + len(self.incoming))
+        self.metrics.running.set(len(self.running))
+
+    def drop_cancelled(self) -> None:
+        """Sequences whose client went away leave the queue and the batch."""
+        if any(seq.submission.cancelled for seq in self.queue):
+            self.queue = deque(seq for seq in self.queue if not seq.submission.cancelled)
+            self.queued = len(self.queue)
+        for seq in list(self.running.values()):
+            if seq.submission.cancelled:
+                self.release(seq)
+
+    def admit(self) -> None:
+        """Start queued sequences while slots are free, reading at most about one block of
+        prompt positions per iteration (at least one sequence), so running ones keep going."""
+        budget = self.model.context_length
+        while self.queue and budget > 0:
+            seq = self.admitting = self.queue[0]
+            if seq.prompt.score is not None and not seq.prompt.score.done:
+                budget -= seq.prompt.score.run(self.model, budget)
+                continue
+            if seq.config.max_new_tokens > 0 and not self.free_slots:
+                return
+            self.queue.popleft()
+            self.queued = len(self.queue)
+            budget -= self.begin(seq)
+        self.admitting = None
+
+    def begin(self, seq: Sequence) -> int:
+        """Echo the prompt, then start generating (unless max_tokens is 0); return the number of
+        positions read."""
+        job, prompt = seq.submission.job, seq.prompt
+        if job.echo:
+            entries = prompt.score.entries if prompt.score is not None else None
+            seq.submission.post(Piece(seq.choice, prompt.text, entries))
+        seq.last_time = seq.submission.arrived
+        if job.config.max_new_tokens == 0:
+            seq.submission.post(Finish(seq.choice, "length", 0))
+            return 1
+        seq.slot = self.free_slots.pop()
+        self.running[seq.slot] = seq
+        self.backend.start(seq.slot, prompt.ids)
+        return min(len(prompt.ids), self.model.context_length)
+
+    def sample(self) -> dict[int, int]:
+        """Every running sequence samples its next character; return those that go on."""
+        groups: dict[tuple[float, int, float], list[Sequence]] = {}
+        for seq in self.running.values():
+            c = seq.config
+            groups.setdefault((c.temperature, c.top_k, c.top_p), []).append(seq)
+        self.metrics.batch_size.observe(len(self.running))
+        next_ids = {}
+        for (temperature, top_k, top_p), seqs in groups.items():
+            logits = self.backend.logits([seq.slot for seq in seqs])  # (R, V)
+            generators = [seq.generator for seq in seqs]
+            chosen = sample_next(logits, temperature, top_k, top_p, generators)[:, 0].tolist()
+            log_probs = F.log_softmax(logits.float(), dim=-1)  # (R, V): the model's own
+            for i, (seq, token) in enumerate(zip(seqs, chosen, strict=True)):
+                if self.emit(seq, token, log_probs[i : i + 1]):
+                    next_ids[seq.slot] = token
+        return next_ids
+
+    def emit(self, seq: Sequence, token: int, log_probs: torch.Tensor) -> bool:
+        """Pass one sampled character on (`log_probs`: its (1, V) distribution, unchanged by
+        temperature or filters, for `logprobs`); return whether the sequence goes on."""
+        now = time.monotonic()
+        if seq.produced == 0:
+            self.metrics.time_to_first_character.observe(now - seq.last_time)
+        else:
+            self.metrics.character_latency.observe(now - seq.last_time)
+        self.metrics.characters.inc()
+        seq.last_time = now
+        job = seq.submission.job
+        if job.logprobs is not None:
+            offset = len(seq.prompt.ids) + seq.produced  # counted from the prompt's start
+            itos = self.tokenizer.itos
+            seq.held += token_logprobs(log_probs, [token], job.logprobs, itos, offset)
+        seq.produced += 1
+        text = seq.stop.feed(self.tokenizer.itos[token])
+        reason = "stop" if seq.stop.done else None
+        if reason is None and seq.produced == job.config.max_new_tokens:
+            text, reason = text + seq.stop.flush(), "length"
+        entries = None
+        if job.logprobs is not None:
+            entries, seq.held = seq.held[: len(text)], seq.held[len(text) :]
+        if text:
+            seq.submission.post(Piece(seq.choice, text, entries))
+        if reason is None:
+            return True
+        seq.submission.post(Finish(seq.choice, reason, seq.produced))
+        self.release(seq)
+        return False
+
+    def release(self, seq: Sequence) -> None:
+        del self.running[seq.slot]
+        self.backend.free(seq.slot)
+        self.free_slots.append(seq.slot)
+
+    def fail(self, seq: Sequence, message: str) -> None:
+        if seq.slot in self.running and self.running[seq.slot] is seq:
+            self.release(seq)
+        seq.submission.post(Failure(message))
