@@ -85,6 +85,10 @@ def plant_pickle(name: str) -> Callable[[Path], None]:
     return prepare
 
 
+def attention(text: str, out: str = "a.png") -> list[str]:
+    return ["attention", "--run", "run", "--text", text, "--out", out]
+
+
 def drop_vocabulary_character(config: dict) -> None:
     config["tokenizer"]["chars"] = config["tokenizer"]["chars"][:-1]
 
@@ -238,6 +242,14 @@ CASES = [
         "--resume of a finished run",
         ["train", "--resume", "run"],
         "pass a larger --max-iters",
+    ),
+    Case("attention of a layer the model lacks", [*attention("question"), "--layer", "1"], "pass"),
+    Case("attention text with unknown characters", attention("question!"), "'!'"),
+    Case("attention text longer than the context", attention("the question"), "last 8"),
+    Case(
+        "attention --out in a missing directory",
+        attention("question", "nowhere/a.png"),
+        "create it first",
     ),
 ]
 

@@ -144,8 +144,32 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(handler=cmd_eval)
     add_compare_and_plot_parsers(commands)
     add_prepare_parser(commands)
+    add_attention_parser(commands)
     add_serve_parser(commands)
     return parser
+
+
+def add_attention_parser(commands: argparse._SubParsersAction) -> None:
+    attention = commands.add_parser(
+        "attention", help="draw a text's attention weights: every head, or one head large"
+    )
+    attention.add_argument("--run", required=True, type=Path, help="run directory")
+    attention.add_argument(
+        "--text", required=True, help="the text to read (at most the model's block_size)"
+    )
+    attention.add_argument("--out", required=True, type=Path, help="PNG file to write")
+    attention.add_argument("--layer", type=int, help="only this layer (from 0)")
+    attention.add_argument(
+        "--head", type=int, help="only this head (from 0); with --layer: one head, large"
+    )
+    attention.add_argument(
+        "--on-unknown",
+        choices=("error", "skip"),
+        default="error",
+        help="characters the model never saw: error lists them, skip drops them",
+    )
+    attention.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    attention.set_defaults(handler=cmd_attention)
 
 
 def add_prepare_parser(commands: argparse._SubParsersAction) -> None:
@@ -475,6 +499,20 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from chargpt.plot import plot_run
 
     print(f"wrote {plot_run(args.run, args.out)}")
+    return 0
+
+
+def cmd_attention(args: argparse.Namespace) -> int:
+    from chargpt.attention_plot import plot_attention
+    from chargpt.inspection import inspect_text
+
+    if not args.out.parent.is_dir():
+        raise ChargptError(
+            f"--out {args.out}: the directory {args.out.parent} does not exist: create it first"
+        )
+    run = load_run(args.run, resolve_device(args.device))
+    seen = inspect_text(run.model, run.tokenizer, args.text, on_unknown=args.on_unknown)
+    print(f"wrote {plot_attention(seen, args.out, args.layer, args.head)}")
     return 0
 
 

@@ -18,6 +18,7 @@ from chargpt.checkpoint import WEIGHTS, Run
 from chargpt.config import SampleConfig, ServeConfig
 from chargpt.generate import encode_prompt
 from chargpt.quantize import forward_dtype
+from chargpt.serve import playground
 from chargpt.serve.engine import Engine
 from chargpt.serve.errors import APIError, install_error_handlers, json_body
 from chargpt.serve.jobs import Job, QueueFull, ShuttingDown, Submission
@@ -39,7 +40,7 @@ REQUEST_SCHEMA = CompletionRequest.model_json_schema()  # for /docs: the body is
 
 def api_routers() -> list[APIRouter]:
     """Every router the server includes."""
-    return [router]
+    return [router, playground.router]
 
 
 def create_app(run: Run, run_dir: Path, settings: ServeConfig) -> FastAPI:

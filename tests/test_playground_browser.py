@@ -1,0 +1,190 @@
+"""The playground in a real browser: headless Chromium against a live `chargpt serve` on
+127.0.0.1 (a free port). Skipped where Chromium, its driver or the serve extra is missing."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+webdriver = pytest.importorskip("selenium.webdriver")
+
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from serve_support import BLOCK, make_run, serve_subprocess  # noqa: E402
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM and CHROMEDRIVER), reason="needs Chromium and ChromeDriver (apt: chromium-driver)"
+)
+
+N_LAYER, N_HEAD = 2, 2  # serve_support.make_run's model
+LONG = 20_000  # characters of the generation that the stop button cuts short
+WAIT = 30  # seconds any one step may take on a busy 2-core machine
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A small GPT with decisive weights (the serve tests' run): its text is noise, but every
+    view works on it."""
+    return make_run(tmp_path_factory.mktemp("playground"))
+
+
+@pytest.fixture(scope="module")
+def server(run_dir, tmp_path_factory) -> Iterator[str]:
+    """`chargpt serve` as a user runs it, on a free port of 127.0.0.1."""
+    log = tmp_path_factory.mktemp("logs") / "serve.log"
+    with serve_subprocess(run_dir, log, "--max-tokens-limit", str(LONG)) as served:
+        yield served.url
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[webdriver.Chrome]:
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    profile = tempfile.mkdtemp(prefix="chargpt-chromium-")
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={profile}",
+        "--window-size=1280,800",
+    ):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(WAIT)
+    yield driver
+    driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+def wait(browser, condition, timeout: float = WAIT):
+    return WebDriverWait(browser, timeout, poll_frequency=0.05).until(lambda _: condition())
+
+
+def by_id(browser, element_id: str):
+    return browser.find_element(By.ID, element_id)
+
+
+def fill(browser, element_id: str, value: str) -> None:
+    field = by_id(browser, element_id)
+    field.clear()
+    field.send_keys(value)
+
+
+def text_length(browser) -> int:
+    return browser.execute_script("return document.getElementById('text').children.length")
+
+
+def open_page(browser, url: str) -> None:
+    browser.get(url + "/")
+    wait(browser, lambda: "parameters" in by_id(browser, "facts").text)
+
+
+def test_page_shows_the_models_facts_and_links_the_api_docs(browser, server):
+    open_page(browser, server)
+    facts = by_id(browser, "facts").text
+    assert f"context {BLOCK} characters" in facts and "val loss 2.500" in facts
+    assert browser.find_element(By.LINK_TEXT, "API docs").get_attribute("href") == server + "/docs"
+    loaded = browser.execute_script(
+        "return performance.getEntriesByType('resource').map(r => r.name)"
+    )
+    assert loaded and all(name.startswith(server) for name in loaded)  # nothing from elsewhere
+
+
+def test_generate_then_inspect_a_character(browser, server):
+    open_page(browser, server)
+    fill(browser, "prompt", "ROMEO:")
+    fill(browser, "max-tokens", "60")
+    fill(browser, "seed", "1")
+    by_id(browser, "generate").click()
+    # when the text is in, the last character is inspected: one strip per layer and head
+    wait(browser, lambda: len(browser.find_elements(By.CSS_SELECTOR, "button.head")) > 0)
+    assert text_length(browser) == len("ROMEO:") + 60
+    assert by_id(browser, "status").text.startswith("Done: 60 characters")
+
+    browser.find_elements(By.CSS_SELECTOR, "#text span")[3].click()  # the "E" of ROMEO
+    wait(browser, lambda: by_id(browser, "position").text.startswith("After “ROME”"))
+    assert "the text goes on with “O”" in by_id(browser, "position").text
+    bars = browser.find_elements(By.CSS_SELECTOR, "#bars .bar-row")
+    assert len(bars) in (10, 11)  # the top 10, and the text's next character if not among them
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#bars .bar-row.next")) == 1
+    assert len(browser.find_elements(By.CSS_SELECTOR, "button.head")) == N_LAYER * N_HEAD
+
+    # the arrow keys move through the text; the distribution follows
+    by_id(browser, "text").send_keys(Keys.ARROW_RIGHT)
+    wait(browser, lambda: by_id(browser, "position").text.startswith("After “ROMEO”"))
+
+    # a head enlarges into its whole matrix, the lab's `wei`; Escape closes it
+    browser.find_elements(By.CSS_SELECTOR, "button.head")[N_HEAD + 1].click()
+    assert by_id(browser, "matrix-dialog").get_attribute("open") is not None
+    title = by_id(browser, "matrix-title").text
+    assert title == "Layer 1, head 1: wei, 5 \N{MULTIPLICATION SIGN} 5"  # the context up to "O"
+    by_id(browser, "matrix-close").send_keys(Keys.ESCAPE)
+    wait(browser, lambda: by_id(browser, "matrix-dialog").get_attribute("open") is None)
+
+
+def test_temperature_slider_reshapes_the_bars(browser, server):
+    open_page(browser, server)
+    fill(browser, "max-tokens", "20")
+    by_id(browser, "generate").click()
+    wait(browser, lambda: len(browser.find_elements(By.CSS_SELECTOR, "#bars .bar-row")) > 0)
+
+    def widths() -> list[float]:
+        script = "return [...document.querySelectorAll('#bars .bar')].map(b => b.style.width)"
+        return [float(width.removesuffix("%")) for width in browser.execute_script(script)]
+
+    slider = by_id(browser, "temperature")
+    browser.execute_script(
+        "arguments[0].value = 0; arguments[0].dispatchEvent(new Event('input'))", slider
+    )
+    greedy = widths()
+    assert greedy[0] == pytest.approx(100) and sum(greedy[1:]) == pytest.approx(0)
+    browser.execute_script(
+        "arguments[0].value = 2; arguments[0].dispatchEvent(new Event('input'))", slider
+    )
+    assert 0 < widths()[0] < 100 and by_id(browser, "temperature-value").text == "2.00"
+
+
+def test_text_streams_in_and_the_stop_button_stops_it(browser, server):
+    open_page(browser, server)
+    fill(browser, "max-tokens", str(LONG))
+    by_id(browser, "generate").click()
+    start = len("ROMEO:")
+    wait(browser, lambda: text_length(browser) > start + 5)
+    seen = text_length(browser)
+    wait(browser, lambda: text_length(browser) > seen)  # still growing: it streams
+    assert by_id(browser, "stop").is_enabled()
+    by_id(browser, "stop").click()
+    wait(browser, lambda: by_id(browser, "generate").is_enabled())
+    stopped = text_length(browser)
+    assert by_id(browser, "status").text.startswith("Stopped")
+    time.sleep(0.5)
+    assert text_length(browser) == stopped < start + LONG
+
+
+def test_a_server_with_an_api_key_gets_one_from_the_page(browser, run_dir, tmp_path):
+    with serve_subprocess(run_dir, tmp_path / "serve.log", "--api-key", "sesame") as served:
+        browser.get(served.url + "/")
+        wait(browser, lambda: by_id(browser, "key-row").is_displayed())
+        assert "API key" in by_id(browser, "status").text
+        fill(browser, "api-key", "sesame")
+        by_id(browser, "api-key").send_keys(Keys.TAB)  # a change event: the page retries
+        wait(browser, lambda: "parameters" in by_id(browser, "facts").text)
+        fill(browser, "max-tokens", "10")
+        by_id(browser, "generate").click()
+        wait(browser, lambda: len(browser.find_elements(By.CSS_SELECTOR, "button.head")) > 0)
+        browser.execute_script("sessionStorage.clear()")  # the next test's server has no key
