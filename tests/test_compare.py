@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from chargpt.cli import main
-from chargpt.compare import TimeBudgetTrainer, count_references
+from chargpt.compare import TimeBudgetTrainer
 from chargpt.config import ModelConfig, TrainConfig
+from chargpt.counts import count_references
 from chargpt.data import CharDataset
 from chargpt.errors import ChargptError
 from chargpt.evaluate import full_pass_loss, validation_stream

@@ -92,6 +92,15 @@ def load_prepared(data_dir: Path) -> tuple[CharDataset, CharTokenizer]:
     return CharDataset(**arrays), tokenizer
 
 
+def prepared_fingerprint(data_dir: Path) -> str:
+    """The fingerprint of a prepared dataset: the SHA-256 of its vocabulary and token arrays,
+    which `chargpt prepare` computes as it writes them (for directories prepared before it did,
+    the SHA-256 of vocab.json)."""
+    raw = (data_dir / "vocab.json").read_bytes()
+    info = json.loads(raw)
+    return info.get("sha256") or hashlib.sha256(raw).hexdigest()
+
+
 def load_corpus(
     data: str | Path, encoding_errors: str = "strict", tokenizer: CharTokenizer | None = None
 ) -> tuple[CharDataset, CharTokenizer, str]:
@@ -106,8 +115,7 @@ def load_corpus(
                 f"{path} was prepared with another vocabulary than the run's: prepare the "
                 "corpus the run was trained on, or train a new run on this one"
             )
-        digest = hashlib.sha256((path / "vocab.json").read_bytes()).hexdigest()
-        return dataset, own, digest
+        return dataset, own, prepared_fingerprint(path)
     if path.is_dir():
         raise ChargptError(
             f"{str(path)!r} is a directory without vocab.json: pass a text file, or run "
