@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from chargpt.data import CharDataset
-from chargpt.evaluate import JoinedTokens, Loss, Tokens
+from chargpt.data import CharDataset, JoinedTokens, Tokens
+from chargpt.evaluate import Loss
 
 CHUNK = 1 << 22  # tokens read at a time
 

@@ -1,4 +1,5 @@
-"""The lab's data split (first 90% train, last 10% val) and random `block_size` windows."""
+"""The lab's data split (first 90% train, last 10% val), random `block_size` windows, and the
+token arrays behind them (in memory, memory-mapped, or two read as one)."""
 
 from __future__ import annotations
 
@@ -67,6 +68,32 @@ class CharDataset:
                 device, non_blocking=True
             )
         return x.to(device), y.to(device)
+
+
+@dataclass(frozen=True)
+class JoinedTokens:
+    """Two token arrays read as one sequence, copying neither: a slice reads only its own part,
+    so memory-mapped splits stay on disk."""
+
+    head: np.ndarray
+    tail: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.head) + len(self.tail)
+
+    def __getitem__(self, index: int | slice) -> np.ndarray:
+        if isinstance(index, int):
+            return self[index : index + 1 or None][0]
+        start, stop, step = index.indices(len(self))
+        if step != 1:
+            raise ValueError("JoinedTokens reads contiguous slices only")
+        n = len(self.head)
+        head = self.head[min(start, n) : min(stop, n)]
+        tail = self.tail[max(start - n, 0) : max(stop - n, 0)]
+        return np.concatenate([head, tail])
+
+
+Tokens = np.ndarray | JoinedTokens  # anything with len() and contiguous slices
 
 
 def load_prepared(data_dir: Path) -> tuple[CharDataset, CharTokenizer]:

@@ -10,11 +10,13 @@ A plain `chargpt train` is a world of one process, and every helper here is then
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from chargpt.errors import ChargptError
 
@@ -64,6 +66,36 @@ def init_world(device: torch.device) -> tuple[World, torch.device]:
     if not dist.is_initialized():
         dist.init_process_group(backend=backend())
     return World(rank, local_rank, size), device
+
+
+def micro_batch_streams(grad_accum: int, world: World) -> range:
+    """The micro-batch streams this process draws: an equal share of the `grad_accum` streams,
+    so that N processes see the same batches as one process accumulating N times as many."""
+    if grad_accum % world.size:
+        raise ChargptError(
+            f"--grad-accum {grad_accum} is not a multiple of the {world.size} processes: pass "
+            f"--grad-accum {world.size * max(1, round(grad_accum / world.size))}"
+        )
+    share = grad_accum // world.size
+    return range(world.rank * share, (world.rank + 1) * share)
+
+
+def data_parallel(module: torch.nn.Module, world: World, device: torch.device) -> torch.nn.Module:
+    """`module` wrapped so that backward() averages gradients over the processes (DDP); the
+    module itself in a world of one."""
+    if not world.distributed:
+        return module
+    return DistributedDataParallel(
+        module, device_ids=[device.index] if device.type == "cuda" else None
+    )
+
+
+def gradient_sync(forward: torch.nn.Module, now: bool) -> contextlib.AbstractContextManager:
+    """Context for a backward pass: under DDP, gradients are exchanged only `now`, so that
+    micro-batches accumulate locally and the processes talk once per step."""
+    if isinstance(forward, DistributedDataParallel) and not now:
+        return forward.no_sync()
+    return contextlib.nullcontext()
 
 
 def close_world() -> None:

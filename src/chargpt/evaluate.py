@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from chargpt.data import CharDataset
+from chargpt.data import CharDataset, JoinedTokens, Tokens
 from chargpt.device import autocast, resolve_dtype
 from chargpt.distributed import SINGLE_PROCESS, World, all_reduce
 from chargpt.errors import ChargptError
@@ -123,32 +123,6 @@ def full_pass_windows(
     los = np.concatenate([[start], ends[:-1]])
     starts = ends - 1 - T  # the window's last input is the token just before its last target
     return starts, los - starts - 1
-
-
-@dataclass(frozen=True)
-class JoinedTokens:
-    """Two token arrays read as one sequence, copying neither: a slice reads only its own part,
-    so memory-mapped splits stay on disk."""
-
-    head: np.ndarray
-    tail: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.head) + len(self.tail)
-
-    def __getitem__(self, index: int | slice) -> np.ndarray:
-        if isinstance(index, int):
-            return self[index : index + 1 or None][0]
-        start, stop, step = index.indices(len(self))
-        if step != 1:
-            raise ValueError("JoinedTokens reads contiguous slices only")
-        n = len(self.head)
-        head = self.head[min(start, n) : min(stop, n)]
-        tail = self.tail[max(start - n, 0) : max(stop - n, 0)]
-        return np.concatenate([head, tail])
-
-
-Tokens = np.ndarray | JoinedTokens  # anything with len() and contiguous slices
 
 
 @torch.no_grad()

@@ -14,14 +14,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from chargpt.config import ModelConfig, TrainConfig
 from chargpt.corpus import corpus_name
 from chargpt.data import CharDataset
 from chargpt.device import autocast, resolve_device, resolve_dtype
-from chargpt.distributed import World, all_reduce, barrier, close_world, init_world
+from chargpt.distributed import (
+    all_reduce,
+    barrier,
+    close_world,
+    data_parallel,
+    gradient_sync,
+    init_world,
+    micro_batch_streams,
+)
 from chargpt.errors import ChargptError
 from chargpt.evaluate import estimate_loss, estimate_seed
 from chargpt.files import remove_stale_temporaries
@@ -47,18 +54,6 @@ def sample_text(model: LanguageModel, tokenizer: CharTokenizer, length: int, see
         return generate(model, tokenizer, max_new_tokens=length, seed=seed)[0]
     finally:
         model.train(was_training)
-
-
-def micro_batch_streams(grad_accum: int, world: World) -> range:
-    """The micro-batch streams this process draws: an equal share of the `grad_accum` streams,
-    so that N processes see the same batches as one process accumulating N times as many."""
-    if grad_accum % world.size:
-        raise ChargptError(
-            f"--grad-accum {grad_accum} is not a multiple of the {world.size} processes: pass "
-            f"--grad-accum {world.size * max(1, round(grad_accum / world.size))}"
-        )
-    share = grad_accum // world.size
-    return range(world.rank * share, (world.rank + 1) * share)
 
 
 @contextlib.contextmanager
@@ -132,10 +127,9 @@ class Trainer:
             torch.manual_seed(cfg.seed + self.world.rank)
         self.optimizer = configure_optimizer(self.model, cfg)
         self.scheduler = lr_scheduler(self.optimizer, cfg)
-        self.forward = torch.compile(self.model) if cfg.compile else self.model
-        if self.world.distributed:  # averages gradients over processes in backward()
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.forward = DistributedDataParallel(self.forward, device_ids=device_ids)
+        forward = torch.compile(self.model) if cfg.compile else self.model
+        self.forward = data_parallel(forward, self.world, self.device)  # gradients averaged
+        self.tokens_per_step = cfg.batch_size * cfg.grad_accum * model_config.block_size
         self.step = 0
         self.best_val_loss = math.inf
         self.best_step = -1
@@ -165,7 +159,7 @@ class Trainer:
             )
             # processes exchange gradients only in the last micro-batch's backward pass
             last = i == len(generators) - 1
-            with self.no_gradient_sync(unless=last):
+            with gradient_sync(self.forward, now=last):
                 with autocast(self.device, self.dtype):
                     _, loss = self.forward(x, y)
                 (loss / len(generators)).backward()  # gradients add up to the mean's
@@ -176,11 +170,6 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         return total / cfg.grad_accum
-
-    def no_gradient_sync(self, unless: bool) -> contextlib.AbstractContextManager:
-        if self.world.distributed and not unless:
-            return self.forward.no_sync()
-        return contextlib.nullcontext()
 
     def report_loss(self, bar: tqdm, losses: list[torch.Tensor], tokens_per_s: float) -> None:
         """Show the mean training loss of the steps since the last report. This waits for the
@@ -204,19 +193,11 @@ class Trainer:
         )
 
     def save(self) -> None:
-        save_run(
-            self.out_dir,
-            self.model,
-            self.tokenizer,
-            self.model_config,
-            self.cfg,
-            step=self.step,
-            best_val_loss=self.best_val_loss,
-            best_step=self.best_step,
-            data=self.data_name,
-            data_sha256=self.data_sha256,
-            dtype=str(self.dtype).removeprefix("torch."),
-        )
+        """The best weights so far and config.json (see chargpt.run_dir)."""
+        dtype = str(self.dtype).removeprefix("torch.")
+        meta = dict(step=self.step, best_val_loss=self.best_val_loss, best_step=self.best_step)
+        meta.update(data=self.data_name, data_sha256=self.data_sha256, dtype=dtype)
+        save_run(self.out_dir, self.model, self.tokenizer, self.model_config, self.cfg, **meta)
 
     def save_last(self) -> None:
         """The whole training state, for `train --resume` (see chargpt.train_state). Every
@@ -236,11 +217,6 @@ class Trainer:
             remove_stale_temporaries(self.out_dir)
         barrier(self.world)
 
-    @property
-    def tokens_per_step(self) -> int:
-        """Training tokens in one optimisation step, over all processes."""
-        return self.cfg.batch_size * self.cfg.grad_accum * self.model_config.block_size
-
     def stop_requested(self) -> bool:
         """Whether a signal asked to stop. Processes agree on it every `log_interval` steps (one
         all-reduce), so that they all stop at the same step."""
@@ -259,19 +235,13 @@ class Trainer:
 
     def evaluate_and_save(self, bar: tqdm, tokens_per_s: float) -> None:
         """Estimate the losses, log them, keep the best weights and the resumable state."""
-        cfg, block_size = self.cfg, self.model_config.block_size
+        cfg = self.cfg
         cuda = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):  # leave the training random streams untouched
+            windows = (cfg.batch_size, self.model_config.block_size, cfg.eval_iters)
+            seed = estimate_seed(cfg.seed)  # the same windows every time, none training's
             losses = estimate_loss(
-                self.model,
-                self.dataset,
-                cfg.batch_size,
-                block_size,
-                cfg.eval_iters,
-                self.device,
-                self.dtype,
-                estimate_seed(cfg.seed),
-                self.world,
+                self.model, self.dataset, *windows, self.device, self.dtype, seed, self.world
             )
             text = (
                 sample_text(self.model, self.tokenizer, cfg.sample_chars, cfg.seed)
