@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from chargpt.attention_plot import plot_attention
-from chargpt.checkpoint import load_run
 from chargpt.corpus import load_text
 from chargpt.inspection import inspect_text
+from chargpt.run_dir import load_run
 
 SKIP = 16  # first positions left out: with a handful of keys every head looks "local"
 VOWELS = set("aeiouAEIOU")

@@ -21,8 +21,9 @@ import torch
 
 from chargpt.config import build_configs
 from chargpt.corpus import load_text
+from chargpt.counts import count_cross_entropy
 from chargpt.data import CharDataset
-from chargpt.evaluate import count_cross_entropy, full_pass_loss, validation_stream
+from chargpt.evaluate import full_pass_loss, validation_stream
 from chargpt.tokenizer import CharTokenizer
 from chargpt.train import Trainer
 

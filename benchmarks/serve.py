@@ -41,13 +41,13 @@ from pathlib import Path
 import httpx
 import torch
 
-from chargpt.checkpoint import load_run, save_run
 from chargpt.config import ModelConfig, TrainConfig
 from chargpt.corpus import load_text
 from chargpt.decoding import SlotDecoder, make_decoder
 from chargpt.device import autocast
 from chargpt.generate import stream
 from chargpt.models import GPTLanguageModel
+from chargpt.run_dir import load_run, save_run
 from chargpt.tokenizer import CharTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,8 +23,8 @@ from chargpt.corpus import load_text
 from chargpt.data import CharDataset
 from chargpt.device import autocast, cpu_has_fast_bf16, resolve_device
 from chargpt.models import GPTLanguageModel
+from chargpt.optim import configure_optimizer
 from chargpt.tokenizer import CharTokenizer
-from chargpt.train import configure_optimizer
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:

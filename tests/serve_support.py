@@ -19,10 +19,10 @@ import torch
 import uvicorn
 from fastapi import FastAPI
 
-from chargpt.checkpoint import load_run, save_run
 from chargpt.config import ModelConfig, ServeConfig, TrainConfig
 from chargpt.corpus import load_text
 from chargpt.models import build_model
+from chargpt.run_dir import load_run, save_run
 from chargpt.serve import create_app
 from chargpt.serve.server import bind
 from chargpt.tokenizer import CharTokenizer

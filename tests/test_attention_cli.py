@@ -3,10 +3,10 @@ import struct
 import pytest
 import torch
 
-from chargpt.checkpoint import save_run
 from chargpt.cli import main
 from chargpt.config import ModelConfig, TrainConfig
 from chargpt.models import build_model
+from chargpt.run_dir import save_run
 from chargpt.tokenizer import CharTokenizer
 
 pytest.importorskip("matplotlib")

@@ -89,6 +89,18 @@ def test_existing_run_is_never_overwritten(tiny_run, capsys):
     assert (tiny_run / "model.safetensors").read_bytes() == before
 
 
+def test_a_taken_run_directory_is_refused_before_joining_other_processes(
+    tiny_run, capsys, monkeypatch
+):
+    """Fail first, then start: under torchrun, joining the process group commits every other
+    process to this one, so the checks come before it."""
+    joined = []
+    monkeypatch.setattr("chargpt.train.init_world", lambda device: joined.append(device))
+    assert main(["train", "--out", str(tiny_run), *TINY]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert joined == []
+
+
 def test_a_closed_pipe_ends_sampling_quietly(tiny_run):
     # `chargpt sample | head -c 5`: the reader leaves early; no traceback, the shell's SIGPIPE code
     cmd = [

@@ -2,16 +2,10 @@ import dataclasses
 
 import pytest
 
-from chargpt.cli import build_parser
-from chargpt.config import (
-    PRESETS,
-    ModelConfig,
-    TrainConfig,
-    build_configs,
-    given_fields,
-    load_toml,
-)
+from chargpt.cli_args import build_parser
+from chargpt.config import PRESETS, ModelConfig, TrainConfig, build_configs
 from chargpt.errors import ChargptError
+from chargpt.options import given_fields, load_toml
 
 
 def test_lab_preset_is_the_notebooks_settings():
@@ -25,6 +19,16 @@ def test_lab_preset_is_the_notebooks_settings():
 def test_auto_preset_picks_lab_on_gpu_and_cpu_otherwise():
     assert build_configs("auto", has_gpu=True) == build_configs("lab", has_gpu=True)
     assert build_configs("auto", has_gpu=False) == build_configs("cpu", has_gpu=False)
+
+
+@pytest.mark.parametrize(
+    ("has_gpu", "device", "preset"),
+    [(True, "cpu", "cpu"), (True, "cuda:1", "lab"), (False, "cuda", "lab"), (True, "mps", "cpu")],
+)
+def test_auto_preset_follows_the_device_training_runs_on(has_gpu, device, preset):
+    """--device cpu on a GPU host trains the cpu preset, not the 5,000-step lab one."""
+    flags = {"device": device}
+    assert build_configs("auto", has_gpu, flags) == build_configs(preset, has_gpu, flags)
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -52,6 +56,11 @@ def test_later_layers_override_earlier_ones():
         ({"lr_schedule": "linear"}, "lr_schedule must be one of constant, cosine"),
         ({"n_embd": "wide"}, "n_embd must be of type int"),
         ({"n_embdd": 3}, r"unknown option\(s\) n_embdd"),
+        ({"min_lr": 0.1}, r"min_lr \(0.1\) exceeds learning_rate \(0.01\): pass a --min-lr"),
+        ({"warmup_iters": 61}, r"warmup_iters \(61\) exceeds max_iters \(60\)"),
+        ({"lr_decay_iters": 4}, r"warmup_iters \(5\) exceeds lr_decay_iters \(4\)"),
+        ({"log_interval": 0}, "log_interval must be a positive integer"),
+        ({"grad_accum": -1}, "grad_accum must not be negative"),
     ],
 )
 def test_impossible_settings_fail_with_one_line(override, message):
@@ -74,6 +83,15 @@ def test_every_field_has_a_cli_flag_and_flags_override():
     for cls in (ModelConfig, TrainConfig):
         for field in dataclasses.fields(cls):
             assert "--" + field.name.replace("_", "-") in help_text
+
+
+def test_help_gives_each_presets_default():
+    """--help names the values the presets give, not only the dataclass defaults (the lab's)."""
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    help_text = " ".join(train.format_help().split())
+    assert "(default by --preset: lab 384, cpu 128, tiny 32)" in help_text  # --n-embd
+    assert "(default by --preset: lab 5000, cpu 1200, tiny 60)" in help_text  # --max-iters
+    assert "(default: 1337)" in help_text  # --seed: the same in every preset
 
 
 def test_toml_accepts_flat_keys_and_tables(tmp_path):

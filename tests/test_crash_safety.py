@@ -16,12 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from chargpt.checkpoint import CONFIG, LAST, load_run, load_trainer_state
 from chargpt.cli import main
 from chargpt.config import ModelConfig, TrainConfig
 from chargpt.data import CharDataset
+from chargpt.run_dir import CONFIG, LAST, load_run
 from chargpt.tokenizer import CharTokenizer
 from chargpt.train import Trainer
+from chargpt.train_state import load_trainer_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -165,7 +166,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path: Path, ca
     corpus.write_text("a horse, a horse, my kingdom for a horse. " * 40)
     out = tmp_path / "run"
     argv = ["train", "--out", str(out), "--data", str(corpus), *TINY, "--eval-interval", "2"]
-    assert main([*argv, "--max-iters", "2"]) == 0
+    assert main([*argv, "--max-iters", "2", "--warmup-iters", "2"]) == 0
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix == ".safetensors"}
 
     def fill_the_disk(tensors, filename, metadata=None) -> None:
@@ -173,7 +174,8 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path: Path, ca
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("chargpt.checkpoint.save_file", fill_the_disk)
+        patch.setattr("chargpt.run_dir.save_file", fill_the_disk)
+        patch.setattr("chargpt.train_state.save_file", fill_the_disk)
         assert main(["train", "--resume", str(out), "--max-iters", "4"]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("chargpt train: error: No space left on device (")

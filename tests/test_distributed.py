@@ -8,16 +8,17 @@ import sys
 
 import pytest
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file
 
-from chargpt.checkpoint import load_run
-from chargpt.distributed import World
+from chargpt.distributed import World, backend, init_world, micro_batch_streams
 from chargpt.errors import ChargptError
-from chargpt.train import micro_batch_streams
+from chargpt.run_dir import LAST, load_run
 
 TINY = ["--preset", "tiny", "--max-iters", "8", "--eval-interval", "4", "--sample-chars", "0"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes on two cores
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+TWO_PROCESSES = (*TORCHRUN, "--standalone", "--nproc_per_node", "2")
 # The same sums in another order: gradients are averaged over processes instead of micro-batches.
 TOLERANCE = 1e-5
 
@@ -53,11 +54,12 @@ def free_port() -> int:
 
 
 def test_two_processes_match_one_process_accumulating_two_micro_batches(tmp_path):
+    """No flag beyond torchrun's: --grad-accum defaults to one micro-batch per process."""
     ddp, single = tmp_path / "ddp", tmp_path / "single"
-    launcher = (*TORCHRUN, "--standalone", "--nproc_per_node", "2")
-    err = finish(chargpt("train", "--out", str(ddp), *TINY, "--grad-accum", "2", launcher=launcher))
+    err = finish(chargpt("train", "--out", str(ddp), *TINY, launcher=TWO_PROCESSES))
     finish(chargpt("train", "--out", str(single), *TINY, "--grad-accum", "2"))
-    assert "2 processes" in err and err.count("best val loss") == 1  # rank 0 alone reports
+    assert f"2 processes ({backend()})" in err and err.count("best val loss") == 1  # rank 0 alone
+    assert json.loads((ddp / "config.json").read_text())["train"]["grad_accum"] == 2
     for (t1, v1), (t2, v2) in zip(losses(ddp), losses(single), strict=True):
         assert abs(t1 - t2) < TOLERANCE and abs(v1 - v2) < TOLERANCE
     assert max_weight_difference(ddp, single) < TOLERANCE
@@ -71,13 +73,41 @@ def test_two_processes_match_one_process_accumulating_two_micro_batches(tmp_path
 
 def test_a_two_process_run_resumes_in_one_process_on_the_same_batches(tmp_path):
     ddp, straight = tmp_path / "ddp", tmp_path / "straight"
-    launcher = (*TORCHRUN, "--standalone", "--nproc_per_node", "2")
+    # the schedule of 8 steps from the start, so that 4 + 4 steps follow it as 8 straight do
+    schedule = ["--warmup-iters", "4", "--lr-decay-iters", "8"]
     half = ["--preset", "tiny", "--max-iters", "4", "--eval-interval", "4", "--sample-chars", "0"]
-    finish(chargpt("train", "--out", str(ddp), *half, "--grad-accum", "2", launcher=launcher))
-    # the first 4 steps are warmup in the tiny preset, so stopping at 4 leaves the schedule alone
+    finish(chargpt("train", "--out", str(ddp), *half, *schedule, launcher=TWO_PROCESSES))
     finish(chargpt("train", "--resume", str(ddp), "--max-iters", "8"))
-    finish(chargpt("train", "--out", str(straight), *TINY, "--grad-accum", "2"))
+    finish(chargpt("train", "--out", str(straight), *TINY, *schedule, "--grad-accum", "2"))
     assert max_weight_difference(ddp, straight) < TOLERANCE
+
+
+def test_a_two_process_run_with_dropout_resumes_exactly(tmp_path):
+    """Each process draws its own dropout masks, before and after a resume: every process's
+    random state is saved, not only rank 0's."""
+    split, straight = tmp_path / "split", tmp_path / "straight"
+    flags = [*TINY, "--dropout", "0.1", "--warmup-iters", "2"]
+    first_half = [*flags, "--max-iters", "4", "--lr-decay-iters", "8"]  # the later flag wins
+    finish(chargpt("train", "--out", str(split), *first_half, launcher=TWO_PROCESSES))
+    assert {"rng.rank0.torch", "rng.rank1.torch"} <= load_file(str(split / LAST)).keys()
+    finish(chargpt("train", "--resume", str(split), "--max-iters", "8", launcher=TWO_PROCESSES))
+    finish(chargpt("train", "--out", str(straight), *flags, launcher=TWO_PROCESSES))
+    assert max_weight_difference(split, straight) < TOLERANCE
+
+
+def test_every_process_group_maps_cpu_to_gloo_and_cuda_to_nccl(monkeypatch):
+    """Loss totals, the stop flag and random states are CPU tensors, also when the gradients
+    are on GPUs: the one process group sends each to the backend of its device."""
+    backends = []
+    monkeypatch.setattr(dist, "is_nccl_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: backends.append(backend))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    world, device = init_world(torch.device("cpu"))
+    assert backends == ["cpu:gloo,cuda:nccl"]
+    assert (world, device) == (World(rank=1, local_rank=1, size=2), torch.device("cpu"))
 
 
 def test_two_nodes_on_localhost(tmp_path):

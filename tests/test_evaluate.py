@@ -12,18 +12,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.nn import functional as F
 
+import chargpt.counts
 from chargpt.cli import main
 from chargpt.config import ModelConfig
+from chargpt.counts import count_cross_entropy, count_references
 from chargpt.data import CharDataset
 from chargpt.evaluate import (
     Loss,
-    count_cross_entropy,
     evaluate,
+    evaluate_run,
     full_pass_loss,
     full_pass_windows,
     validation_stream,
 )
 from chargpt.models import BigramLanguageModel, GPTLanguageModel
+from chargpt.run_dir import load_run
 from chargpt.tokenizer import CharTokenizer
 
 TINY = ModelConfig(block_size=8, n_embd=16, n_head=2, n_layer=2, dropout=0.0)
@@ -141,11 +144,11 @@ CORPUS = "the cat sat on the mat. " * 40
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """A run trained for 4 steps on CORPUS with the tiny preset."""
+    """A run trained for 6 steps on CORPUS with the tiny preset."""
     root = tmp_path_factory.mktemp("eval")
     corpus, run = root / "corpus.txt", root / "run"
     corpus.write_text(CORPUS, encoding="utf-8")
-    flags = "--preset tiny --max-iters 4 --eval-interval 2 --block-size 8 --sample-chars 0"
+    flags = "--preset tiny --max-iters 6 --eval-interval 2 --block-size 8 --sample-chars 0"
     assert main(["train", "--out", str(run), "--data", str(corpus), *flags.split()]) == 0
     return run
 
@@ -165,3 +168,53 @@ def test_eval_command_json(tiny_run, capsys):
 def test_eval_command_rejects_bad_options(tiny_run, capsys, flags):
     assert main(["eval", "--run", str(tiny_run), *flags.split()]) == 2
     assert flags.split()[0] in capsys.readouterr().err
+
+
+def test_eval_max_chars_scores_the_first_characters_only(tiny_run, capsys):
+    capsys.readouterr()
+    assert main(["eval", "--run", str(tiny_run), "--json", "--max-chars", "40"]) == 0
+    assert json.loads(capsys.readouterr().out)["characters"] == 40
+    assert main(["eval", "--run", str(tiny_run), "--max-chars", "0"]) == 2
+    assert "--max-chars" in capsys.readouterr().err
+
+
+class NoWholeCopies:
+    """A token array (like a memmap of a huge split) that lets itself be read in bounded pieces
+    only: converting it whole, as np.asarray would, fails."""
+
+    def __init__(self, array: np.ndarray, limit: int):
+        self.array, self.limit = array, limit
+        self.dtype = array.dtype
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, index):
+        part = self.array[index]
+        assert np.size(part) <= self.limit, f"read {np.size(part)} tokens at once"
+        return part
+
+    def __array__(self, *args, **kwargs):
+        raise AssertionError("the whole split was copied into memory")
+
+
+def test_eval_and_count_references_stream_the_splits(tiny_run, monkeypatch):
+    """Scores and counts are the same when the splits can only be read a piece at a time."""
+    monkeypatch.setattr(chargpt.counts, "CHUNK", 100)
+    run = load_run(tiny_run)
+    tokenizer = CharTokenizer.from_text(CORPUS)
+    whole = CharDataset.from_text(CORPUS, tokenizer)
+    pieces = CharDataset(NoWholeCopies(whole.train, 500), NoWholeCopies(whole.val, 500))
+    cpu = torch.device("cpu")
+    assert evaluate_run(run, pieces, cpu, stride=3) == evaluate_run(run, whole, cpu, stride=3)
+    streamed = count_references(pieces, tokenizer.vocab_size)
+    for a, b in zip(streamed, count_references(whole, tokenizer.vocab_size), strict=True):
+        assert a.train.nats == pytest.approx(b.train.nats, rel=1e-12)
+        assert a.val.nats == pytest.approx(b.val.nats, rel=1e-12)
+    # and the chunked counts are the closed form's, pairs across chunk boundaries included
+    tokens = whole.train.astype(np.int64)
+    counts = np.ones((tokenizer.vocab_size,) * 2)
+    np.add.at(counts, (tokens[:-1], tokens[1:]), 1.0)
+    probs = counts / counts.sum(axis=1, keepdims=True)
+    expected = -np.log(probs[tokens[:-1], tokens[1:]]).mean()
+    assert streamed[1].train.nats == pytest.approx(expected, rel=1e-12)

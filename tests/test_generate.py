@@ -11,13 +11,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chargpt.checkpoint import save_run
 from chargpt.cli import main
 from chargpt.config import ModelConfig, TrainConfig
 from chargpt.decoding import Decoder, KVCache, make_decoder
 from chargpt.errors import ChargptError
 from chargpt.generate import StopFilter, generate, stream
 from chargpt.models import BigramLanguageModel, GPTLanguageModel
+from chargpt.run_dir import save_run
 from chargpt.tokenizer import CharTokenizer
 
 BLOCK = 16

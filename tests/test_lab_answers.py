@@ -1,6 +1,9 @@
 """Every measurable claim in docs/lab_answers.md, checked (parts b, c, f and the toy aggregation).
 
 The attention tests run the package's own `Head`, `MultiHeadAttention` and `CausalSelfAttention`.
+Tests marked `docs` check PyTorch or arithmetic alone (the lab's answers rest on them): they run
+with the suite as documentation, but they test nothing of chargpt (`pytest -m "not docs"`
+leaves them out).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from chargpt.models import CausalSelfAttention, Head, MultiHeadAttention
 # --- the toy aggregation: tril-normalised weights are running means --------------------------
 
 
+@pytest.mark.docs
 def test_lab_toy_example_by_hand():
     """The notebook's own numbers: a = normalised tril(ones(3, 3)), b as printed, c = a @ b."""
     a = torch.tril(torch.ones(3, 3))
@@ -32,6 +36,7 @@ def test_lab_toy_example_by_hand():
     torch.testing.assert_close(a @ b, expected)
 
 
+@pytest.mark.docs
 @settings(max_examples=30, deadline=None)
 @given(T=st.integers(1, 12), C=st.integers(1, 4), seed=st.integers(0, 2**16))
 def test_tril_weights_and_masked_softmax_both_give_running_means(T, C, seed):
@@ -68,6 +73,7 @@ def attention_weights(head: Head, x: torch.Tensor) -> torch.Tensor:
 E = torch.eye(4)  # four orthonormal "embeddings"; a = E[0], b = E[1]
 
 
+@pytest.mark.docs
 def test_x_xt_scores_are_symmetric():
     x = torch.randn(6, 8, generator=torch.Generator().manual_seed(0))
     scores = x @ x.T
@@ -128,6 +134,7 @@ def mean_entropy(scores: torch.Tensor) -> float:
     return -(p * torch.log(p.clamp_min(1e-30))).sum(-1).mean().item()
 
 
+@pytest.mark.docs
 @pytest.mark.parametrize("d_k", [4, 16, 64, 256])
 def test_unscaled_variance_grows_like_d_k_scaled_stays_one(d_k):
     scores = dot_products(d_k)
@@ -138,6 +145,7 @@ def test_unscaled_variance_grows_like_d_k_scaled_stays_one(d_k):
 WIDTHS = (16, 64, 256, 1024)
 
 
+@pytest.mark.docs
 def test_softmax_entropy_collapses_without_scaling():
     unscaled = [mean_entropy(score_rows(d, scaled=False)) for d in WIDTHS]
     scaled = [mean_entropy(score_rows(d, scaled=True)) for d in WIDTHS]
@@ -157,6 +165,7 @@ def softmax_jacobian_norms(scores: torch.Tensor) -> torch.Tensor:
     return torch.linalg.matrix_norm(jacobian)
 
 
+@pytest.mark.docs
 def test_saturated_softmax_passes_almost_no_gradient():
     unscaled = softmax_jacobian_norms(score_rows(256, scaled=False))
     scaled = softmax_jacobian_norms(score_rows(256, scaled=True))

@@ -1,8 +1,12 @@
+import json
+import shutil
+
 import numpy as np
 import pytest
 
+from chargpt.cli import main
 from chargpt.corpus import resolve_corpus_path
-from chargpt.data import CharDataset, load_prepared
+from chargpt.data import CharDataset, load_corpus, load_prepared
 from chargpt.errors import ChargptError
 from chargpt.prepare import prepare
 from chargpt.tokenizer import CharTokenizer
@@ -28,11 +32,12 @@ def test_directories_globs_and_chunk_boundaries_inside_characters(tmp_path):
     out = tmp_path / "prepared"
     prepare([corpus], out, pattern="*.txt", chunk_bytes=5, progress=False)
     dataset, tokenizer = load_prepared(out)
-    text = parts["a.txt"] + parts["sub/b.txt"]  # sorted order, the markdown file left out
-    n = int(0.9 * len(text))
-    assert tokenizer == CharTokenizer.from_text(text)
-    assert tokenizer.decode(dataset.train.tolist()) == text[:n]
-    assert tokenizer.decode(dataset.val.tolist()) == text[n:]
+    # sorted order, the markdown file left out; a.txt lacks a final newline, so it gets one
+    a, b = parts["a.txt"] + "\n", parts["sub/b.txt"]
+    cut_a, cut_b = int(0.9 * len(a)), int(0.9 * len(b))
+    assert tokenizer == CharTokenizer.from_text(a + b)
+    assert tokenizer.decode(dataset.train.tolist()) == a[:cut_a] + b[:cut_b]
+    assert tokenizer.decode(dataset.val.tolist()) == a[cut_a:] + b[cut_b:]
 
 
 def test_large_vocabularies_use_uint16(tmp_path):
@@ -75,3 +80,49 @@ def test_a_truncated_array_is_detected(tmp_path):
         f.truncate(3)
     with pytest.raises(ChargptError, match=r"does not match vocab\.json"):
         load_prepared(tmp_path / "out")
+
+
+def test_each_file_gives_its_last_tenth_to_validation(tmp_path):
+    """Validation samples every file, and a file without a final newline gets one, so that
+    its last line does not run into the next file's first."""
+    (tmp_path / "1.txt").write_text("a" * 50)
+    (tmp_path / "2.txt").write_text("b" * 19 + "\n")
+    prepare([tmp_path], tmp_path / "out", progress=False)
+    dataset, tokenizer = load_prepared(tmp_path / "out")
+    # 1.txt: 50 + 1 characters, 45 of them train; 2.txt: 20 characters, 18 of them train
+    assert tokenizer.decode(dataset.train.tolist()) == "a" * 45 + "b" * 18
+    assert tokenizer.decode(dataset.val.tolist()) == "aaaaa\n" + "b\n"
+
+
+def test_the_fingerprint_covers_the_token_arrays(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("abcabc" * 20)
+    prepare([corpus], tmp_path / "one", progress=False)
+    prepare([corpus], tmp_path / "again", progress=False)
+    corpus.write_text("cbacba" * 20)  # same path, characters and length: other tokens only
+    prepare([corpus], tmp_path / "two", progress=False)
+    one, again, two = (load_corpus(tmp_path / name)[2] for name in ("one", "again", "two"))
+    assert one == again != two
+
+
+def test_train_eval_and_resume_on_a_prepared_directory(tmp_path, capsys):
+    corpus, data = tmp_path / "corpus", tmp_path / "data"
+    corpus.mkdir()
+    for name, line in (("a.txt", "to be or not to be. "), ("b.txt", "that is the question. ")):
+        (corpus / name).write_text(line * 60)
+    assert main(["prepare", "--data", str(corpus), "--out", str(data)]) == 0
+    run = tmp_path / "run"
+    tiny = ["--preset", "tiny", "--block-size", "8", "--eval-interval", "3", "--sample-chars", "0"]
+    assert main(["train", "--out", str(run), "--data", str(data), *tiny, "--max-iters", "6"]) == 0
+    config = json.loads((run / "config.json").read_text())
+    info = json.loads((data / "vocab.json").read_text())
+    assert (config["data"], config["data_sha256"]) == (str(data.resolve()), info["sha256"])
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["characters"] == info["val_tokens"]
+    assert main(["train", "--resume", str(run), "--max-iters", "8"]) == 0
+    shutil.rmtree(data)  # prepared again from other text with the same characters
+    (corpus / "b.txt").write_text("that is the question. "[::-1] * 60)
+    assert main(["prepare", "--data", str(corpus), "--out", str(data)]) == 0
+    assert main(["train", "--resume", str(run), "--max-iters", "10"]) == 2
+    assert "is not the text" in capsys.readouterr().err

@@ -11,7 +11,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from chargpt.checkpoint import WEIGHTS, save_run
 from chargpt.cli import main
 from chargpt.config import ModelConfig, SampleConfig, TrainConfig
 from chargpt.decoding import SlotDecoder, make_decoder
@@ -19,6 +18,7 @@ from chargpt.errors import ChargptError
 from chargpt.generate import generate
 from chargpt.models import BigramLanguageModel, GPTLanguageModel
 from chargpt.quantize import Int8Linear, forward_dtype, is_quantized, quantized
+from chargpt.run_dir import WEIGHTS, save_run
 from chargpt.tokenizer import CharTokenizer
 
 BLOCK = 16

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import random
 import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from chargpt.checkpoint import LAST, load_run, load_trainer_state, read_safetensors
 from chargpt.cli import main
 from chargpt.config import ModelConfig, TrainConfig
 from chargpt.data import CharDataset
+from chargpt.distributed import World
 from chargpt.errors import ChargptError
+from chargpt.resume import resume_configs
+from chargpt.run_dir import LAST, load_run, read_safetensors
 from chargpt.tokenizer import CharTokenizer
-from chargpt.train import Trainer, resume_configs
+from chargpt.train import Trainer
+from chargpt.train_state import load_trainer_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -56,9 +62,10 @@ def make_trainer(corpus, out: Path, **train_changes) -> tuple[Trainer, list[floa
     losses: list[float] = []
     step = trainer.train_step
 
-    def recording_step() -> float:
-        losses.append(step())
-        return losses[-1]
+    def recording_step() -> torch.Tensor:
+        loss = step()
+        losses.append(loss.item())
+        return loss
 
     trainer.train_step = recording_step
     return trainer, losses
@@ -128,10 +135,11 @@ def metrics(run: Path) -> list[dict]:
 
 
 def test_cli_resume_with_a_larger_max_iters(tmp_path: Path) -> None:
-    """Constant learning rate: 6 steps then `--resume --max-iters 12` equals 12 straight."""
+    """6 steps then `--resume --max-iters 12` equals 12 straight, when the first run's schedule
+    was laid out for 12 steps."""
     data = tmp_path / "corpus.txt"
     data.write_text("the quick brown fox jumps over the lazy dog. " * 200, encoding="utf-8")
-    common = [*CLI_TINY, "--lr-schedule", "constant", "--eval-interval", "3", "--data", str(data)]
+    common = [*CLI_TINY, "--lr-decay-iters", "12", "--eval-interval", "3", "--data", str(data)]
     assert run_cli("--out", str(tmp_path / "straight"), *common, "--max-iters", "12") == 0
     assert run_cli("--out", str(tmp_path / "split"), *common, "--max-iters", "6") == 0
     assert run_cli("--resume", str(tmp_path / "split"), "--max-iters", "12") == 0
@@ -170,7 +178,8 @@ def test_resume_refuses_a_different_corpus_and_a_finished_run(tmp_path: Path, ca
     data = tmp_path / "corpus.txt"
     data.write_text("abcdefghij" * 100, encoding="utf-8")
     run = tmp_path / "run"
-    assert run_cli("--out", str(run), *CLI_TINY, "--max-iters", "2", "--data", str(data)) == 0
+    flags = [*CLI_TINY, "--max-iters", "2", "--warmup-iters", "2", "--data", str(data)]
+    assert run_cli("--out", str(run), *flags) == 0
     assert run_cli("--resume", str(run)) == 2
     assert "already ran 2 of its 2 steps: pass a larger --max-iters" in capsys.readouterr().err
     data.write_text("jihgfedcba" * 100, encoding="utf-8")  # same characters, other text
@@ -195,3 +204,77 @@ def test_resume_refuses_a_state_from_another_model(corpus, tmp_path: Path, capsy
     fresh, _ = make_trainer(corpus, tmp_path / "a")
     with pytest.raises(ChargptError, match=r"does not match config\.json"):
         fresh.restore(tensors, state)
+
+
+def test_a_finished_cosine_run_trains_longer_at_min_lr(tmp_path: Path, capsys) -> None:
+    """Resuming with a larger --max-iters continues the schedule the run started with: past
+    its lr_decay_iters (its first max_iters) the rate stays at min_lr, it never rises again."""
+    data = tmp_path / "corpus.txt"
+    data.write_text("the quick brown fox jumps over the lazy dog. " * 200, encoding="utf-8")
+    run = tmp_path / "run"
+    flags = [*CLI_TINY, "--eval-interval", "2", "--data", str(data)]  # tiny: cosine 1e-2 -> 1e-3
+    assert run_cli("--out", str(run), *flags, "--max-iters", "12") == 0
+    assert run_cli("--resume", str(run)) == 2
+    err = capsys.readouterr().err
+    assert "already ran 12 of its 12 steps: pass a larger --max-iters" in err
+    assert "past step 12 the learning rate stays at min_lr 0.001" in err
+    assert run_cli("--resume", str(run), "--max-iters", "24") == 0
+    rates = {m["step"]: m["lr"] for m in metrics(run)}
+    assert list(rates) == list(range(0, 25, 2))
+    after_warmup = [rates[step] for step in range(6, 25, 2)]
+    assert after_warmup == sorted(after_warmup, reverse=True)  # never rises
+    assert all(rates[step] == pytest.approx(1e-3) for step in range(12, 25, 2))
+    assert json.loads((run / "config.json").read_text())["train"]["lr_decay_iters"] == 12
+
+
+def test_resume_leaves_python_and_numpy_random_alone(corpus, tmp_path: Path) -> None:
+    """Training never draws from them, so a resume must not reset a host program's streams."""
+    trainer, _ = make_trainer(corpus, tmp_path, max_iters=2)
+    trainer.run()
+    fresh, _ = make_trainer(corpus, tmp_path, max_iters=4)
+    random.seed(5)
+    np.random.seed(5)
+    expected = (random.random(), np.random.rand())
+    random.seed(5)
+    np.random.seed(5)
+    fresh.restore(*load_trainer_state(tmp_path))
+    assert (random.random(), np.random.rand()) == expected
+
+
+def test_only_the_main_process_tidies_the_run_directory(corpus, tmp_path: Path, monkeypatch):
+    """On resume, rank 0 alone drops stale metrics and temporaries, and the others wait for it:
+    a second process must never delete a file another one is writing."""
+    trainer, _ = make_trainer(corpus, tmp_path, max_iters=2, eval_interval=1)
+    trainer.run()
+    with (tmp_path / "metrics.jsonl").open("a") as f:  # logged after the saved state
+        f.write(json.dumps({"step": 3, "train_loss": 1.0, "val_loss": 1.0}) + "\n")
+    temporary = tmp_path / ".model.safetensors.in-flight.tmp"
+    temporary.write_bytes(b"being written")
+    waits = []
+    monkeypatch.setattr("chargpt.train.barrier", waits.append)
+
+    other, _ = make_trainer(corpus, tmp_path, max_iters=4)
+    other.world = World(rank=1, local_rank=1, size=2)
+    other.restore(*load_trainer_state(tmp_path))
+    assert temporary.exists() and 3 in [m["step"] for m in metrics(tmp_path)]
+    assert waits == [other.world]
+
+    main_process, _ = make_trainer(corpus, tmp_path, max_iters=4)
+    main_process.restore(*load_trainer_state(tmp_path))
+    assert not temporary.exists() and [m["step"] for m in metrics(tmp_path)] == [0, 1, 2]
+
+
+def test_a_relative_data_path_resumes_and_evaluates_from_anywhere(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    text = "the quick brown fox jumps over the lazy dog. " * 200
+    (tmp_path / "a" / "corpus.txt").write_text(text, encoding="utf-8")
+    flags = [*CLI_TINY, "--max-iters", "2", "--warmup-iters", "1", "--eval-interval", "2"]
+    with contextlib.chdir(tmp_path / "a"):
+        assert run_cli("--out", "run", "--data", "corpus.txt", *flags) == 0
+    config = json.loads((tmp_path / "a" / "run" / "config.json").read_text())
+    assert config["data"] == str((tmp_path / "a" / "corpus.txt").resolve())
+    with contextlib.chdir(tmp_path / "b"):
+        assert main(["eval", "--run", "../a/run", "--eval-iters", "1"]) == 0
+        assert run_cli("--resume", "../a/run", "--max-iters", "4") == 0
+    assert load_trainer_state(tmp_path / "a" / "run")[1]["step"] == 4

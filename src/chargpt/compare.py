@@ -14,17 +14,20 @@ import html
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
 
-from chargpt.checkpoint import Run, atomic_write_text, load_run, read_run_config
 from chargpt.config import ModelConfig, TrainConfig
+from chargpt.counts import CountReference
 from chargpt.data import CharDataset
 from chargpt.errors import ChargptError
-from chargpt.evaluate import Evaluation, Loss, count_cross_entropy, evaluate_run
+from chargpt.evaluate import Evaluation, evaluate_run
+from chargpt.files import atomic_write_text
 from chargpt.generate import generate
-from chargpt.plot import plot_comparison, read_metrics
+from chargpt.metrics import read_metrics
+from chargpt.plot import plot_comparison
+from chargpt.run_dir import Run, load_run, read_run_config
 from chargpt.tokenizer import CharTokenizer
 from chargpt.train import Trainer
 
@@ -39,16 +42,20 @@ BIGRAM_LEARNING_RATE = 1e-2
 
 class TimeBudgetTrainer(Trainer):
     """A Trainer that stops once its training steps have taken `seconds` (evaluations are not
-    counted), or at `max_iters`, whichever comes first. The LR schedule still spans max_iters."""
+    counted), or at `max_iters`, whichever comes first. The LR schedule still spans the
+    max_iters it started with (its lr_decay_iters), so resuming the run with a larger
+    --max-iters continues that schedule instead of compressing it."""
 
-    def __init__(self, *args, seconds: float, **kwargs):
+    def __init__(self, *args: Any, seconds: float, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.seconds = seconds
         self.step_seconds = 0.0
 
-    def train_step(self) -> float:
+    def train_step(self) -> torch.Tensor:
         began = time.perf_counter()
         loss = super().train_step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # time the step, not the launch of its kernels
         self.step_seconds += time.perf_counter() - began
         if self.step_seconds >= self.seconds:
             # the loop evaluates and saves at max_iters, then stops; the saved config then
@@ -171,37 +178,6 @@ def assess_run(
         evaluation=evaluate_run(run, dataset, device, stride=stride),
         sample=sample_from(run, prompt, sample_chars, seed),
     )
-
-
-@dataclass
-class CountReference:
-    """A closed-form model from character counts on the training split, add-one smoothed."""
-
-    label: str
-    table_size: int
-    train: Loss  # cross-entropy on the training split
-    val: Loss  # cross-entropy on every validation character
-
-
-def count_references(data: CharDataset, vocab_size: int) -> list[CountReference]:
-    """The unigram and count-based bigram, scored on the same characters as the full pass (the
-    bigram predicts the first validation character from the last training character)."""
-    V = vocab_size
-    val_with_context = np.concatenate([data.train[-1:], data.val])
-    return [
-        CountReference(
-            "unigram counts",
-            V,
-            Loss(count_cross_entropy(data.train, data.train, V, order=1)),
-            Loss(count_cross_entropy(data.train, data.val, V, order=1)),
-        ),
-        CountReference(
-            "bigram counts",
-            V * V,
-            Loss(count_cross_entropy(data.train, data.train, V, order=2)),
-            Loss(count_cross_entropy(data.train, val_with_context, V, order=2)),
-        ),
-    ]
 
 
 def results_table(results: list[ModelResult], references: list[CountReference]) -> str:

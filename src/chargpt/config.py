@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import sys
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 from chargpt.errors import ChargptError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 
 def option(default: Any, help: str, **choices: Any) -> Any:
@@ -63,18 +55,28 @@ class TrainConfig:
 
     batch_size: int = option(64, "sequences per micro-batch (B)")
     grad_accum: int = option(
-        1,
+        0,
         "micro-batches per optimisation step, over all processes together (a multiple of "
-        "the process count): the global batch is batch_size * grad_accum, whatever the count",
+        "the process count): the global batch is batch_size * grad_accum, whatever the count "
+        "(0: one per process)",
     )
     max_iters: int = option(5000, "optimisation steps")
     eval_interval: int = option(500, "steps between train/val loss estimates")
     eval_iters: int = option(200, "batches averaged by each loss estimate")
+    log_interval: int = option(
+        10, "steps between training-loss reports and, under torchrun, checks for a stop signal"
+    )
     learning_rate: float = option(3e-4, "peak AdamW learning rate")
     min_lr: float = option(3e-4, "learning rate at the end of cosine decay")
     warmup_iters: int = option(0, "steps of linear warmup from 0 to learning_rate")
     lr_schedule: Literal["constant", "cosine"] = option(
         "constant", "constant, or cosine decay from learning_rate to min_lr after warmup"
+    )
+    lr_decay_iters: int = option(
+        0,
+        "step at which cosine decay reaches min_lr, where the rate then stays; fixed when the "
+        "run starts, so that a resumed run with a larger --max-iters goes on at min_lr "
+        "(0: the run's first max_iters)",
     )
     weight_decay: float = option(0.01, "AdamW weight decay on matrices (not biases or norms)")
     beta2: float = option(0.999, "AdamW beta2")
@@ -90,16 +92,30 @@ class TrainConfig:
     sample_chars: int = option(200, "characters sampled at each evaluation (0: none)")
 
     def validate(self) -> None:
-        for name in ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters"):
+        for name in ("batch_size", "max_iters", "eval_interval", "eval_iters", "log_interval"):
             positive(name, getattr(self, name))
-        for name in ("learning_rate",):
-            if not 0 < getattr(self, name) < float("inf"):
-                raise ChargptError(f"{name} must be a positive number, got {getattr(self, name)}")
-        for name in ("min_lr", "weight_decay", "grad_clip", "warmup_iters", "sample_chars"):
+        if not 0 < self.learning_rate < float("inf"):
+            raise ChargptError(f"learning_rate must be a positive number, got {self.learning_rate}")
+        for name in ("min_lr", "weight_decay", "grad_clip", "sample_chars"):
             if not 0 <= getattr(self, name) < float("inf"):
                 raise ChargptError(f"{name} must be a number >= 0, got {getattr(self, name)}")
+        for name in ("grad_accum", "warmup_iters", "lr_decay_iters"):
+            if getattr(self, name) < 0:
+                raise ChargptError(f"{name} must not be negative, got {getattr(self, name)}")
         if not 0.0 < self.beta2 < 1.0:
             raise ChargptError(f"beta2 must be in (0, 1), got {self.beta2}")
+        if self.min_lr > self.learning_rate:
+            raise ChargptError(
+                f"min_lr ({self.min_lr}) exceeds learning_rate ({self.learning_rate}): "
+                "pass a --min-lr no larger than --learning-rate"
+            )
+        for name in ("max_iters", "lr_decay_iters"):
+            if 0 < getattr(self, name) < self.warmup_iters:
+                raise ChargptError(
+                    f"warmup_iters ({self.warmup_iters}) exceeds {name} ({getattr(self, name)}): "
+                    f"pass a --warmup-iters of at most {getattr(self, name)}"
+                    + (" or a larger --max-iters" if name == "max_iters" else "")
+                )
 
 
 @dataclass
@@ -254,9 +270,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 PRESET_NAMES = ("auto", *PRESETS)
 
 
-def resolve_preset(name: str, has_gpu: bool) -> str:
+def resolve_preset(name: str, on_gpu: bool) -> str:
     if name == "auto":
-        return "lab" if has_gpu else "cpu"
+        return "lab" if on_gpu else "cpu"
     if name not in PRESETS:
         raise ChargptError(f"unknown preset {name!r}: choose one of {', '.join(PRESET_NAMES)}")
     return name
@@ -277,11 +293,17 @@ def split_overrides(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, A
 def build_configs(
     preset: str, has_gpu: bool, *overrides: dict[str, Any]
 ) -> tuple[ModelConfig, TrainConfig]:
-    """Defaults, then the preset, then each override in turn (TOML file, then CLI flags)."""
-    merged = dict(PRESETS[resolve_preset(preset, has_gpu)])
+    """Defaults, then the preset, then each override in turn (TOML file, then CLI flags).
+    `auto` is `lab` when training runs on a CUDA GPU: the device the overrides name, or for
+    device auto, whether a CUDA GPU is available (`has_gpu`)."""
+    given: dict[str, Any] = {}
     for layer in overrides:
-        merged.update(layer)
-    model_values, train_values = split_overrides(merged)
+        given.update(layer)
+    device = str(given.get("device", "auto"))
+    on_gpu = has_gpu if device == "auto" else device.startswith("cuda")
+    model_values, train_values = split_overrides(
+        {**PRESETS[resolve_preset(preset, on_gpu)], **given}
+    )
     model = from_dict(ModelConfig, model_values)
     train = from_dict(TrainConfig, train_values)
     model.validate()
@@ -320,52 +342,3 @@ def coerce(name: str, hint: Any, value: Any) -> Any:
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise ChargptError(f"{name} must be of type {hint.__name__}, got {value!r}")
     return value
-
-
-def load_toml(path: str | Path) -> dict[str, Any]:
-    """A TOML config: flat keys, or [model] and [train] tables, named like the CLI options."""
-    path = Path(path)
-    try:
-        with path.open("rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise ChargptError(f"config file {str(path)!r} does not exist: check --config") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise ChargptError(f"config file {str(path)!r} is not valid TOML: {err}") from None
-    except OSError as err:
-        raise ChargptError(f"cannot read config file {str(path)!r}: {err.strerror}") from None
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if key in ("model", "train") and isinstance(value, dict):
-            flat.update(value)
-        else:
-            flat[key] = value
-    return flat
-
-
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One `--flag-name` per field; defaults stay None so only the flags given override."""
-    hints = typing.get_type_hints(cls)
-    group = parser.add_argument_group(f"{cls.__name__} options")
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        hint = hints[f.name]
-        help_text = f"{f.metadata['help']} (default: {f.default})"
-        if hint is bool:
-            group.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
-            )
-        elif typing.get_origin(hint) is Literal:
-            group.add_argument(flag, choices=typing.get_args(hint), default=None, help=help_text)
-        elif typing.get_origin(hint) is tuple:
-            group.add_argument(flag, action="append", default=None, help=help_text, metavar="TEXT")
-        else:
-            group.add_argument(
-                flag, type=hint, default=None, help=help_text, metavar=f.name.upper()
-            )
-
-
-def given_fields(args: argparse.Namespace, *classes: type) -> dict[str, Any]:
-    """The dataclass options the user actually passed on the command line."""
-    names = {f.name for cls in classes for f in dataclasses.fields(cls)}
-    return {k: v for k, v in vars(args).items() if k in names and v is not None}

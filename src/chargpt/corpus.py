@@ -26,6 +26,16 @@ def resolve_corpus_path(data: str | Path) -> Path:
     return path
 
 
+def corpus_name(data: str | Path) -> str:
+    """How a run records its `--data`: a bundled corpus by its name, an existing path made
+    absolute (so that resume, eval and compare find it from any directory), anything else as
+    given."""
+    if str(data) in BUNDLED:
+        return str(data)
+    path = Path(data)
+    return str(path.resolve()) if path.exists() else str(data)
+
+
 def load_text(data: str | Path, encoding_errors: str = "strict") -> str:
     """Read a corpus as text; undecodable bytes are reported with their offset unless replaced."""
     path = resolve_corpus_path(data)

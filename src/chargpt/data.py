@@ -1,4 +1,5 @@
-"""The lab's data split (first 90% train, last 10% val) and random `block_size` windows."""
+"""The lab's data split (first 90% train, last 10% val), random `block_size` windows, and the
+token arrays behind them (in memory, memory-mapped, or two read as one)."""
 
 from __future__ import annotations
 
@@ -69,6 +70,32 @@ class CharDataset:
         return x.to(device), y.to(device)
 
 
+@dataclass(frozen=True)
+class JoinedTokens:
+    """Two token arrays read as one sequence, copying neither: a slice reads only its own part,
+    so memory-mapped splits stay on disk."""
+
+    head: np.ndarray
+    tail: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.head) + len(self.tail)
+
+    def __getitem__(self, index: int | slice) -> np.ndarray:
+        if isinstance(index, int):
+            return self[index : index + 1 or None][0]
+        start, stop, step = index.indices(len(self))
+        if step != 1:
+            raise ValueError("JoinedTokens reads contiguous slices only")
+        n = len(self.head)
+        head = self.head[min(start, n) : min(stop, n)]
+        tail = self.tail[max(start - n, 0) : max(stop - n, 0)]
+        return np.concatenate([head, tail])
+
+
+Tokens = np.ndarray | JoinedTokens  # anything with len() and contiguous slices
+
+
 def load_prepared(data_dir: Path) -> tuple[CharDataset, CharTokenizer]:
     """Memory-map the token arrays written by `chargpt prepare`: start-up time and memory do not
     grow with the corpus, since pages are read only when a batch touches them."""
@@ -92,6 +119,15 @@ def load_prepared(data_dir: Path) -> tuple[CharDataset, CharTokenizer]:
     return CharDataset(**arrays), tokenizer
 
 
+def prepared_fingerprint(data_dir: Path) -> str:
+    """The fingerprint of a prepared dataset: the SHA-256 of its vocabulary and token arrays,
+    which `chargpt prepare` computes as it writes them (for directories prepared before it did,
+    the SHA-256 of vocab.json)."""
+    raw = (data_dir / "vocab.json").read_bytes()
+    info = json.loads(raw)
+    return info.get("sha256") or hashlib.sha256(raw).hexdigest()
+
+
 def load_corpus(
     data: str | Path, encoding_errors: str = "strict", tokenizer: CharTokenizer | None = None
 ) -> tuple[CharDataset, CharTokenizer, str]:
@@ -106,8 +142,7 @@ def load_corpus(
                 f"{path} was prepared with another vocabulary than the run's: prepare the "
                 "corpus the run was trained on, or train a new run on this one"
             )
-        digest = hashlib.sha256((path / "vocab.json").read_bytes()).hexdigest()
-        return dataset, own, digest
+        return dataset, own, prepared_fingerprint(path)
     if path.is_dir():
         raise ChargptError(
             f"{str(path)!r} is a directory without vocab.json: pass a text file, or run "

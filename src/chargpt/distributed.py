@@ -1,16 +1,22 @@
 """Multi-process training on PyTorch's own engine: torchrun starts the processes, this module
-joins them into a process group (gloo on CPU, NCCL on GPUs) and reduces numbers across them.
+joins them into a process group and reduces numbers across them.
+
+The group maps each device to its backend, gloo for CPU tensors and NCCL for GPU tensors, so
+that a collective on a CPU tensor (a loss total, a stop flag, random states) works while the
+gradients go through NCCL. CPU-only PyTorch builds lack NCCL, and map the CPU alone.
 
 A plain `chargpt train` is a world of one process, and every helper here is then a no-op.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from chargpt.errors import ChargptError
 
@@ -40,6 +46,11 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def backend() -> str:
+    """The device-to-backend map every process group of chargpt uses, on CPUs and GPUs alike."""
+    return "cpu:gloo,cuda:nccl" if dist.is_nccl_available() else "cpu:gloo"
+
+
 def init_world(device: torch.device) -> tuple[World, torch.device]:
     """Join the process group torchrun describes (environment variables RANK, WORLD_SIZE, ...);
     on GPUs each process takes the GPU of its local rank."""
@@ -53,13 +64,49 @@ def init_world(device: torch.device) -> tuple[World, torch.device]:
     elif device.type != "cpu":
         raise ChargptError(f"multi-process training runs on cpu or cuda, not {device.type}")
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend=backend())
     return World(rank, local_rank, size), device
+
+
+def micro_batch_streams(grad_accum: int, world: World) -> range:
+    """The micro-batch streams this process draws: an equal share of the `grad_accum` streams,
+    so that N processes see the same batches as one process accumulating N times as many."""
+    if grad_accum % world.size:
+        raise ChargptError(
+            f"--grad-accum {grad_accum} is not a multiple of the {world.size} processes: pass "
+            f"--grad-accum {world.size * max(1, round(grad_accum / world.size))}"
+        )
+    share = grad_accum // world.size
+    return range(world.rank * share, (world.rank + 1) * share)
+
+
+def data_parallel(module: torch.nn.Module, world: World, device: torch.device) -> torch.nn.Module:
+    """`module` wrapped so that backward() averages gradients over the processes (DDP); the
+    module itself in a world of one."""
+    if not world.distributed:
+        return module
+    return DistributedDataParallel(
+        module, device_ids=[device.index] if device.type == "cuda" else None
+    )
+
+
+def gradient_sync(forward: torch.nn.Module, now: bool) -> contextlib.AbstractContextManager:
+    """Context for a backward pass: under DDP, gradients are exchanged only `now`, so that
+    micro-batches accumulate locally and the processes talk once per step."""
+    if isinstance(forward, DistributedDataParallel) and not now:
+        return forward.no_sync()
+    return contextlib.nullcontext()
 
 
 def close_world() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def barrier(world: World) -> None:
+    """Wait until every process gets here; nothing in a world of one."""
+    if world.distributed:
+        dist.barrier()
 
 
 def all_reduce(values: torch.Tensor, world: World, op: str = "sum") -> torch.Tensor:

@@ -28,13 +28,58 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from chargpt.checkpoint import Run
-from chargpt.data import CharDataset
+from chargpt.data import CharDataset, JoinedTokens, Tokens
 from chargpt.device import autocast
+from chargpt.distributed import SINGLE_PROCESS, World, all_reduce
 from chargpt.errors import ChargptError
 from chargpt.models import LanguageModel
 from chargpt.quantize import forward_dtype
-from chargpt.train import estimate_loss
+from chargpt.run_dir import Run
+
+
+def estimate_seed(seed: int) -> int:
+    """The seed of the lab estimate's windows, for a run seeded `seed`. Training's micro-batch
+    streams count up from `seed` (chargpt.train), so the estimate counts down: it never scores
+    the batches training draws, however many micro-batches a step has."""
+    return seed - 1
+
+
+@torch.no_grad()
+def estimate_loss(
+    model: LanguageModel,
+    dataset: CharDataset,
+    batch_size: int,
+    block_size: int,
+    eval_iters: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    seed: int,
+    world: World = SINGLE_PROCESS,
+) -> dict[str, float]:
+    """The lab's estimate: mean loss over `eval_iters` random batches per split, in eval mode.
+    The windows come from their own generator seeded `seed`, so every estimate scores the same
+    text. Over several processes, process r scores batches r, r + size, ... and the sums are
+    reduced, which gives the single-process figure."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64)
+    for i, split in enumerate(("train", "val")):
+        generator = torch.Generator().manual_seed(seed)
+        for k in range(eval_iters):
+            mine = k % world.size == world.rank
+            # every process draws every batch, so that the windows are one process's; only its
+            # own batches go to the device
+            x, y = dataset.get_batch(
+                split, batch_size, block_size, generator, device if mine else "cpu"
+            )
+            if not mine:
+                continue
+            with autocast(device, dtype):
+                _, loss = model(x, y)
+            totals[i] += loss.item()
+    model.train(was_training)
+    train, val = (all_reduce(totals, world) / eval_iters).tolist()
+    return {"train": train, "val": val}
 
 
 @dataclass(frozen=True)
@@ -84,7 +129,7 @@ def full_pass_windows(
 @torch.no_grad()
 def full_pass_loss(
     model: LanguageModel,
-    tokens: np.ndarray,
+    tokens: Tokens,
     block_size: int,
     start: int = 1,
     stride: int | None = None,
@@ -94,7 +139,8 @@ def full_pass_loss(
 ) -> tuple[float, int]:
     """Mean loss in nats over tokens[start:], each predicted from the tokens before it (at most
     `block_size` of them, at least `block_size - stride + 1` where the text allows), and how many
-    tokens were scored. Windows are batched `batch_size` at a time."""
+    tokens were scored. Windows are batched `batch_size` at a time; each batch reads one
+    contiguous span of `tokens`."""
     stride = stride or max(1, block_size // 2)
     starts, first_scored = full_pass_windows(len(tokens), block_size, start, stride)
     T = min(block_size, len(tokens) - 1)
@@ -104,7 +150,9 @@ def full_pass_loss(
     model.eval()
     total, count = 0.0, 0
     for b in range(0, len(starts), batch_size):
-        windows = tokens[starts[b : b + batch_size, None] + offsets]  # (B, T+1)
+        batch_starts = starts[b : b + batch_size]  # increasing
+        span = np.asarray(tokens[batch_starts[0] : batch_starts[-1] + T + 1])
+        windows = span[(batch_starts - batch_starts[0])[:, None] + offsets]  # (B, T+1)
         windows = torch.from_numpy(windows.astype(np.int64)).to(device)
         x, y = windows[:, :-1], windows[:, 1:]  # inputs and next-character targets, (B, T) each
         with autocast(device, dtype):
@@ -118,11 +166,15 @@ def full_pass_loss(
     return total / count, count
 
 
-def validation_stream(dataset: CharDataset, block_size: int) -> tuple[np.ndarray, int]:
-    """The validation split preceded by up to `block_size` training characters of context, and
-    the index of the first validation character in it."""
+def validation_stream(
+    dataset: CharDataset, block_size: int, max_chars: int | None = None
+) -> tuple[JoinedTokens, int]:
+    """The validation split (its first `max_chars` characters, if given) preceded by up to
+    `block_size` training characters of context, and the index of the first validation
+    character in it."""
     context = np.asarray(dataset.train[-block_size:])
-    return np.concatenate([context, np.asarray(dataset.val)]), len(context)
+    val = dataset.val if max_chars is None else dataset.val[:max_chars]
+    return JoinedTokens(context, val), len(context)
 
 
 @dataclass
@@ -165,13 +217,15 @@ def evaluate(
     dtype: torch.dtype,
     seed: int,
     stride: int | None = None,
+    max_chars: int | None = None,
 ) -> Evaluation:
-    """The lab's estimate (the same windows training used, from `seed`) and the full pass."""
+    """The lab's estimate (windows seeded `seed`) and the full pass (over the first `max_chars`
+    validation characters, if given)."""
     estimate = estimate_loss(
         model, dataset, batch_size, block_size, eval_iters, device, dtype, seed=seed
     )
     stride = stride or max(1, block_size // 2)
-    tokens, start = validation_stream(dataset, block_size)
+    tokens, start = validation_stream(dataset, block_size, max_chars)
     full, characters = full_pass_loss(
         model, tokens, block_size, start, stride, batch_size, device, dtype
     )
@@ -193,8 +247,10 @@ def evaluate_run(
     batch_size: int | None = None,
     eval_iters: int | None = None,
     stride: int | None = None,
+    max_chars: int | None = None,
 ) -> Evaluation:
-    """Score a loaded run on a dataset (split as in training); unset options come from the run."""
+    """Score a loaded run on a dataset (split as in training); unset options come from the run.
+    The lab's estimate scores the windows the training run's estimates scored."""
     block_size = run.model_config.block_size
     batch_size = run.train_config.batch_size if batch_size is None else batch_size
     eval_iters = run.train_config.eval_iters if eval_iters is None else eval_iters
@@ -205,32 +261,20 @@ def evaluate_run(
         raise ChargptError(
             f"--stride must be between 1 and block_size ({block_size}), got {stride}"
         )
+    if max_chars is not None and max_chars < 1:
+        raise ChargptError(f"--max-chars must be at least 1, got {max_chars}")
     dataset.check_block_size(block_size)
     dtype = forward_dtype(run.model, run.train_config.dtype, device)  # fp32 for int8
-    seed = run.train_config.seed + 1  # the windows the training run's estimates used
+    seed = estimate_seed(run.train_config.seed)
     return evaluate(
-        run.model, dataset, block_size, batch_size, eval_iters, device, dtype, seed, stride
+        run.model,
+        dataset,
+        block_size,
+        batch_size,
+        eval_iters,
+        device,
+        dtype,
+        seed,
+        stride,
+        max_chars,
     )
-
-
-def count_cross_entropy(
-    train: np.ndarray, tokens: np.ndarray, vocab_size: int, order: int, smoothing: float = 1.0
-) -> float:
-    """Closed-form references from character counts on `train`, scored on `tokens`, in nats.
-
-    order 1 (unigram): p(c) = (n(c) + s) / (N + s V), scored on every token.
-    order 2 (bigram): p(c | a) = (n(a c) + s) / (n(a .) + s V), scored on tokens[1:] given the
-    token before; this is the model the trained bigram approximates (add-`s` smoothing).
-    """
-    train = np.asarray(train, dtype=np.int64)
-    tokens = np.asarray(tokens, dtype=np.int64)
-    if order == 1:
-        counts = np.bincount(train, minlength=vocab_size) + smoothing
-        probs = counts / counts.sum()
-        return float(-np.log(probs[tokens]).mean())
-    if order == 2:
-        counts = np.full((vocab_size, vocab_size), smoothing, dtype=np.float64)
-        np.add.at(counts, (train[:-1], train[1:]), 1.0)  # counts[a, c] = n(a c) + s
-        probs = counts / counts.sum(axis=1, keepdims=True)
-        return float(-np.log(probs[tokens[:-1], tokens[1:]]).mean())
-    raise ValueError(f"order must be 1 or 2, got {order}")

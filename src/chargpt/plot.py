@@ -7,14 +7,13 @@ global backend switch, safe in any process.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from chargpt.checkpoint import atomic_write
 from chargpt.errors import ChargptError
+from chargpt.files import atomic_write
+from chargpt.metrics import read_metrics
 
-METRICS = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
 INSTALL_HINT = "pip install 'chargpt[plot]'"
 
@@ -34,27 +33,6 @@ def new_figure(width: float, height: float) -> Any:
 def save_figure(figure: Any, path: Path) -> None:
     """Write the figure as a PNG atomically: a reader never sees half an image."""
     atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The evaluation records of a run, in step order (a resumed run appends to the file)."""
-    path = Path(run_dir) / METRICS
-    if not path.is_file():
-        raise ChargptError(f"{path} does not exist: pass the directory of a `chargpt train` run")
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise ChargptError(f"{path} line {number} is not JSON: the file is damaged") from None
-        if isinstance(record, dict) and {"step", "train_loss", "val_loss"} <= record.keys():
-            records.append(record)
-    if not records:
-        raise ChargptError(f"{path} holds no loss records yet: train for at least one evaluation")
-    by_step = {r["step"]: r for r in records}  # the latest record of a step wins
-    return [by_step[step] for step in sorted(by_step)]
 
 
 def draw_curves(axes: Any, records: list[dict[str, Any]], label: str, color: str | None) -> None:

@@ -2,22 +2,26 @@
 
 Two passes over the files, each in fixed-size chunks, so memory stays bounded whatever the corpus
 size: the first collects the vocabulary and counts characters, the second encodes. The split is
-the lab's: the first 90% of the concatenated text trains, the last 10% validates.
+the lab's within each file: its first 90% trains, its last 10% validates, so validation samples
+every file (one file is split exactly as the lab splits it). With several files, a file that
+does not end in a newline gets one, so that its last line does not run into the next file.
 `chargpt train --data DATADIR` then reads the arrays through numpy memmaps.
 """
 
 from __future__ import annotations
 
 import codecs
+import hashlib
 import json
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
-from chargpt.checkpoint import atomic_write_text
 from chargpt.errors import ChargptError
+from chargpt.files import atomic_write_text
 from chargpt.tokenizer import CharTokenizer
 
 VOCAB_FILE = "vocab.json"
@@ -70,6 +74,15 @@ def iter_text(
             yield tail, 0
 
 
+@dataclass
+class Source:
+    """One input file, as pass 1 found it."""
+
+    path: Path
+    chars: int  # characters, counting the newline added after it, if one is
+    add_newline: bool
+
+
 def prepare(
     paths: list[Path],
     out_dir: Path,
@@ -85,43 +98,60 @@ def prepare(
         raise ChargptError(f"{out_dir} already holds prepared data: choose another --out")
     total_bytes = sum(f.stat().st_size for f in files)
 
-    def chunks(desc: str) -> Iterator[str]:
-        with tqdm(
-            total=total_bytes,
-            unit="B",
-            unit_scale=True,
-            desc=desc,
-            disable=None if progress is None else not progress,
-        ) as bar:
-            for path in files:
-                for text, n_bytes in iter_text(path, encoding_errors, chunk_bytes):
-                    yield text
-                    bar.update(n_bytes)
+    def chunks(path: Path, bar: tqdm) -> Iterator[str]:
+        for text, n_bytes in iter_text(path, encoding_errors, chunk_bytes):
+            yield text
+            bar.update(n_bytes)
 
-    # pass 1: the vocabulary and the character count, never holding more than one chunk
+    def progress_bar(desc: str) -> tqdm:
+        disable = None if progress is None else not progress
+        return tqdm(total=total_bytes, unit="B", unit_scale=True, desc=desc, disable=disable)
+
+    # pass 1: the vocabulary and each file's length, never holding more than one chunk
     chars: set[str] = set()
-    n_chars = 0
-    for text in chunks("vocabulary"):
-        chars.update(text)
-        n_chars += len(text)
-    if n_chars == 0:
+    sources = []
+    with progress_bar("vocabulary") as bar:
+        for path in files:
+            n_chars, last = 0, ""
+            for text in chunks(path, bar):
+                chars.update(text)
+                n_chars, last = n_chars + len(text), text[-1] if text else last
+            add_newline = len(files) > 1 and n_chars > 0 and last != "\n"
+            sources.append(Source(path, n_chars + add_newline, add_newline))
+    if not any(source.chars for source in sources):
         raise ChargptError("the corpus is empty: pass files with some text in them")
+    if any(source.add_newline for source in sources):
+        chars.add("\n")
     tokenizer = CharTokenizer(tuple(sorted(chars)))
-    n_train = int(train_fraction * n_chars)  # the lab's split over the concatenated text
 
-    # pass 2: encode and append, switching from train.bin to val.bin at the split point
+    # pass 2: encode each file, its first 90% into train.bin and the rest into val.bin
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = 0
     tmp = {split: out_dir / f".{split}.bin.partial" for split in ("train", "val")}
+    digests = {split: hashlib.sha256() for split in tmp}
+    sizes = {split: 0 for split in tmp}
     try:
-        with tmp["train"].open("wb") as train_f, tmp["val"].open("wb") as val_f:
-            for text in chunks("encoding"):
-                ids = tokenizer.encode_array(text)
-                cut = max(0, min(len(ids), n_train - written))
-                train_f.write(ids[:cut].tobytes())
-                val_f.write(ids[cut:].tobytes())
-                written += len(ids)
-            for f in (train_f, val_f):
+        with (
+            tmp["train"].open("wb") as train_f,
+            tmp["val"].open("wb") as val_f,
+            progress_bar("encoding") as bar,
+        ):
+            outputs = {"train": train_f, "val": val_f}
+
+            def write(split: str, data: bytes) -> None:
+                outputs[split].write(data)
+                digests[split].update(data)
+                sizes[split] += len(data) // tokenizer.dtype.itemsize
+
+            for source in sources:
+                cut, written = int(train_fraction * source.chars), 0
+                for ids in map(tokenizer.encode_array, chunks(source.path, bar)):
+                    here = max(0, min(len(ids), cut - written))
+                    write("train", ids[:here].tobytes())
+                    write("val", ids[here:].tobytes())
+                    written += len(ids)
+                if source.add_newline:  # the last character, so on the validation side
+                    write("val", tokenizer.encode_array("\n").tobytes())
+            for f in outputs.values():
                 f.flush()
                 os.fsync(f.fileno())
         for split, path in tmp.items():
@@ -132,11 +162,19 @@ def prepare(
     info = {
         "tokenizer": tokenizer.to_dict(),
         "dtype": tokenizer.dtype.name,
-        "train_tokens": n_train,
-        "val_tokens": n_chars - n_train,
-        "sources": [str(f) for f in files],
+        "train_tokens": sizes["train"],
+        "val_tokens": sizes["val"],
+        # the fingerprint a run records, to check that a resumed run trains on the same tokens
+        "sha256": fingerprint(tokenizer, {k: d.hexdigest() for k, d in digests.items()}),
+        "sources": [str(f.resolve()) for f in files],
         "encoding_errors": encoding_errors,
     }
     # written last: its presence marks a complete, consistent data directory
     atomic_write_text(out_dir / VOCAB_FILE, json.dumps(info, indent=2, ensure_ascii=False) + "\n")
     return info
+
+
+def fingerprint(tokenizer: CharTokenizer, array_digests: dict[str, str]) -> str:
+    """SHA-256 of the vocabulary and of the token arrays' SHA-256s."""
+    content = {"tokenizer": tokenizer.to_dict(), "arrays": array_digests}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()

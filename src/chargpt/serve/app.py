@@ -14,10 +14,10 @@ from pathlib import Path
 from fastapi import APIRouter, FastAPI, Request, Response
 
 from chargpt import __version__
-from chargpt.checkpoint import WEIGHTS, Run
 from chargpt.config import SampleConfig, ServeConfig
 from chargpt.generate import encode_prompt
 from chargpt.quantize import forward_dtype
+from chargpt.run_dir import WEIGHTS, Run
 from chargpt.serve import playground
 from chargpt.serve.engine import Engine
 from chargpt.serve.errors import APIError, install_error_handlers, json_body

@@ -17,8 +17,8 @@ from fastapi.responses import FileResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from chargpt.checkpoint import Run
 from chargpt.inspection import inspect_text, max_text_length
+from chargpt.run_dir import Run
 from chargpt.serve.errors import APIError, json_body
 from chargpt.tokenizer import UnknownCharactersError
 

@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 import uvicorn
 
-from chargpt.checkpoint import load_run
 from chargpt.config import ServeConfig
 from chargpt.device import resolve_device
 from chargpt.errors import ChargptError
 from chargpt.quantize import quantized
+from chargpt.run_dir import load_run
 from chargpt.serve.app import create_app
 
 

@@ -3,9 +3,9 @@ import json
 
 import torch
 
-from chargpt.checkpoint import load_run, save_run
 from chargpt.config import ModelConfig, TrainConfig
 from chargpt.models import build_model
+from chargpt.run_dir import load_run, save_run
 from chargpt.tokenizer import CharTokenizer
 
 

@@ -1,33 +1,32 @@
-"""Run directories: weights in safetensors files, everything else in JSON. No pickle.
+"""Run directories: the files a training run leaves, and how they are written and read back.
 
 A run directory holds
 - `model.safetensors`: the best-validation weights (what `sample` and `eval` load);
 - `config.json`: model shape, training options, vocabulary and the data the run used;
-- `last.safetensors`: the latest training state for `train --resume`: weights, AdamW moments and
-  random-number-generator states as tensors, with the scalars (step, best val loss, schedule,
-  ...) as JSON in the same file's header, so that one rename replaces all of it at once;
-- `metrics.jsonl`: one line per loss estimate.
+- `last.safetensors`: the latest training state for `train --resume` (see chargpt.train_state);
+- `metrics.jsonl`: one line per loss estimate (see chargpt.metrics);
+- `loss.png`: the loss curves (see chargpt.plot).
 
-Every file is written to a temporary file, flushed to disk and renamed into place, so a crash
-at any moment leaves the previous version readable. Weights are written before config.json and
-carry their own step and val loss in their header: a crash between the two renames pairs new
-weights with a config.json whose shape and vocabulary are the same (they never change within a
-run), and the loader takes the step and loss from the weights, not from config.json.
+Weights are safetensors, everything else JSON: no pickle. Every file is written to a temporary
+file, flushed to disk and renamed into place, so a crash at any moment leaves the previous
+version readable. Weights are written before config.json and carry their own step and val loss
+in their header: a crash between the two renames pairs new weights with a config.json whose
+shape and vocabulary are the same (they never change within a run), and the loader takes the
+step and loss from the weights, not from config.json.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
-import random
-import tempfile
-from collections.abc import Callable
+import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -35,6 +34,7 @@ from safetensors.torch import save_file
 from chargpt import __version__
 from chargpt.config import ModelConfig, TrainConfig, from_dict
 from chargpt.errors import ChargptError
+from chargpt.files import atomic_write, atomic_write_text
 from chargpt.models import LanguageModel, build_model
 from chargpt.tokenizer import CharTokenizer
 
@@ -43,35 +43,8 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 LAST = "last.safetensors"
 META_KEY = "chargpt_meta"  # header entry of model.safetensors: JSON of its step, val loss, ...
-STATE_KEY = "trainer_state"  # last.safetensors header entry: JSON of the trainer's scalars
 # config.json's model entry must name these: they fix the weights' shapes
 SHAPE_FIELDS = ("model", "block_size", "n_embd", "n_head", "n_layer")
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp)` on a temporary file beside `path`, fsync it, then rename it over `path`."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # the permissions of an ordinary new file, not mkstemp's 0600
-        with tmp.open("rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 @dataclass
@@ -216,103 +189,44 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], path: P
         ) from None
 
 
-def save_trainer_state(
-    run_dir: Path, tensors: dict[str, torch.Tensor], state: dict[str, Any]
-) -> None:
-    """Write the whole resumable state as one file, so that it is replaced in one rename."""
-    header = {"format": "pt", STATE_KEY: json.dumps({"format_version": FORMAT_VERSION, **state})}
-    atomic_write(run_dir / LAST, lambda tmp: save_file(tensors, str(tmp), header))
-
-
-def load_trainer_state(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Tensors and scalars of `last.safetensors`, for `train --resume`."""
-    path = Path(run_dir) / LAST
-    if not path.is_file():
+def check_new_run_dir(out: Path, model_config: ModelConfig, vocab_size: int) -> None:
+    """Never overwrite a user's run; fail before training if the directory cannot be written
+    or its disk cannot hold the checkpoints of this model."""
+    if (out / CONFIG).exists() or (out / WEIGHTS).exists() or (out / LAST).exists():
         raise ChargptError(
-            f"run directory {str(run_dir)!r} has no {LAST}: it holds no resumable state "
-            "(written by `chargpt train` at every evaluation); start a new run"
+            f"{out} already holds a run: continue it with --resume {out}, or choose another --out"
         )
-    tensors, header = read_safetensors(path)
-    state = header_json(path, header, STATE_KEY)
-    version = state.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if out.exists() and not out.is_dir():
+        raise ChargptError(f"--out {out} is a file: choose a directory path")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"  # one per process under torchrun
+        probe.write_bytes(b"ok")
+        probe.unlink()
+        free = shutil.disk_usage(out).free
+    except OSError as err:
         raise ChargptError(
-            f"{path} has format version {version}, which this chargpt ({__version__}) cannot "
-            "resume: upgrade chargpt"
+            f"cannot write to --out {out} ({err.strerror}): choose another"
+        ) from None
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        num_parameters = build_model(model_config, vocab_size).num_parameters()
+    # fp32 weights twice (best, last), two AdamW moments, and a temporary copy while renaming
+    needed = 2 * 4 * 4 * num_parameters + 2**20
+    if free < needed:
+        raise ChargptError(
+            f"--out {out} has {free / 2**20:,.1f} MiB free but the run needs about "
+            f"{needed / 2**20:,.1f} MiB: free some space or choose another --out"
         )
-    return tensors, state
 
 
-def rng_state(
-    batch_states: dict[int, torch.Tensor],
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Every random stream training may draw from (Python, numpy, torch CPU and CUDA, and the
-    batch generator of each micro-batch stream), as uint8 tensors plus a few scalars."""
-    version, words, gauss_next = random.getstate()
-    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
-    tensors = {
-        "rng.python": as_bytes(np.array(words, dtype=np.uint32)),
-        "rng.numpy": as_bytes(keys),
-        "rng.torch": torch.get_rng_state(),
-        **{f"rng.batches.{k}": state for k, state in batch_states.items()},
-    }
-    if torch.cuda.is_available():
-        for i, state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{i}"] = state
-    scalars = {"python": [version, gauss_next], "numpy": [pos, has_gauss, cached_gaussian]}
-    return tensors, scalars
-
-
-def set_rng_state(
-    tensors: dict[str, torch.Tensor],
-    scalars: dict[str, Any],
-    batch_generators: dict[int, torch.Generator],
-) -> None:
-    """Undo `rng_state`: put every random stream back where it was."""
-    version, gauss_next = scalars["python"]
-    words = tuple(int(w) for w in from_bytes(tensors["rng.python"], np.uint32))
-    random.setstate((version, words, gauss_next))
-    pos, has_gauss, cached_gaussian = scalars["numpy"]
-    keys = from_bytes(tensors["rng.numpy"], np.uint32)
-    np.random.set_state(("MT19937", keys, pos, has_gauss, cached_gaussian))
-    torch.set_rng_state(tensors["rng.torch"])
-    for stream, generator in batch_generators.items():
-        generator.set_state(tensors[f"rng.batches.{stream}"])
-    cuda_keys = [f"rng.cuda.{i}" for i in range(torch.cuda.device_count())]
-    if cuda_keys and all(k in tensors for k in cuda_keys):  # none when saved on another device
-        torch.cuda.set_rng_state_all([tensors[k] for k in cuda_keys])
-
-
-def as_bytes(array: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(array).view(np.uint8).copy())
-
-
-def from_bytes(tensor: torch.Tensor, dtype: type) -> np.ndarray:
-    return tensor.numpy().view(dtype).copy()
-
-
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
-    """AdamW's per-parameter moments as named tensors, and its param groups (plain JSON)."""
-    state = optimizer.state_dict()
-    tensors = {
-        f"optimizer.{index}.{name}": torch.as_tensor(value).detach().to("cpu").contiguous()
-        for index, moments in state["state"].items()
-        for name, value in moments.items()
-    }
-    return tensors, state["param_groups"]
-
-
-def optimizer_state_dict(tensors: dict[str, torch.Tensor], groups: list) -> dict[str, Any]:
-    """Undo `optimizer_tensors`."""
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            _, index, name = key.split(".", 2)
-            state.setdefault(int(index), {})[name] = value
-    return {"state": state, "param_groups": groups}
-
-
-def remove_stale_temporaries(run_dir: Path) -> None:
-    """Delete temporary files that a killed save left behind (see `atomic_write`)."""
-    for tmp in Path(run_dir).glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
+@contextlib.contextmanager
+def removed_if_failed(out: Path) -> Iterator[None]:
+    """Directories this command creates are removed again if it fails before writing into them."""
+    created = [p for p in (out, *out.parents) if not p.exists()]  # innermost first
+    try:
+        yield
+    except BaseException:
+        for path in created:
+            if path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
+        raise
