@@ -1,18 +1,24 @@
-"""Generation speed and the quality cost of the windowed long-context mode.
+"""Generation speed, int8 weights, and the quality cost of the windowed long-context mode.
 
-    python benchmarks/generate.py            # speed at the lab model size (about 2-4 minutes)
-    python benchmarks/generate.py --quick    # the same with shorter texts (under 2 minutes)
-    python benchmarks/generate.py --quality  # train a small model briefly, loss per context length
+    python benchmarks/generate.py            # speed at the lab model size (about 5 minutes)
+    python benchmarks/generate.py --quick    # the same with shorter texts (about 2 minutes)
+    python benchmarks/generate.py --compile  # also int8 with torch.compile'd steps (+1 minute)
+    python benchmarks/generate.py --quality  # train a small model briefly: loss per context
+                                             # length, and int8's full-pass val loss against fp32
 
 Speed: characters per second at the `lab` model size (6 layers, 384 wide, 6 heads, block 256,
-vocabulary 65, random weights), from a 1-character prompt, measured side by side in one run:
-the lab's way (reference per-head attention, the whole context re-run for every character,
-cropped to block_size) against ours (fused attention and a KV cache), at batch 1 and 8, and past
-block_size (exact mode against window mode).
+vocabulary 65, random weights), from a 1-character prompt, sampling at temperature 1, measured
+side by side in one run, at batch 1 and 8: the lab's way (reference per-head attention, the
+whole context re-run for every character), the KV-cached decoder as it was before the lean step
+(each new position through the general `logits(idx, caches)`), the lean step, and both again
+with int8 weights; then past block_size (exact mode against window mode). The fast rows run in
+interleaved rounds and the best round counts (the machine is shared: the best round is the
+least disturbed); the lab's rows, ten times slower, run once.
 
 Quality: the window mode guarantees only `window_keep * block_size` characters of context after
 the cache restarts. This trains a small GPT on the bundled Shakespeare and prints its validation
-loss as a function of context length, so the cost of that shorter context is a measured number.
+loss as a function of context length, so the cost of that shorter context is a measured number;
+then the full-pass validation loss of the same model with int8 weights against fp32.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import platform
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
@@ -29,7 +36,11 @@ from torch.nn import functional as F
 from chargpt.config import ModelConfig, TrainConfig
 from chargpt.corpus import load_text
 from chargpt.data import CharDataset
+from chargpt.decoding import CachedDecoder, Decoder, window_length
+from chargpt.evaluate import full_pass_loss, validation_stream
 from chargpt.models import GPTLanguageModel
+from chargpt.quantize import quantized
+from chargpt.sampling import sample_next
 from chargpt.tokenizer import CharTokenizer
 from chargpt.train import Trainer
 
@@ -45,54 +56,151 @@ def lab_size_models() -> tuple[GPTLanguageModel, GPTLanguageModel]:
     return reference, fused
 
 
-def chars_per_second(run: Callable[[], torch.Tensor], chars: int, repeats: int) -> float:
-    """Best of `repeats` timings (the machine is shared: the best run is the least disturbed)."""
-    best = float("inf")
-    for _ in range(repeats):
+class GeneralStepDecoder(CachedDecoder):
+    """The cached decoder before the lean step: each new id is concatenated to `idx` and its
+    position runs through the general `logits(idx, caches)` (positions, mask, transposes)."""
+
+    def append(self, idx_next: torch.Tensor) -> None:
+        self.idx = torch.cat([self.idx, idx_next], dim=1)[:, -self.block_size :]
+        if self.caches[0].length < self.block_size:
+            self.logits = self.model.logits(idx_next, self.caches)[:, -1, :]
+        elif self.exact:
+            self.logits = self.model.logits(self.idx)[:, -1, :]
+        else:
+            self.idx = self.idx[:, -self.keep :]
+            self.prefill()
+
+
+class CompiledStepDecoder(CachedDecoder):
+    """The lean step through a `torch.compile`d version of it."""
+
+    def __init__(self, model: GPTLanguageModel, idx: torch.Tensor, keep: int, step: Callable):
+        self.compiled_step = step
+        super().__init__(model, idx, exact=False, keep=keep)
+
+    def append(self, idx_next: torch.Tensor) -> None:
+        if self.caches[0].length < self.block_size:
+            self.stepped.append(idx_next)
+            self.logits = self.compiled_step(idx_next, self.caches)
+        else:
+            super().append(idx_next)
+
+
+MakeDecoder = Callable[[GPTLanguageModel, torch.Tensor], Decoder]
+
+
+def cached(kind: type[CachedDecoder], exact: bool = False, keep: float = 0.5) -> MakeDecoder:
+    """`kind` of cached decoder, window mode (or exact) as `make_decoder` sets it up."""
+    return lambda model, idx: kind(model, idx, exact, window_length(model.context_length, keep))
+
+
+def compiled(model: GPTLanguageModel) -> MakeDecoder:
+    """Window mode, with `model.step` compiled once (on first use) for every decoder."""
+    step = torch.compile(model.step)
+    keep = window_length(model.context_length, 0.5)
+    return lambda model, idx: CompiledStepDecoder(model, idx, keep, step)
+
+
+@dataclass
+class Row:
+    what: str
+    batch: int
+    chars: int
+    model: GPTLanguageModel
+    decoder: MakeDecoder
+    once: bool = False  # the lab's loop: too slow to repeat
+    best: float = float("inf")  # seconds
+
+    @property
+    def rate(self) -> float:
+        return self.batch * self.chars / self.best
+
+    def run(self) -> None:
+        """Sample `chars` characters per row of the batch, as `generate_steps` does."""
+        generators = [torch.Generator().manual_seed(i) for i in range(self.batch)]
         start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return chars / best
+        with torch.inference_mode():
+            decoder = self.decoder(self.model, torch.zeros(self.batch, 1, dtype=torch.long))
+            for step in range(self.chars):
+                idx_next = sample_next(decoder.logits, 1.0, 0, 1.0, generators)  # (B, 1)
+                if step + 1 < self.chars:
+                    decoder.append(idx_next)
+        self.best = min(self.best, time.perf_counter() - start)
+
+
+def speed_rows(args: argparse.Namespace) -> list[Row]:
+    reference, fused = lab_size_models()
+    int8 = quantized(fused, "int8")
+    lab = Decoder  # on the reference model: the lab's loop exactly
+    rows = []
+    for batch, chars in ((1, args.chars), (8, args.batch_chars)):
+        rows += [
+            Row("lab: reference, recompute", batch, chars, reference, lab, once=True),
+            Row("before: fused + KV cache", batch, chars, fused, cached(GeneralStepDecoder)),
+            Row("lean step", batch, chars, fused, cached(CachedDecoder)),
+            Row("int8, step as before", batch, chars, int8, cached(GeneralStepDecoder)),
+            Row("int8 + lean step", batch, chars, int8, cached(CachedDecoder)),
+        ]
+        if args.compile:
+            rows.append(Row("int8 + compiled step", batch, chars, int8, compiled(int8)))
+    long = args.long_chars
+    return [
+        *rows,
+        Row("lab: reference, recompute", 1, long, reference, lab, once=True),
+        Row("lean: exact", 1, long, fused, cached(CachedDecoder, exact=True)),
+        Row("lean: window, keep 0.5", 1, long, fused, cached(CachedDecoder)),
+        Row("lean: window, keep 0.75", 1, long, fused, cached(CachedDecoder, keep=0.75)),
+        Row("int8 + lean: window 0.5", 1, long, int8, cached(CachedDecoder)),
+    ]
+
+
+def warm_up_compiled(rows: list[Row]) -> None:
+    """Compile before timing (untimed), and say how long it took."""
+    for row in rows:
+        if "compiled" in row.what:
+            start = time.perf_counter()
+            Row(row.what, row.batch, 4, row.model, row.decoder).run()
+            print(f"torch.compile, batch {row.batch}: {time.perf_counter() - start:.1f} s")
 
 
 def speed(args: argparse.Namespace) -> None:
-    reference, fused = lab_size_models()
-
-    def gen(model: GPTLanguageModel, batch: int, new: int, **options) -> Callable[[], torch.Tensor]:
-        prompt = torch.zeros(batch, 1, dtype=torch.long)  # a 1-character prompt
-        generators = [torch.Generator().manual_seed(i) for i in range(batch)]
-        return lambda: model.generate(prompt, new, 1.0, 0, generators, **options)
-
-    lab = dict(kv_cache=False)  # on the reference model: the lab's loop exactly
-    rows = [  # (what, batch, new characters, model, options)
-        ("lab: reference, recompute", 1, args.chars, reference, lab),
-        ("ours: fused + KV cache", 1, args.chars, fused, {}),
-        ("lab: reference, recompute", 8, args.batch_chars, reference, lab),
-        ("ours: fused + KV cache", 8, args.batch_chars, fused, {}),
-        ("lab: reference, recompute", 1, args.long_chars, reference, lab),
-        ("ours: exact", 1, args.long_chars, fused, dict(long_context="exact")),
-        ("ours: window, keep 0.5", 1, args.long_chars, fused, dict(long_context="window")),
-        ("ours: window, keep 0.75", 1, args.long_chars, fused, dict(window_keep=0.75)),
-    ]
+    rows = speed_rows(args)
+    warm_up_compiled(rows)
+    for round_ in range(args.repeats):  # interleaved: every row once per round
+        for row in rows:
+            if round_ == 0 or not row.once:
+                row.run()
     print(f"{'':27} {'batch':>5} {'new chars':>9} {'chars/s':>9}")
-    rates = []
-    for what, batch, new, model, options in rows:
-        rate = chars_per_second(gen(model, batch, new, **options), batch * new, args.repeats)
-        rates.append(rate)
-        print(f"{what:27} {batch:5d} {new:9d} {rate:9.1f}", flush=True)
-    print(f"\nours / lab, batch 1, {args.chars} chars: {rates[1] / rates[0]:.1f}x")
-    print(f"ours / lab, batch 8, {args.batch_chars} chars: {rates[3] / rates[2]:.1f}x")
-    print(f"batch 8 / batch 1 throughput, ours: {rates[3] / rates[1]:.1f}x")
-    print(f"past block_size ({args.long_chars} chars): exact / lab {rates[5] / rates[4]:.1f}x,")
-    print(f"  window 0.5 / exact {rates[6] / rates[5]:.1f}x, ", end="")
-    print(f"window 0.75 / exact {rates[7] / rates[5]:.1f}x")
-    same = (
-        reference.generate(torch.zeros(1, 1, dtype=torch.long), 300, temperature=0, kv_cache=False)
-        == fused.generate(
-            torch.zeros(1, 1, dtype=torch.long), 300, temperature=0, long_context="exact"
-        )
-    ).all()
-    print(f"greedy, 300 chars: lab and ours identical: {bool(same)}")
+    for row in rows:
+        print(f"{row.what:27} {row.batch:5d} {row.chars:9d} {row.rate:9.1f}")
+    rate = {(row.what, row.batch, row.chars): row.rate for row in rows}
+    for batch, chars in ((1, args.chars), (8, args.batch_chars)):
+        lab = rate["lab: reference, recompute", batch, chars]
+        before = rate["before: fused + KV cache", batch, chars]
+        print(f"\nbatch {batch}, {chars} chars: before / lab {before / lab:.1f}x")
+        for what in (
+            "lean step",
+            "int8, step as before",
+            "int8 + lean step",
+            "int8 + compiled step",
+        ):
+            if (what, batch, chars) in rate:
+                ours = rate[what, batch, chars]
+                print(f"  {what}: {ours / before:.2f}x before, {ours / lab:.1f}x lab")
+    long = args.long_chars
+    exact = rate["lean: exact", 1, long]
+    print(f"\npast block_size ({long} chars): ", end="")
+    print(f"exact / lab {exact / rate['lab: reference, recompute', 1, long]:.1f}x,")
+    print(f"  window 0.5 / exact {rate['lean: window, keep 0.5', 1, long] / exact:.1f}x, ", end="")
+    print(f"window 0.75 / exact {rate['lean: window, keep 0.75', 1, long] / exact:.1f}x")
+    greedy_agreement(rows[0].model, rows[1].model)
+
+
+def greedy_agreement(reference: GPTLanguageModel, fused: GPTLanguageModel) -> None:
+    prompt = torch.zeros(1, 1, dtype=torch.long)
+    labs = reference.generate(prompt, 300, temperature=0, kv_cache=False)
+    ours = fused.generate(prompt, 300, temperature=0, long_context="exact")
+    print(f"greedy, 300 chars: lab and ours identical: {bool((labs == ours).all())}")
 
 
 def loss_by_context(
@@ -121,7 +229,9 @@ def quality(args: argparse.Namespace) -> None:
     tokenizer = CharTokenizer.from_text(text)
     dataset = CharDataset.from_text(text, tokenizer)
     block = args.block
-    model_config = ModelConfig(block_size=block, n_embd=128, n_head=4, n_layer=4, dropout=0.0)
+    model_config = ModelConfig(
+        block_size=block, n_embd=args.width, n_head=args.heads, n_layer=args.layers, dropout=0.0
+    )
     train_config = TrainConfig(
         batch_size=32,
         max_iters=args.steps,
@@ -143,7 +253,8 @@ def quality(args: argparse.Namespace) -> None:
     contexts = sorted({1, 2, 4, 8, 16, *range(block // 4, block + 1, step), block - 1})
     losses = loss_by_context(model, dataset, args.windows, contexts)
     full = losses[block]
-    print(f"\nsmall GPT (block {block}, 4x128, {args.steps} steps), {args.windows} val windows:")
+    shape = f"block {block}, {args.layers}x{args.width}, {args.heads} heads, {args.steps} steps"
+    print(f"\nsmall GPT ({shape}), {args.windows} val windows:")
     print("loss of the windows' last character by context length (difference to exact)")
     for c in contexts:
         print(f"  context {c:4d}: {losses[c]:.4f} ({losses[c] - full:+.4f})")
@@ -155,25 +266,48 @@ def quality(args: argparse.Namespace) -> None:
             f"window keep {keep_fraction}: worst (context {keep}) {losses[keep] - full:+.4f}, "
             f"mean over its cycle {mean - full:+.4f} against exact"
         )
+    int8_full_pass(model, dataset)
+
+
+def int8_full_pass(model: GPTLanguageModel, dataset: CharDataset) -> None:
+    """`chargpt eval`'s full pass (every validation character scored once), fp32 and int8."""
+    block = model.config.block_size
+    tokens, start = validation_stream(dataset, block)
+    results = {}
+    for name, variant in (("fp32", model), ("int8", quantized(model, "int8"))):
+        begin = time.perf_counter()
+        loss, count = full_pass_loss(variant, tokens, block, start)
+        results[name] = loss, time.perf_counter() - begin
+    (fp32, fp32_s), (int8, int8_s) = results["fp32"], results["int8"]
+    print(f"\nfull-pass val loss ({count:,} characters): fp32 {fp32:.5f}, int8 {int8:.5f}")
+    print(f"  int8 - fp32: {int8 - fp32:+.5f} nats; the passes took {fp32_s:.1f} s, {int8_s:.1f} s")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="shorter texts, under 2 minutes")
-    parser.add_argument("--quality", action="store_true", help="measure loss by context length")
+    parser.add_argument("--quick", action="store_true", help="shorter texts, fewer steps")
+    parser.add_argument(
+        "--quality", action="store_true", help="loss by context length, int8 against fp32"
+    )
+    parser.add_argument("--compile", action="store_true", help="also int8 with compiled steps")
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: torch's)"
     )
-    parser.add_argument("--repeats", type=int, default=1, help="timings per row; the best counts")
-    parser.add_argument("--steps", type=int, default=500, help="quality: training steps")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of timings; the best counts")
+    parser.add_argument("--steps", type=int, default=None, help="quality: training steps (500)")
     parser.add_argument("--block", type=int, default=128, help="quality: block_size")
-    parser.add_argument("--windows", type=int, default=1000, help="quality: val windows")
+    parser.add_argument("--width", type=int, default=128, help="quality: n_embd")
+    parser.add_argument("--layers", type=int, default=4, help="quality: n_layer")
+    parser.add_argument("--heads", type=int, default=4, help="quality: n_head")
+    parser.add_argument("--windows", type=int, default=None, help="quality: val windows (1000)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     args.chars, args.batch_chars, args.long_chars = (
         (200, 100, 400) if args.quick else (500, 200, 600)
     )
+    args.steps = args.steps or (100 if args.quick else 500)
+    args.windows = args.windows or (200 if args.quick else 1000)
     threads = torch.get_num_threads()
     print(f"{platform.machine()}, {threads} torch threads, torch {torch.__version__}, fp32\n")
     if args.quality:
