@@ -190,6 +190,11 @@ CASES = [
     Case("model.safetensors is truncated", ["eval", "--run", "run"], "corrupt", truncate(WEIGHTS)),
     Case("eval of no characters", ["eval", "--run", "run", "--max-chars", "0"], "--max-chars"),
     Case(
+        "int8 weights with bf16 autocast",
+        ["sample", "--run", "run", "--quantize", "int8", "--dtype", "bf16"],
+        "drop --dtype bf16",
+    ),
+    Case(
         "model.safetensors is a pickle",
         ["sample", "--run", "run"],
         "corrupt",
