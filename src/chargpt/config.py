@@ -73,7 +73,7 @@ class TrainConfig:
         "the process count): the global batch is batch_size * grad_accum, whatever the count "
         "(0: one per process)",
     )
-    max_iters: int = option(5000, "optimisation steps")
+    max_iters: int = option(5000, "optimisation steps (unless --max-time is given)")
     eval_interval: int = option(500, "steps between train/val loss estimates")
     eval_iters: int = option(200, "batches averaged by each loss estimate")
     log_interval: int = option(
@@ -82,8 +82,8 @@ class TrainConfig:
     max_time: str = option(
         "",
         "train for this much training time (e.g. 90s, 5m, 1h; evaluations not counted, all "
-        "sessions of a run together), with the LR schedule following the elapsed fraction of it; "
-        "max_iters still caps the steps (empty: no time limit)",
+        "sessions of a run together), with the LR decay following the elapsed fraction of it "
+        "instead of the steps; max_iters and lr_decay_iters are then ignored (empty: off)",
     )
     learning_rate: float = option(3e-4, "peak AdamW learning rate")
     min_lr: float = option(3e-4, "learning rate at the end of cosine decay")
@@ -145,7 +145,7 @@ class TrainConfig:
                 f"min_lr ({self.min_lr}) exceeds learning_rate ({self.learning_rate}): "
                 "pass a --min-lr no larger than --learning-rate"
             )
-        for name in ("max_iters", "lr_decay_iters"):
+        for name in () if self.max_time else ("max_iters", "lr_decay_iters"):
             if 0 < getattr(self, name) < self.warmup_iters:
                 raise ChargptError(
                     f"warmup_iters ({self.warmup_iters}) exceeds {name} ({getattr(self, name)}): "
