@@ -11,6 +11,7 @@ from chargpt.config import PRESETS, ModelConfig, TrainConfig, build_configs
 from chargpt.data import CharDataset
 from chargpt.decoding import SlotDecoder, make_decoder
 from chargpt.errors import ChargptError
+from chargpt.inspection import logits_and_attention
 from chargpt.models import GPTLanguageModel
 from chargpt.models.layers import Rotary, rotate
 from chargpt.run_dir import WEIGHTS, load_run, read_safetensors
@@ -166,3 +167,32 @@ def test_a_run_with_options_round_trips_through_load_run(tmp_path, shakespeare, 
         assert torch.equal(tensors["lm_head.weight"], tensors["token_embedding_table.weight"])
     idx = torch.randint(tokenizer.vocab_size, (2, 8))
     assert torch.equal(run.model(idx)[0], trained(idx)[0])
+
+
+@pytest.mark.parametrize("attention", ["fused", "reference"])
+def test_inspection_follows_the_options(tiny_config, attention):
+    """inspect (and serve's /v1/inspect) rebuilds the logits and each head's weights with rope
+    and QK-norm, as the model computes them."""
+    config = dataclasses.replace(tiny_config, attention=attention, **OPTIONS["all"])
+    model = GPTLanguageModel(config, VOCAB).eval()
+    idx = torch.randint(VOCAB, (1, 10))
+    logits, weights = logits_and_attention(model, idx)
+    assert torch.allclose(logits, model(idx)[0], atol=1e-5)
+    # the last block's output rebuilt from the weights of its heads
+    with torch.no_grad():  # the weights are inference tensors
+        x, rope = model.embed(idx, torch.arange(10))
+        for block in model.blocks[:-1]:
+            x = block(x, rope=rope)
+        block = model.blocks[-1]
+        h = block.ln1(x)
+        if attention == "fused":  # each head's values: (n_head, B, T, hs)
+            v = (
+                block.sa.qkv(h)
+                .chunk(3, dim=-1)[2]
+                .view(1, 10, config.n_head, -1)
+                .permute(2, 0, 1, 3)
+            )
+        else:
+            v = torch.stack([head.value(h) for head in block.sa.heads])
+        mixed = (weights[-1] @ v).permute(1, 2, 0, 3).reshape(1, 10, -1)  # heads side by side
+        assert torch.allclose(block.sa.proj(mixed), block.sa(h, rope=rope), atol=1e-5)

@@ -73,6 +73,7 @@ class MultiHeadAttention(nn.Module):
         super().__init__()
         head_size = n_embd // n_head
         norms = None
+        self.qk_norm = qk_norm
         if qk_norm:  # one gain vector for all heads, stored as in the fused path
             self.q_norm, self.k_norm = nn.RMSNorm(head_size), nn.RMSNorm(head_size)
             norms = (self.q_norm, self.k_norm)
@@ -234,6 +235,17 @@ class GPTLanguageModel(LanguageModel):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    def embed(
+        self, idx: torch.Tensor, pos: torch.Tensor
+    ) -> tuple[torch.Tensor, RotaryAngles | None]:
+        """(B, T) ids at (T,) or (B, T) positions -> (B, T, C) embeddings, and with rotary
+        positions (recipe option) their angles, which the blocks apply to queries and keys."""
+        tok_emb = self.token_embedding_table(idx)  # (B, T, C): what each character is
+        if self.config.pos_emb == "rope":
+            return tok_emb, self.rotary(pos)  # positions enter through q and k in each block
+        pos_emb = self.position_embedding_table(pos)  # (T, C) or (B, T, C): where each one is
+        return tok_emb + pos_emb, None  # (B, T, C)
+
     def logits(
         self, idx: torch.Tensor, caches: Sequence[AttentionCache] | None = None
     ) -> torch.Tensor:
@@ -243,16 +255,11 @@ class GPTLanguageModel(LanguageModel):
         B, T = idx.shape
         if caches is None and T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
-        tok_emb = self.token_embedding_table(idx)  # (B, T, C): what each character is
         if caches is None:
             pos = torch.arange(T, device=idx.device)  # (T,)
         else:
             pos = caches[0].positions(T, idx.device)  # (T,), or (B, T): a position per row
-        if self.config.pos_emb == "rope":
-            x, rope = tok_emb, self.rotary(pos)  # positions enter through q and k in each block
-        else:
-            pos_emb = self.position_embedding_table(pos)  # (T, C) or (B, T, C): where each is
-            x, rope = tok_emb + pos_emb, None  # (B, T, C)
+        x, rope = self.embed(idx, pos)  # (B, T, C)
         for i, block in enumerate(self.blocks):
             x = block(x, None if caches is None else caches[i], rope)  # (B, T, C)
         x = self.ln_f(x)  # (B, T, C)
