@@ -44,7 +44,7 @@ def configure_optimizer(model: LanguageModel, cfg: TrainConfig) -> torch.optim.O
     if not hidden:
         return adamw
     muon = muon_class()(hidden, lr=cfg.muon_lr, weight_decay=cfg.weight_decay)
-    return MuonWithAdamW(muon, adamw)
+    return MuonWithAdamW(adamw, muon)
 
 
 def muon_class() -> type[torch.optim.Optimizer]:
@@ -59,45 +59,50 @@ def muon_class() -> type[torch.optim.Optimizer]:
 
 
 class MuonWithAdamW(torch.optim.Optimizer):
-    """Muon and AdamW stepped as one optimiser. Its param groups are theirs (Muon's first), the
-    same dicts, so a schedule that sets each group's lr sets it in both; its state dict numbers
-    the parameters Muon's first, as one optimiser over both would."""
+    """AdamW and Muon stepped as one optimiser. Its param groups are theirs, AdamW's first (so
+    the learning rate a run logs is AdamW's), the same dicts, so that a schedule setting each
+    group's lr sets it in both; its state dict numbers the parameters in that order too, as one
+    optimiser over both would."""
 
-    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer):
-        self.muon, self.adamw = muon, adamw
-        params = [p for o in (muon, adamw) for group in o.param_groups for p in group["params"]]
-        super().__init__(params, {})
-        self.param_groups = [*muon.param_groups, *adamw.param_groups]
+    def __init__(self, adamw: torch.optim.Optimizer, muon: torch.optim.Optimizer):
+        self.adamw, self.muon = adamw, muon
+        super().__init__([p for group in self.groups() for p in group["params"]], {})
+        self.param_groups = self.groups()
+
+    def groups(self) -> list[dict[str, Any]]:
+        return [*self.adamw.param_groups, *self.muon.param_groups]
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> None:  # type: ignore[override]
-        self.muon.step()
         self.adamw.step()
-
-    def muon_size(self) -> int:
-        return sum(len(group["params"]) for group in self.muon.param_groups)
+        self.muon.step()
 
     def state_dict(self) -> dict[str, Any]:
-        muon, adamw, offset = self.muon.state_dict(), self.adamw.state_dict(), self.muon_size()
-        state = {**muon["state"], **{i + offset: s for i, s in adamw["state"].items()}}
-        adamw_groups = [
-            {**g, "params": [i + offset for i in g["params"]]} for g in adamw["param_groups"]
-        ]
-        return {"state": state, "param_groups": muon["param_groups"] + adamw_groups}
+        state, groups, offset = {}, [], 0
+        for part in (self.adamw, self.muon):
+            saved = part.state_dict()
+            state.update({i + offset: s for i, s in saved["state"].items()})
+            for group in saved["param_groups"]:  # a part numbers its parameters from 0
+                groups.append({**group, "params": [i + offset for i in group["params"]]})
+            offset += sum(len(group["params"]) for group in saved["param_groups"])
+        return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        offset, n_muon = self.muon_size(), len(self.muon.param_groups)
-        groups, state = state_dict["param_groups"], state_dict["state"]
-        self.muon.load_state_dict(
-            {
-                "state": {i: s for i, s in state.items() if i < offset},
-                "param_groups": groups[:n_muon],
-            }
-        )
-        adamw_groups = [{**g, "params": [i - offset for i in g["params"]]} for g in groups[n_muon:]]
-        adamw_state = {i - offset: s for i, s in state.items() if i >= offset}
-        self.adamw.load_state_dict({"state": adamw_state, "param_groups": adamw_groups})
-        self.param_groups = [*self.muon.param_groups, *self.adamw.param_groups]
+        saved_groups, offset = iter(state_dict["param_groups"]), 0
+        for part in (self.adamw, self.muon):
+            groups = [next(saved_groups) for _ in part.param_groups]
+            size = sum(len(group["params"]) for group in groups)
+            mine = range(offset, offset + size)
+            part.load_state_dict(
+                {
+                    "state": {i - offset: s for i, s in state_dict["state"].items() if i in mine},
+                    "param_groups": [
+                        {**g, "params": [i - offset for i in g["params"]]} for g in groups
+                    ],
+                }
+            )
+            offset += size
+        self.param_groups = self.groups()
 
 
 def lr_scheduler(
