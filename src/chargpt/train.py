@@ -316,9 +316,9 @@ class Trainer:
 
     def run(self) -> TrainResult:
         """Train up to `max_iters` steps (or for `max_time`), estimating losses every
-        `eval_interval` steps and at the end. SIGINT or
-        SIGTERM stops it after the current step (under torchrun, at the next multiple of
-        `log_interval`), with the state saved for `train --resume`."""
+        `eval_interval` steps and at the end. SIGINT or SIGTERM stops it after the current step
+        (under torchrun, at the next multiple of `log_interval`), with the state saved for
+        `train --resume`."""
         cfg = self.cfg
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.model.train()
