@@ -150,6 +150,12 @@ CASES = [
     Case("learning rate not a number", [*TRAIN, "--learning-rate", "nan"], "learning_rate"),
     Case("min_lr above the learning rate", [*TRAIN, "--min-lr", "0.1"], "--min-lr"),
     Case("warmup longer than the run", [*TRAIN, "--warmup-iters", "5000"], "--warmup-iters"),
+    Case("a duration that is not one", [*TRAIN, "--max-time", "5 minutes"], "such as 90s, 5m"),
+    Case(
+        "rotary positions with an odd head size",
+        [*TRAIN, "--pos-emb", "rope", "--n-embd", "12", "--n-head", "4"],
+        "even",
+    ),
     Case("value of the wrong type", [*TRAIN, "--n-layer", "two"], "invalid int value"),
     Case("unknown choice", [*TRAIN, "--lr-schedule", "linear"], "invalid choice"),
     Case("unknown preset", [*TRAIN, "--preset", "huge"], "invalid choice"),

@@ -89,8 +89,10 @@ def test_help_gives_each_presets_default():
     """--help names the values the presets give, not only the dataclass defaults (the lab's)."""
     train = build_parser()._subparsers._group_actions[0].choices["train"]
     help_text = " ".join(train.format_help().split())
-    assert "(default by --preset: lab 384, cpu 128, tiny 32)" in help_text  # --n-embd
-    assert "(default by --preset: lab 5000, cpu 1200, tiny 60)" in help_text  # --max-iters
+    assert "(default by --preset: lab 384, cpu 128, modern 384, tiny 32)" in help_text  # --n-embd
+    assert (
+        "(default by --preset: lab 5000, cpu 1200, modern 5000, tiny 60)" in help_text
+    )  # --max-iters
     assert "(default: 1337)" in help_text  # --seed: the same in every preset
 
 

@@ -95,6 +95,20 @@ def test_a_two_process_run_with_dropout_resumes_exactly(tmp_path):
     assert max_weight_difference(split, straight) < TOLERANCE
 
 
+def test_two_processes_agree_on_the_end_of_a_time_budget(tmp_path):
+    """With --max-time, the processes share rank-agreed elapsed time: they stop at one step (or
+    one of them would wait for the others for ever) with the schedule at min_lr; Muon and EMA
+    run under DDP too."""
+    run = tmp_path / "ddp"
+    recipe = ["--optimizer", "muon", "--ema-decay", "0.9", "--log-interval", "2"]
+    timed = ["--max-time", "2s", "--eval-interval", "1000", *recipe]
+    finish(chargpt("train", "--out", str(run), *TINY, *timed, launcher=TWO_PROCESSES))
+    last = [json.loads(line) for line in (run / "metrics.jsonl").open()][-1]
+    assert last["step"] > 8 and last["step"] % 2 == 0  # past max_iters; at a log interval
+    assert last["lr"] == pytest.approx(1e-3)  # the tiny preset's min_lr
+    assert last["elapsed"] > 1.5  # rank 0's own clock; the agreed one (the largest) reached 2
+
+
 def test_every_process_group_maps_cpu_to_gloo_and_cuda_to_nccl(monkeypatch):
     """Loss totals, the stop flag and random states are CPU tensors, also when the gradients
     are on GPUs: the one process group sends each to the backend of its device."""

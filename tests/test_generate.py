@@ -141,6 +141,21 @@ def test_cache_appended_several_positions_at_a_time_equals_one_full_pass(model, 
     assert caches[0].length == sum(chunks)
 
 
+def test_prefill_from_position_0_asks_sdpa_for_is_causal_not_a_mask(model, monkeypatch):
+    """No mask tensor at the prefill, so that a GPU can pick its flash kernel."""
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(*args, **kwargs):
+        calls.append((kwargs.get("attn_mask"), kwargs.get("is_causal")))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    with torch.no_grad():
+        model.logits(prompts(5), [KVCache(BLOCK) for _ in model.blocks])
+    assert calls == [(None, True)] * len(model.blocks)
+
+
 def test_prompt_longer_than_block_size_is_cropped_to_its_end(model):
     long = prompts(BLOCK + 7)
     out = model.generate(long, 5, temperature=0, long_context="exact")

@@ -4,6 +4,7 @@ cannot run, and `--quantize` reaching the model in sample, eval and serve."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -75,6 +76,24 @@ def test_int8_logits_stay_close_to_fp32(seed):
     assert (int8 - fp32).abs().max() <= 0.06 * fp32.abs().max()  # measured 0.028-0.034
     kl = F.kl_div(int8.log_softmax(-1), fp32.log_softmax(-1), log_target=True, reduction="none")
     assert kl.sum(-1).mean() < 2e-3  # nats per character; measured 3.5e-4 to 5.7e-4
+
+
+def test_int8_covers_every_recipe_option():
+    """Rotary positions, RMSNorm, QK-norm, ReLU² and tied embeddings (the head's int8 copy of
+    the shared matrix leaves the embedding in fp32), decoded through the lean step."""
+    config = ModelConfig(block_size=BLOCK, n_embd=32, n_head=4, n_layer=2, dropout=0.0)
+    options = dict(pos_emb="rope", norm="rmsnorm", qk_norm=True, mlp="relu2", tie_embeddings=True)
+    torch.manual_seed(0)
+    model = GPTLanguageModel(dataclasses.replace(config, **options), TOKENIZER.vocab_size)
+    int8 = quantized(model.eval(), "int8")
+    assert torch.equal(int8.token_embedding_table.weight, model.token_embedding_table.weight)
+    idx = random_ids(2, BLOCK, 2)
+    decoder = make_decoder(int8, idx[:, :3])
+    for t in range(3, BLOCK):
+        decoder.append(idx[:, t : t + 1])
+    with torch.no_grad():
+        fp32 = model.logits(idx)[:, -1]
+    assert (decoder.logits - fp32).abs().max() <= 0.06 * fp32.abs().max()
 
 
 def test_greedy_choices_mostly_equal_fp32():

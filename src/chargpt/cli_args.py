@@ -66,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         default=None,
         choices=PRESET_NAMES,
-        help="lab: the notebook's settings; cpu: ~5 min on 2 cores; tiny: seconds; "
+        help="lab: the notebook's settings; cpu: ~5 min on 2 cores; modern: lab sizes with "
+        "rope, rmsnorm, qk-norm, relu2, tied embeddings, muon and EMA (for GPUs, not yet tuned "
+        "by an ablation here); tiny: seconds; "
         "auto: lab when training on a CUDA GPU, cpu otherwise (default: auto)",
     )
     train.add_argument("--config", type=Path, help="TOML file of options (flags override it)")

@@ -34,6 +34,20 @@ class ModelConfig:
     attention: Literal["fused", "reference"] = option(
         "fused", "fused: one QKV projection + scaled_dot_product_attention; reference: lab's Heads"
     )
+    # recipe options: each default is the lab's choice (docs: README "Recipe options")
+    pos_emb: Literal["learned", "rope"] = option(
+        "learned", "positions: a learned embedding table (lab), or rotary embeddings on q and k"
+    )
+    norm: Literal["layernorm", "rmsnorm"] = option(
+        "layernorm", "normalisation in the blocks and before the LM head"
+    )
+    qk_norm: bool = option(False, "RMS-normalise each head's queries and keys before attention")
+    mlp: Literal["relu", "relu2", "gelu"] = option(
+        "relu", "feed-forward activation: ReLU (lab), squared ReLU or GELU"
+    )
+    tie_embeddings: bool = option(
+        False, "share one matrix between the token embedding and the LM head"
+    )
 
     def validate(self) -> None:
         positive("block_size", self.block_size)
@@ -44,6 +58,11 @@ class ModelConfig:
                 raise ChargptError(
                     f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): "
                     "pick n_embd = n_head * head_size"
+                )
+            if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
+                raise ChargptError(
+                    f"rotary embeddings need an even head size, got {self.n_embd // self.n_head}: "
+                    "pick n_embd and n_head with n_embd // n_head even"
                 )
         if not 0.0 <= self.dropout < 1.0:
             raise ChargptError(f"dropout must be in [0, 1), got {self.dropout}")
@@ -60,11 +79,17 @@ class TrainConfig:
         "the process count): the global batch is batch_size * grad_accum, whatever the count "
         "(0: one per process)",
     )
-    max_iters: int = option(5000, "optimisation steps")
+    max_iters: int = option(5000, "optimisation steps (unless --max-time is given)")
     eval_interval: int = option(500, "steps between train/val loss estimates")
     eval_iters: int = option(200, "batches averaged by each loss estimate")
     log_interval: int = option(
         10, "steps between training-loss reports and, under torchrun, checks for a stop signal"
+    )
+    max_time: str = option(
+        "",
+        "train for this much training time (e.g. 90s, 5m, 1h; evaluations not counted, all "
+        "sessions of a run together), with the LR decay following the elapsed fraction of it "
+        "instead of the steps; max_iters and lr_decay_iters are then ignored (empty: off)",
     )
     learning_rate: float = option(3e-4, "peak AdamW learning rate")
     min_lr: float = option(3e-4, "learning rate at the end of cosine decay")
@@ -80,6 +105,17 @@ class TrainConfig:
     )
     weight_decay: float = option(0.01, "AdamW weight decay on matrices (not biases or norms)")
     beta2: float = option(0.999, "AdamW beta2")
+    optimizer: Literal["adamw", "muon"] = option(
+        "adamw",
+        "adamw for every weight, or torch.optim.Muon (torch >= 2.9) for the blocks' matrices "
+        "with AdamW for embeddings, LM head, biases and gains",
+    )
+    muon_lr: float = option(0.02, "peak Muon learning rate, following the same schedule")
+    ema_decay: float = option(
+        0.0,
+        "evaluate, and save as the best model, an exponential moving average of the weights "
+        "with this decay per step, e.g. 0.999 (0: off)",
+    )
     grad_clip: float = option(0.0, "clip the gradient norm to this value (0: off)")
     seed: int = option(1337, "random seed for init, batches and dropout")
     device: str = option("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
@@ -102,6 +138,12 @@ class TrainConfig:
         for name in ("grad_accum", "warmup_iters", "lr_decay_iters"):
             if getattr(self, name) < 0:
                 raise ChargptError(f"{name} must not be negative, got {getattr(self, name)}")
+        if not 0 < self.muon_lr < float("inf"):
+            raise ChargptError(f"muon_lr must be a positive number, got {self.muon_lr}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ChargptError(f"ema_decay must be in [0, 1) (0: off), got {self.ema_decay}")
+        if self.max_time:
+            parse_duration(self.max_time)
         if not 0.0 < self.beta2 < 1.0:
             raise ChargptError(f"beta2 must be in (0, 1), got {self.beta2}")
         if self.min_lr > self.learning_rate:
@@ -109,7 +151,7 @@ class TrainConfig:
                 f"min_lr ({self.min_lr}) exceeds learning_rate ({self.learning_rate}): "
                 "pass a --min-lr no larger than --learning-rate"
             )
-        for name in ("max_iters", "lr_decay_iters"):
+        for name in () if self.max_time else ("max_iters", "lr_decay_iters"):
             if 0 < getattr(self, name) < self.warmup_iters:
                 raise ChargptError(
                     f"warmup_iters ({self.warmup_iters}) exceeds {name} ({getattr(self, name)}): "
@@ -220,6 +262,23 @@ def check_quantize_dtype(quantize: str, dtype: str) -> None:
         )
 
 
+DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration such as `90s`, `5m`, `1.5h` or `300` (seconds)."""
+    value, unit = (text[:-1], text[-1]) if text[-1:] in DURATION_UNITS else (text, "s")
+    try:
+        seconds = float(value) * DURATION_UNITS[unit]
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        raise ChargptError(
+            f"max_time must be a positive duration such as 90s, 5m or 1h, got {text!r}"
+        )
+    return seconds
+
+
 def positive(name: str, value: int) -> None:
     if value <= 0:
         raise ChargptError(f"{name} must be a positive integer, got {value}")
@@ -247,6 +306,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         weight_decay=0.1,
         beta2=0.99,
         grad_clip=1.0,
+    ),
+    # For GPUs, not yet tuned by an ablation here (benchmarks/recipe.py): the lab's sizes and
+    # training settings with the options small-scale results favour.
+    "modern": dict(
+        pos_emb="rope",
+        norm="rmsnorm",
+        qk_norm=True,
+        mlp="relu2",
+        tie_embeddings=True,
+        optimizer="muon",
+        ema_decay=0.999,
     ),
     # Seconds: for smoke tests and trying the commands.
     "tiny": dict(

@@ -24,6 +24,7 @@ from torch.nn import functional as F
 from chargpt.errors import ChargptError
 from chargpt.generate import encode_prompt
 from chargpt.models import CausalSelfAttention, GPTLanguageModel, LanguageModel
+from chargpt.models.layers import RotaryAngles, rotate
 from chargpt.tokenizer import CharTokenizer
 
 NO_ATTENTION = "a bigram model has no attention: each prediction reads only the character before"
@@ -138,27 +139,33 @@ def logits_and_attention(
     B, T = idx.shape
     if not isinstance(model, GPTLanguageModel):
         return model.logits(idx), torch.zeros(0, 0, B, T, T)
-    tok_emb = model.token_embedding_table(idx)  # (B, T, C)
-    pos_emb = model.position_embedding_table(torch.arange(T, device=idx.device))  # (T, C)
-    x = tok_emb + pos_emb  # (B, T, C)
+    x, rope = model.embed(idx, torch.arange(T, device=idx.device))  # (B, T, C)
     layers = []
     for block in model.blocks:
-        layers.append(attention_weights(block.sa, block.ln1(x)))  # (n_head, B, T, T)
-        x = block(x)  # (B, T, C)
+        layers.append(attention_weights(block.sa, block.ln1(x), rope))  # (n_head, B, T, T)
+        x = block(x, rope=rope)  # (B, T, C)
     logits = model.lm_head(model.ln_f(x))  # (B, T, V)
     return logits, torch.stack(layers)
 
 
-def attention_weights(sa: nn.Module, h: torch.Tensor) -> torch.Tensor:
+def attention_weights(
+    sa: nn.Module, h: torch.Tensor, rope: RotaryAngles | None = None
+) -> torch.Tensor:
     """Each head's `wei` for the block input `h` (B, T, C): (n_head, B, T, T). Works on both
-    attention paths: the fused `qkv` matrix or the lab's `Head` modules."""
+    attention paths: the fused `qkv` matrix or the lab's `Head` modules, with the recipe's
+    QK-norm and rotary positions (`rope`: the angles of the T positions) where the model has
+    them."""
     if isinstance(sa, CausalSelfAttention):
         B, T, C = h.shape
         q, k, _ = sa.qkv(h).view(B, T, 3, sa.n_head, C // sa.n_head).permute(2, 3, 0, 1, 4)
-        return causal_softmax(q, k)  # q, k: (n_head, B, T, hs)
-    q = torch.stack([head.query(h) for head in sa.heads])  # (n_head, B, T, hs)
-    k = torch.stack([head.key(h) for head in sa.heads])  # (n_head, B, T, hs)
-    return causal_softmax(q, k)
+    else:
+        q = torch.stack([head.query(h) for head in sa.heads])  # (n_head, B, T, hs)
+        k = torch.stack([head.key(h) for head in sa.heads])  # (n_head, B, T, hs)
+    if sa.qk_norm:
+        q, k = sa.q_norm(q), sa.k_norm(k)
+    if rope is not None:
+        q, k = rotate(q, rope), rotate(k, rope)
+    return causal_softmax(q, k)  # q, k: (n_head, B, T, hs)
 
 
 def causal_softmax(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

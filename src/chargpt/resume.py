@@ -10,7 +10,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from chargpt.config import ModelConfig, TrainConfig, from_dict, split_overrides
+from chargpt.config import ModelConfig, TrainConfig, from_dict, parse_duration, split_overrides
 from chargpt.data import load_corpus
 from chargpt.device import resolve_device
 from chargpt.errors import ChargptError
@@ -55,7 +55,16 @@ def resume_configs(
     return new_model, new_train
 
 
-def check_not_finished(run_dir: Path, step: int, train_config: TrainConfig) -> None:
+def check_not_finished(
+    run_dir: Path, step: int, train_time: float, train_config: TrainConfig
+) -> None:
+    if train_config.max_time:
+        if train_time < parse_duration(train_config.max_time):
+            return
+        raise ChargptError(
+            f"{run_dir} already trained for its --max-time {train_config.max_time} (a resumed "
+            "run keeps its time budget, which paces its schedule): start a new run to train longer"
+        )
     if step < train_config.max_iters:
         return
     after = (
@@ -85,13 +94,13 @@ def resume_run(
     tensors, state = load_trainer_state(run_dir)
     try:
         saved_train = from_dict(TrainConfig, state["train"])
-        step = int(state["step"])
+        step, train_time = int(state["step"]), float(state["train_time"])
     except (KeyError, TypeError, ValueError, ChargptError) as err:
         raise ChargptError(f"{run_dir / LAST} is invalid ({err}): start a new run") from None
     if not saved_train.lr_decay_iters:  # saved before the option existed: decay ended here
         saved_train = dataclasses.replace(saved_train, lr_decay_iters=saved_train.max_iters)
     model_config, train_config = resume_configs(model_config, saved_train, changes)
-    check_not_finished(run_dir, step, train_config)
+    check_not_finished(run_dir, step, train_time, train_config)
     model_config.validate()
     train_config.validate()
     resolve_device(train_config.device)

@@ -82,8 +82,16 @@ def save_run(
 
 
 def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's weights as contiguous CPU tensors, ready for safetensors."""
-    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    """The model's weights as contiguous CPU tensors, ready for safetensors. safetensors refuses
+    tensors that share memory (tied embeddings): each name after the first gets its own copy,
+    and loading copies the same values into the one shared parameter."""
+    state, seen = {}, set()
+    for name, value in model.state_dict().items():
+        tensor = value.detach().to("cpu").contiguous()
+        storage = tensor.untyped_storage().data_ptr()
+        state[name] = tensor.clone() if storage in seen else tensor
+        seen.add(storage)
+    return state
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -1,4 +1,13 @@
-"""Lab part i: the AdamW training loop, with loss estimates, samples and checkpoints."""
+"""Lab part i: the AdamW training loop, with loss estimates, samples and checkpoints.
+
+A run ends after `max_iters` steps or, with `max_time`, once its training steps have taken that
+long: evaluations are not counted, and the time adds up over the sessions of a resumed run
+(`train_time`). The cosine schedule then follows the elapsed fraction of the time, the last
+evaluation comes when the time is up, and under torchrun the processes agree on the elapsed time
+(the largest of theirs) every `log_interval` steps, so they share the schedule and the last step.
+With `ema_decay`, evaluations, samples and the best checkpoint use the moving average of the
+weights; last.safetensors keeps both.
+"""
 
 from __future__ import annotations
 
@@ -14,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from chargpt.config import ModelConfig, TrainConfig
+from chargpt.config import ModelConfig, TrainConfig, parse_duration
 from chargpt.corpus import corpus_name
 from chargpt.data import CharDataset
 from chargpt.device import autocast, resolve_device, resolve_dtype
@@ -125,8 +135,16 @@ class Trainer:
         self.model = build_model(model_config, tokenizer.vocab_size).to(self.device)
         if self.world.rank:  # same initial weights everywhere, but each drops out its own units
             torch.manual_seed(cfg.seed + self.world.rank)
+        self.ema = (
+            AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay))
+            if cfg.ema_decay
+            else None
+        )
+        self.time_limit = parse_duration(cfg.max_time) if cfg.max_time else 0.0  # seconds
+        self.elapsed = 0.0  # training seconds when the last step ended, agreed by the processes
         self.optimizer = configure_optimizer(self.model, cfg)
-        self.scheduler = lr_scheduler(self.optimizer, cfg)
+        time_progress = (lambda: self.elapsed / self.time_limit) if self.time_limit else None
+        self.scheduler = lr_scheduler(self.optimizer, cfg, time_progress)
         forward = torch.compile(self.model) if cfg.compile else self.model
         self.forward = data_parallel(forward, self.world, self.device)  # gradients averaged
         self.tokens_per_step = cfg.batch_size * cfg.grad_accum * model_config.block_size
@@ -136,6 +154,7 @@ class Trainer:
         self.last_eval_step = -1  # a resumed run does not estimate the losses of its step again
         self.saved_step = -1  # the step of last.safetensors on disk
         self.train_time = 0.0  # seconds spent in training steps, over all sessions of the run
+        self.window_start = time.perf_counter()  # when training went on after an evaluation
         self.stop_signal: int | None = None
 
     def close(self) -> None:
@@ -167,9 +186,33 @@ class Trainer:
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()
-        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
         self.step += 1
+        self.update_elapsed()  # before the schedule's step: a time budget paces it
+        self.scheduler.step()
         return total / cfg.grad_accum
+
+    def update_elapsed(self) -> None:
+        """Training seconds so far, in `elapsed`. Under torchrun the processes agree on it (their
+        largest) every `log_interval` steps and keep it in between, so that they follow one
+        schedule and stop at one step."""
+        now = self.train_time + time.perf_counter() - self.window_start
+        if not self.world.distributed:
+            self.elapsed = now
+        elif self.step % self.cfg.log_interval == 0:
+            self.elapsed = all_reduce(torch.tensor([now]), self.world, op="max").item()
+
+    @property
+    def eval_model(self) -> LanguageModel:
+        """The weights that are evaluated, sampled and saved: their moving average, if kept."""
+        return self.model if self.ema is None else self.ema.module
+
+    def finished(self) -> bool:
+        """Whether the run's steps, or with `max_time` its training time, are all done."""
+        if self.time_limit:
+            return self.elapsed >= self.time_limit
+        return self.step >= self.cfg.max_iters
 
     def report_loss(self, bar: tqdm, losses: list[torch.Tensor], tokens_per_s: float) -> None:
         """Show the mean training loss of the steps since the last report. This waits for the
@@ -197,7 +240,8 @@ class Trainer:
         dtype = str(self.dtype).removeprefix("torch.")
         meta = dict(step=self.step, best_val_loss=self.best_val_loss, best_step=self.best_step)
         meta.update(data=self.data_name, data_sha256=self.data_sha256, dtype=dtype)
-        save_run(self.out_dir, self.model, self.tokenizer, self.model_config, self.cfg, **meta)
+        model = self.eval_model
+        save_run(self.out_dir, model, self.tokenizer, self.model_config, self.cfg, **meta)
 
     def save_last(self) -> None:
         """The whole training state, for `train --resume` (see chargpt.train_state). Every
@@ -212,6 +256,7 @@ class Trainer:
         had never stopped."""
         restore_trainer_state(self, tensors, state)
         self.saved_step = self.step
+        self.elapsed = self.train_time
         if self.world.is_main:  # one process tidies the run directory while the others wait
             keep_metrics_up_to(self.out_dir, self.step)  # later estimates will be redone
             remove_stale_temporaries(self.out_dir)
@@ -230,7 +275,7 @@ class Trainer:
 
     def due_for_eval(self) -> bool:
         cfg = self.cfg
-        due = self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters
+        due = self.step % cfg.eval_interval == 0 or self.finished()
         return due and self.step != self.last_eval_step
 
     def evaluate_and_save(self, bar: tqdm, tokens_per_s: float) -> None:
@@ -240,11 +285,12 @@ class Trainer:
         with torch.random.fork_rng(devices=cuda):  # leave the training random streams untouched
             windows = (cfg.batch_size, self.model_config.block_size, cfg.eval_iters)
             seed = estimate_seed(cfg.seed)  # the same windows every time, none training's
+            model = self.eval_model
             losses = estimate_loss(
-                self.model, self.dataset, *windows, self.device, self.dtype, seed, self.world
+                model, self.dataset, *windows, self.device, self.dtype, seed, self.world
             )
             text = (
-                sample_text(self.model, self.tokenizer, cfg.sample_chars, cfg.seed)
+                sample_text(model, self.tokenizer, cfg.sample_chars, cfg.seed)
                 if cfg.sample_chars and self.world.is_main
                 else ""
             )
@@ -269,17 +315,18 @@ class Trainer:
             bar.write(text.strip("\n") + "\n")
 
     def run(self) -> TrainResult:
-        """Train up to `max_iters` steps, estimating losses every `eval_interval` steps. SIGINT or
-        SIGTERM stops it after the current step (under torchrun, at the next multiple of
-        `log_interval`), with the state saved for `train --resume`."""
+        """Train up to `max_iters` steps (or for `max_time`), estimating losses every
+        `eval_interval` steps and at the end. SIGINT or SIGTERM stops it after the current step
+        (under torchrun, at the next multiple of `log_interval`), with the state saved for
+        `train --resume`."""
         cfg = self.cfg
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.model.train()
         start_step, start_time = self.step, self.train_time
-        window_start, window_steps = time.perf_counter(), 0  # training since the last estimate
+        self.window_start, window_steps = time.perf_counter(), 0  # since the last estimate
         losses: list[torch.Tensor] = []  # this process's step losses since the last report
         bar = tqdm(
-            total=cfg.max_iters,
+            total=None if self.time_limit else cfg.max_iters,
             initial=self.step,
             unit="step",
             dynamic_ncols=True,
@@ -287,9 +334,9 @@ class Trainer:
         )
         with stop_on_signals(self):
             while True:
-                stopping = self.step < cfg.max_iters and self.stop_requested()
+                stopping = not self.finished() and self.stop_requested()
                 evaluating = self.due_for_eval()
-                seconds = time.perf_counter() - window_start
+                seconds = time.perf_counter() - self.window_start
                 tokens_per_s = window_steps * self.tokens_per_step / seconds if window_steps else 0
                 if losses and (stopping or evaluating or self.step % cfg.log_interval == 0):
                     self.report_loss(bar, losses, tokens_per_s)  # stops on a NaN or inf loss
@@ -300,8 +347,8 @@ class Trainer:
                         self.evaluate_and_save(bar, tokens_per_s)  # saves the state too
                     else:  # finish here: save, and let the caller report
                         self.save_last()
-                    window_start, window_steps = time.perf_counter(), 0
-                if stopping or self.step >= cfg.max_iters:
+                    self.window_start, window_steps = time.perf_counter(), 0
+                if stopping or self.finished():
                     break
                 losses.append(self.train_step())
                 window_steps += 1
@@ -317,5 +364,5 @@ class Trainer:
             self.step,
             session_time,
             (self.step - start_step) * self.tokens_per_step / session_time if session_time else 0.0,
-            stopped_by=self.stop_signal if self.step < cfg.max_iters else None,
+            stopped_by=None if self.finished() else self.stop_signal,
         )

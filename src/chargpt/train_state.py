@@ -1,7 +1,8 @@
 """The resumable training state, `last.safetensors` in a run directory.
 
 One file holds everything `train --resume` needs to go on exactly as if training had never
-stopped: the weights, AdamW's moments and every random stream training draws from, as tensors,
+stopped: the weights (and their moving average, with `ema_decay`), the optimiser's state
+(AdamW's moments, Muon's momentum) and every random stream training draws from, as tensors,
 with the trainer's scalars (step, best val loss, schedule, configs) as JSON in the same file's
 header, so that one rename replaces all of it at once.
 
@@ -62,6 +63,8 @@ def save_trainer_state(trainer: Trainer, rng_tensors: dict[str, torch.Tensor]) -
         optimizer_groups=groups,
     )
     tensors = {**model_tensors(trainer.model), **optimizer, **rng_tensors}
+    if trainer.ema is not None:
+        tensors.update({f"ema.{k}": v for k, v in cpu_state(trainer.ema).items()})
     header = {"format": "pt", STATE_KEY: json.dumps({"format_version": FORMAT_VERSION, **state})}
     atomic_write(trainer.out_dir / LAST, lambda tmp: save_file(tensors, str(tmp), header))
 
@@ -75,6 +78,10 @@ def restore_trainer_state(
     load_weights(trainer.model, model_state_dict(tensors), path)
     try:
         trainer.optimizer.load_state_dict(optimizer_state_dict(tensors, state["optimizer_groups"]))
+        if trainer.ema is not None:
+            prefix = "ema."
+            ema = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+            trainer.ema.load_state_dict(ema)
         trainer.scheduler.load_state_dict(state["scheduler"])
         set_rng_states(tensors, trainer.batch_generators, trainer.device, trainer.world.rank)
         for name, kind in COUNTERS.items():

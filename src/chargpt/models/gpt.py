@@ -3,7 +3,8 @@
 Two attention paths compute the same function from the same parameters:
 `reference` runs the lab's `Head` modules one by one; `fused` (the default) does one QKV
 projection and `scaled_dot_product_attention`. Both expose the same state dict (one `qkv`
-matrix per block), so a checkpoint loads into either.
+matrix per block), so a checkpoint loads into either. Both support every recipe option
+(rotary positions, QK-norm, RMSNorm, ReLU²/GELU, tied embeddings: see chargpt.models.layers).
 """
 
 from __future__ import annotations
@@ -17,14 +18,26 @@ from torch.nn import functional as F
 from chargpt.config import ModelConfig
 from chargpt.decoding import AttentionCache, KVCache
 from chargpt.models.base import LanguageModel
+from chargpt.models.layers import Rotary, RotaryAngles, make_activation, make_norm, rotate
+
+# the QK-norm of a block's queries and keys, shared by all its heads
+QKNorm = tuple[nn.Module, nn.Module]
 
 
 class Head(nn.Module):
     """Lab part d: one head of causal self-attention, scores scaled by 1/sqrt(head_size)."""
 
-    def __init__(self, n_embd: int, head_size: int, block_size: int, dropout: float):
+    def __init__(
+        self,
+        n_embd: int,
+        head_size: int,
+        block_size: int,
+        dropout: float,
+        qk_norm: QKNorm | None = None,
+    ):
         super().__init__()
         self.head_size = head_size
+        self.qk_norm = qk_norm  # a plain tuple: the norms belong to MultiHeadAttention
         # learned projections of each token into a query, a key and a value
         self.key = nn.Linear(n_embd, head_size, bias=False)
         self.query = nn.Linear(n_embd, head_size, bias=False)
@@ -33,11 +46,15 @@ class Head(nn.Module):
         self.register_buffer("tril", torch.tril(torch.ones(block_size, block_size)), False)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RotaryAngles | None = None) -> torch.Tensor:
         B, T, C = x.shape
         k = self.key(x)  # (B, T, hs)
         q = self.query(x)  # (B, T, hs)
         v = self.value(x)  # (B, T, hs)
+        if self.qk_norm is not None:  # unit-RMS queries and keys (recipe option)
+            q, k = self.qk_norm[0](q), self.qk_norm[1](k)
+        if rope is not None:  # rotary positions (recipe option), as one head: (B, 1, T, hs)
+            q, k = rotate(q[:, None], rope)[:, 0], rotate(k[:, None], rope)[:, 0]
         # affinities between every query and every key, scaled to keep unit variance
         wei = q @ k.transpose(-2, -1) * self.head_size**-0.5  # (B, T, hs) @ (B, hs, T) -> (B, T, T)
         # the future is masked out; slicing the mask makes any T <= block_size work
@@ -50,11 +67,18 @@ class Head(nn.Module):
 class MultiHeadAttention(nn.Module):
     """Several `Head`s in parallel, concatenated and projected back to n_embd (reference path)."""
 
-    def __init__(self, n_embd: int, n_head: int, block_size: int, dropout: float):
+    def __init__(
+        self, n_embd: int, n_head: int, block_size: int, dropout: float, qk_norm: bool = False
+    ):
         super().__init__()
         head_size = n_embd // n_head
+        norms = None
+        self.qk_norm = qk_norm
+        if qk_norm:  # one gain vector for all heads, stored as in the fused path
+            self.q_norm, self.k_norm = nn.RMSNorm(head_size), nn.RMSNorm(head_size)
+            norms = (self.q_norm, self.k_norm)
         self.heads = nn.ModuleList(
-            [Head(n_embd, head_size, block_size, dropout) for _ in range(n_head)]
+            [Head(n_embd, head_size, block_size, dropout, norms) for _ in range(n_head)]
         )
         self.proj = nn.Linear(head_size * n_head, n_embd)
         self.dropout = nn.Dropout(dropout)
@@ -62,8 +86,8 @@ class MultiHeadAttention(nn.Module):
         self.register_state_dict_post_hook(_heads_to_qkv)
         self.register_load_state_dict_pre_hook(_qkv_to_heads)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.cat([h(x) for h in self.heads], dim=-1)  # (B, T, n_head * hs)
+    def forward(self, x: torch.Tensor, rope: RotaryAngles | None = None) -> torch.Tensor:
+        out = torch.cat([h(x, rope) for h in self.heads], dim=-1)  # (B, T, n_head * hs)
         return self.dropout(self.proj(out))  # (B, T, C)
 
 
@@ -90,19 +114,32 @@ def _qkv_to_heads(module: MultiHeadAttention, state_dict: dict, prefix: str, *_a
 class CausalSelfAttention(nn.Module):
     """The fused path: all heads' Q, K, V in one matmul, attention by PyTorch's fused kernel."""
 
-    def __init__(self, n_embd: int, n_head: int, dropout: float):
+    def __init__(self, n_embd: int, n_head: int, dropout: float, qk_norm: bool = False):
         super().__init__()
         self.n_head = n_head
         self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=False)  # [queries; keys; values]
+        if qk_norm:  # recipe option: unit-RMS queries and keys, one gain vector for all heads
+            self.q_norm, self.k_norm = nn.RMSNorm(n_embd // n_head), nn.RMSNorm(n_embd // n_head)
+        self.qk_norm = qk_norm
         self.proj = nn.Linear(n_embd, n_embd)
         self.attn_dropout = dropout
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, cache: AttentionCache | None = None) -> torch.Tensor:
-        """(B, T, C) -> (B, T, C). With a `cache`, x holds the T positions after those cached."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: AttentionCache | None = None,
+        rope: RotaryAngles | None = None,
+    ) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C). With a `cache`, x holds the T positions after those cached;
+        `rope` holds the rotary angles of those T positions (recipe option)."""
         B, T, C = x.shape
         # (B, T, 3C) -> three (B, n_head, T, hs) tensors
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:  # keys are rotated before they are cached: cached keys stay valid
+            q, k = rotate(q, rope), rotate(k, rope)
         dropout_p = self.attn_dropout if self.training else 0.0
         if cache is None:
             # softmax(q k^T / sqrt(hs)) v with the causal mask, in one kernel: (B, n_head, T, hs)
@@ -117,13 +154,19 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side again: (B, T, C)
         return self.dropout(self.proj(y))  # (B, T, C)
 
-    def step(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def step(
+        self, x: torch.Tensor, cache: KVCache, rope: RotaryAngles | None = None
+    ) -> torch.Tensor:
         """`forward` for one new position per row, all rows after the same cached ones:
         (B, 1, C) -> (B, 1, C). One query sees every key (no mask), and with one position the
         heads need no transposes."""
         B, _, C = x.shape
         # (B, 1, 3C) -> q, k, v: (B, n_head, 1, hs) each
         q, k, v = self.qkv(x).view(B, 3, self.n_head, 1, C // self.n_head).unbind(1)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = rotate(q, rope), rotate(k, rope)
         k, v = cache.append(k, v)  # (B, n_head, length, hs): earlier positions too
         dropout_p = self.attn_dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # (B, n_head, 1, hs)
@@ -131,13 +174,14 @@ class CausalSelfAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """Lab part e: position-wise MLP, n_embd -> 4 n_embd -> n_embd with a ReLU in between."""
+    """Lab part e: position-wise MLP, n_embd -> 4 n_embd -> n_embd with a ReLU in between
+    (or the `activation` a recipe option names: relu2, gelu)."""
 
-    def __init__(self, n_embd: int, dropout: float):
+    def __init__(self, n_embd: int, dropout: float, activation: str = "relu"):
         super().__init__()
         self.net = nn.Sequential(
             nn.Linear(n_embd, 4 * n_embd),  # widen 4x, as in "Attention Is All You Need"
-            nn.ReLU(),
+            make_activation(activation),
             nn.Linear(4 * n_embd, n_embd),  # back to the residual width
             nn.Dropout(dropout),
         )
@@ -153,23 +197,33 @@ class DecoderBlock(nn.Module):
         super().__init__()
         c = config
         if c.attention == "reference":
-            self.sa: nn.Module = MultiHeadAttention(c.n_embd, c.n_head, c.block_size, c.dropout)
+            self.sa: nn.Module = MultiHeadAttention(
+                c.n_embd, c.n_head, c.block_size, c.dropout, c.qk_norm
+            )
         else:
-            self.sa = CausalSelfAttention(c.n_embd, c.n_head, c.dropout)
-        self.ffwd = FeedForward(c.n_embd, c.dropout)
-        self.ln1 = nn.LayerNorm(c.n_embd)
-        self.ln2 = nn.LayerNorm(c.n_embd)
+            self.sa = CausalSelfAttention(c.n_embd, c.n_head, c.dropout, c.qk_norm)
+        self.ffwd = FeedForward(c.n_embd, c.dropout, c.mlp)
+        self.ln1 = make_norm(c.norm, c.n_embd)  # LayerNorm, or RMSNorm (recipe option)
+        self.ln2 = make_norm(c.norm, c.n_embd)
 
-    def forward(self, x: torch.Tensor, cache: AttentionCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: AttentionCache | None = None,
+        rope: RotaryAngles | None = None,
+    ) -> torch.Tensor:
         h = self.ln1(x)  # normalise: (B, T, C)
-        attended = self.sa(h) if cache is None else self.sa(h, cache)  # a cache: fused path only
+        # a cache: fused path only
+        attended = self.sa(h, rope=rope) if cache is None else self.sa(h, cache, rope)
         x = x + attended  # attend, add back (residual): (B, T, C)
         x = x + self.ffwd(self.ln2(x))  # normalise, transform, add back (residual): (B, T, C)
         return x
 
-    def step(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def step(
+        self, x: torch.Tensor, cache: KVCache, rope: RotaryAngles | None = None
+    ) -> torch.Tensor:
         """`forward` for one new position per row (see `CausalSelfAttention.step`): (B, 1, C)."""
-        x = x + self.sa.step(self.ln1(x), cache)
+        x = x + self.sa.step(self.ln1(x), cache, rope)
         return x + self.ffwd(self.ln2(x))
 
 
@@ -182,10 +236,15 @@ class GPTLanguageModel(LanguageModel):
         self.vocab_size = vocab_size
         self.context_length = config.block_size
         self.token_embedding_table = nn.Embedding(vocab_size, config.n_embd)
-        self.position_embedding_table = nn.Embedding(config.block_size, config.n_embd)
+        if config.pos_emb == "rope":  # positions rotate queries and keys instead (recipe option)
+            self.rotary = Rotary(config.n_embd // config.n_head, config.block_size)
+        else:
+            self.position_embedding_table = nn.Embedding(config.block_size, config.n_embd)
         self.blocks = nn.Sequential(*[DecoderBlock(config) for _ in range(config.n_layer)])
-        self.ln_f = nn.LayerNorm(config.n_embd)  # final layer norm
+        self.ln_f = make_norm(config.norm, config.n_embd)  # final layer norm
         self.lm_head = nn.Linear(config.n_embd, vocab_size)
+        if config.tie_embeddings:  # one (vocab, C) matrix reads characters in and out (option)
+            self.lm_head.weight = self.token_embedding_table.weight
         self.apply(self._init_weights)
 
     @property
@@ -201,6 +260,17 @@ class GPTLanguageModel(LanguageModel):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    def embed(
+        self, idx: torch.Tensor, pos: torch.Tensor
+    ) -> tuple[torch.Tensor, RotaryAngles | None]:
+        """(B, T) ids at (T,) or (B, T) positions -> (B, T, C) embeddings, and with rotary
+        positions (recipe option) their angles, which the blocks apply to queries and keys."""
+        tok_emb = self.token_embedding_table(idx)  # (B, T, C): what each character is
+        if self.config.pos_emb == "rope":
+            return tok_emb, self.rotary(pos)  # positions enter through q and k in each block
+        pos_emb = self.position_embedding_table(pos)  # (T, C) or (B, T, C): where each one is
+        return tok_emb + pos_emb, None  # (B, T, C)
+
     def logits(
         self, idx: torch.Tensor, caches: Sequence[AttentionCache] | None = None
     ) -> torch.Tensor:
@@ -210,27 +280,22 @@ class GPTLanguageModel(LanguageModel):
         B, T = idx.shape
         if caches is None and T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
-        tok_emb = self.token_embedding_table(idx)  # (B, T, C): what each character is
         if caches is None:
             pos = torch.arange(T, device=idx.device)  # (T,)
         else:
             pos = caches[0].positions(T, idx.device)  # (T,), or (B, T): a position per row
-        pos_emb = self.position_embedding_table(pos)  # (T, C) or (B, T, C): where each one is
-        x = tok_emb + pos_emb  # (B, T, C)
-        if caches is None:
-            x = self.blocks(x)  # (B, T, C)
-        else:
-            for block, cache in zip(self.blocks, caches, strict=True):
-                x = block(x, cache)  # (B, T, C)
+        x, rope = self.embed(idx, pos)  # (B, T, C)
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if caches is None else caches[i], rope)  # (B, T, C)
         x = self.ln_f(x)  # (B, T, C)
         return self.lm_head(x)  # (B, T, vocab_size)
 
     def step(self, idx: torch.Tensor, caches: Sequence[KVCache]) -> torch.Tensor:
         """`logits(idx, caches)[:, -1]` for one new id per row, all rows at the same position:
-        generation's decode step, in fewer operations (no positions, mask or head transposes).
+        generation's decode step, in fewer operations (no mask, no head transposes).
         (B, 1) -> (B, vocab_size)."""
-        position = self.position_embedding_table.weight[caches[0].length]  # (C,)
-        x = self.token_embedding_table(idx) + position  # (B, 1, C)
+        position = torch.full((1,), caches[0].length, device=idx.device)  # (1,): the new one's
+        x, rope = self.embed(idx, position)  # (B, 1, C)
         for block, cache in zip(self.blocks, caches, strict=True):
-            x = block.step(x, cache)  # (B, 1, C)
+            x = block.step(x, cache, rope)  # (B, 1, C)
         return self.lm_head(self.ln_f(x))[:, 0]  # (B, vocab_size)
