@@ -7,8 +7,9 @@ for every character), and each input row is rounded to int8 with its own scale w
 (VNNI instructions on recent x86 CPUs), then scaled back to floats. This is torchao's
 "int8 dynamic activation, int8 weight" recipe, run eagerly on PyTorch's own kernel.
 
-Embeddings and LayerNorms stay in fp32. A run directory always holds the fp32 weights: models
-are quantized after loading, in memory, and never saved that way.
+Embeddings, norms and attention stay in fp32, and an int8 model runs without autocast
+(`forward_dtype`). A run directory always holds the fp32 weights: models are quantized after
+loading, in memory, and never saved that way.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ class Int8Linear(nn.Module):
         weight = linear.weight.detach().float()  # (out, in)
         scale = weight.abs().amax(dim=1).clamp_min(TINY) / INT8_MAX  # (out,)
         weight_int8 = torch.round(weight / scale[:, None]).to(torch.int8)  # (out, in)
-        # stored (in, out) with out-rows contiguous: the layout `torch._int_mm` reads fastest
+        # (in, out) as the transpose of the contiguous (out, in): the layout that `torch._int_mm`
+        # reads fastest for a few rows (each output's weights side by side)
         self.register_buffer("weight_int8_t", weight_int8.t())
         self.register_buffer("weight_scale", scale)
         bias = None if linear.bias is None else linear.bias.detach().float()
