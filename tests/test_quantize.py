@@ -130,6 +130,7 @@ def test_an_int8_model_runs_in_fp32_whatever_the_dtype_setting():
     cpu = torch.device("cpu")
     assert forward_dtype(quantized(model, "int8"), "bf16", cpu) == torch.float32
     assert forward_dtype(model, "bf16", cpu) == torch.bfloat16
+    assert forward_dtype(model, "auto", cpu) == torch.float32  # whatever bf16 support it has
     with pytest.raises(ChargptError, match="drop --dtype bf16"):
         SampleConfig(quantize="int8", dtype="bf16").validate()
 

@@ -191,7 +191,7 @@ class SampleConfig:
         0.5, "window mode: fraction of block_size kept when the cache fills, in (0, 1)"
     )
     dtype: Literal["auto", "fp32", "bf16"] = option(
-        "auto", "precision of the forward passes; auto picks bf16 where the hardware runs it fast"
+        "auto", "precision of the forward passes; auto picks bf16 on GPUs that run it, fp32 on CPUs"
     )
     quantize: Literal["none", "int8"] = option("none", QUANTIZE_HELP)
 
@@ -235,7 +235,7 @@ class ServeConfig:
     device: str = option("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     threads: int = option(0, "PyTorch intra-op threads (0: PyTorch's default)")
     dtype: Literal["auto", "fp32", "bf16"] = option(
-        "auto", "precision of the forward passes; auto picks bf16 where the hardware runs it fast"
+        "auto", "precision of the forward passes; auto picks bf16 on GPUs that run it, fp32 on CPUs"
     )
     grace_period: float = option(
         10.0, "seconds that requests in flight get to finish after SIGTERM before they are cut"
