@@ -70,6 +70,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch")
     parser.add_argument("--dtype", default="auto", help="the server's and the baseline's dtype")
     parser.add_argument(
+        "--quantize", default="none", help="the server's and the baseline's --quantize (int8)"
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -104,7 +107,7 @@ def start_server(
     command = [
         sys.executable, "-m", "chargpt", "serve", "--run", str(run_dir), "--port", "0",
         "--max-batch", str(args.max_batch), "--max-queue", "1024", "--dtype", args.dtype,
-        "--threads", str(args.threads),
+        "--threads", str(args.threads), "--quantize", args.quantize,
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
@@ -166,7 +169,7 @@ def sequential(run_dir: Path, texts: list[str], args) -> dict:
     for i, prompt in enumerate(texts):
         begun, first = time.perf_counter(), None
         for piece in stream(run.model, run.tokenizer, prompt, max_new_tokens=args.max_tokens,
-                            seed=i, dtype=args.dtype):  # fmt: skip
+                            seed=i, dtype=args.dtype, quantize=args.quantize):  # fmt: skip
             if first is None:
                 first = time.perf_counter() - begun
             chars += len(piece.text)
@@ -254,7 +257,8 @@ def main() -> None:
             print(
                 f"model {config.n_layer} x {config.n_embd}, block {config.block_size}; "
                 f"{args.max_tokens} characters per request from {args.prompt_chars}-character "
-                f"prompts; server --max-batch {args.max_batch}, --dtype {args.dtype}\n"
+                f"prompts; server --max-batch {args.max_batch}, --dtype {args.dtype}, "
+                f"--quantize {args.quantize}\n"
             )
             print("| clients | requests | characters | chars/s | TTFT p50 ms | TTFT p99 ms "
                   "| x sequential | x 1 client |")  # fmt: skip
