@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from chargpt.config import build_configs
 from chargpt.corpus import load_text
 from chargpt.counts import count_cross_entropy
 from chargpt.data import CharDataset
 from chargpt.evaluate import full_pass_loss, validation_stream
+from chargpt.presets import build_configs
 from chargpt.tokenizer import CharTokenizer
 from chargpt.train import Trainer
 

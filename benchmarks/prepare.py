@@ -59,7 +59,7 @@ def run_measured(args: list[str]) -> tuple[float, float, str]:
 TRAIN_PROBE = """
 import sys, time, json
 from pathlib import Path
-from chargpt.config import build_configs
+from chargpt.presets import build_configs
 from chargpt.data import load_prepared
 from chargpt.train import Trainer
 dataset, tokenizer = load_prepared(Path(sys.argv[1]))

@@ -25,11 +25,11 @@ from typing import Any
 
 import torch
 
-from chargpt.config import build_configs
 from chargpt.data import load_corpus
 from chargpt.evaluate import evaluate_run
 from chargpt.metrics import read_metrics
 from chargpt.plot import new_figure, save_figure
+from chargpt.presets import build_configs
 from chargpt.run_dir import load_run
 from chargpt.train import Trainer
 

@@ -18,12 +18,12 @@ import time
 
 import torch
 
-from chargpt.config import build_configs
 from chargpt.corpus import load_text
 from chargpt.data import CharDataset
 from chargpt.device import autocast, cpu_has_fast_bf16, resolve_device
 from chargpt.models import GPTLanguageModel
 from chargpt.optim import configure_optimizer
+from chargpt.presets import build_configs
 from chargpt.tokenizer import CharTokenizer
 
 

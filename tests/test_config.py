@@ -3,9 +3,10 @@ import dataclasses
 import pytest
 
 from chargpt.cli_args import build_parser
-from chargpt.config import PRESETS, ModelConfig, TrainConfig, build_configs
+from chargpt.config import ModelConfig, TrainConfig
 from chargpt.errors import ChargptError
 from chargpt.options import given_fields, load_toml
+from chargpt.presets import PRESETS, build_configs
 
 
 def test_lab_preset_is_the_notebooks_settings():

@@ -7,13 +7,14 @@ import dataclasses
 import pytest
 import torch
 
-from chargpt.config import PRESETS, ModelConfig, TrainConfig, build_configs
+from chargpt.config import ModelConfig, TrainConfig
 from chargpt.data import CharDataset
 from chargpt.decoding import SlotDecoder, make_decoder
 from chargpt.errors import ChargptError
 from chargpt.inspection import logits_and_attention
 from chargpt.models import GPTLanguageModel
 from chargpt.models.layers import Rotary, rotate
+from chargpt.presets import PRESETS, build_configs
 from chargpt.run_dir import WEIGHTS, load_run, read_safetensors
 from chargpt.tokenizer import CharTokenizer
 from chargpt.train import Trainer

@@ -20,7 +20,6 @@ from chargpt.config import (
     SampleConfig,
     ServeConfig,
     TrainConfig,
-    build_configs,
     from_dict,
 )
 from chargpt.corpus import BUNDLED, resolve_corpus_path
@@ -34,6 +33,7 @@ from chargpt.generate import encode_prompt, generate, resolve_seed, stream
 from chargpt.options import given_fields, load_toml
 from chargpt.plot import plot_run
 from chargpt.prepare import prepare
+from chargpt.presets import build_configs
 from chargpt.quantize import quantized
 from chargpt.resume import resume_run
 from chargpt.run_dir import check_new_run_dir, load_run, read_run_config, removed_if_failed

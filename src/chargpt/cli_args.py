@@ -8,8 +8,6 @@ from pathlib import Path
 from typing import NoReturn
 
 from chargpt.config import (
-    PRESET_NAMES,
-    PRESETS,
     QUANTIZE_HELP,
     ModelConfig,
     SampleConfig,
@@ -17,6 +15,7 @@ from chargpt.config import (
     TrainConfig,
 )
 from chargpt.options import add_dataclass_arguments
+from chargpt.presets import PRESET_NAMES, PRESETS
 from chargpt.quantize import METHODS as QUANTIZE_METHODS
 from chargpt.resume import RESUMABLE_OPTIONS
 

@@ -10,10 +10,11 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from chargpt.config import ModelConfig, TrainConfig, from_dict, parse_duration, split_overrides
+from chargpt.config import ModelConfig, TrainConfig, from_dict, parse_duration
 from chargpt.data import load_corpus
 from chargpt.device import resolve_device
 from chargpt.errors import ChargptError
+from chargpt.presets import split_overrides
 from chargpt.run_dir import LAST, read_run_config, run_configs
 from chargpt.train import Trainer
 from chargpt.train_state import load_trainer_state
