@@ -57,13 +57,9 @@ class TrainingDiverged(ChargptError):
 
 
 def sample_text(model: LanguageModel, tokenizer: CharTokenizer, length: int, seed: int) -> str:
-    """A short sample from an empty prompt (a newline), to watch the model learn."""
-    was_training = model.training
-    model.eval()
-    try:
-        return generate(model, tokenizer, max_new_tokens=length, seed=seed)[0]
-    finally:
-        model.train(was_training)
+    """A short sample from an empty prompt (a newline), to watch the model learn (`generate`
+    samples in eval mode and gives the model back in training mode)."""
+    return generate(model, tokenizer, max_new_tokens=length, seed=seed)[0]
 
 
 @contextlib.contextmanager
