@@ -2,7 +2,8 @@
 
 Two attention paths compute the same function from the same parameters:
 `reference` runs the lab's `Head` modules one by one; `fused` (the default) does one QKV
-projection and `scaled_dot_product_attention`. Both expose the same state dict (one `qkv`
+projection and `scaled_dot_product_attention` (when training with dropout on a CPU, the
+chunked loop of `chargpt.models.attention` instead). Both expose the same state dict (one `qkv`
 matrix per block), so a checkpoint loads into either.
 """
 
@@ -14,6 +15,7 @@ from torch.nn import functional as F
 
 from chargpt.config import ModelConfig
 from chargpt.decoding import KVCache, cached_causal_mask
+from chargpt.models.attention import chunked_causal_attention
 from chargpt.models.base import LanguageModel
 
 
@@ -102,7 +104,10 @@ class CausalSelfAttention(nn.Module):
         # (B, T, 3C) -> three (B, n_head, T, hs) tensors
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         dropout_p = self.attn_dropout if self.training else 0.0
-        if cache is None:
+        if cache is None and dropout_p > 0 and x.device.type == "cpu":
+            # the fused CPU kernel has no dropout; cache-sized chunks are faster: (B, n_head, T, hs)
+            y = chunked_causal_attention(q, k, v, dropout_p)
+        elif cache is None:
             # softmax(q k^T / sqrt(hs)) v with the causal mask, in one kernel: (B, n_head, T, hs)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
         else:
