@@ -176,7 +176,8 @@ def main() -> None:
         + ", ".join(
             f"{str(k).removeprefix('torch.')} {v / 1e9:,.0f} GFLOP/s" for k, v in peaks.items()
         )
-        + ("" if use_bf16 else "; bf16 skipped (no fast bf16 on this hardware)")
+        + ("" if use_bf16 else "; bf16 skipped")
+        + ("" if use_bf16 or fast_bf16 else " (no fast bf16 on this hardware)")
     )
     rows = []
     for preset in args.settings.split(","):

@@ -7,7 +7,7 @@ import torch
 from torch.nn import functional as F
 
 from chargpt.models import CausalSelfAttention, MultiHeadAttention
-from chargpt.models.attention import attention_dropout, chunked_causal_attention, slices_per_chunk
+from chargpt.models.attention import chunked_causal_attention, dropout_mask, slices_per_chunk
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -65,6 +65,19 @@ def test_equals_the_lab_heads_with_copied_weights(T):
     torch.testing.assert_close(fused.qkv.weight.grad, torch.cat(stacked), atol=1e-5, rtol=0)
 
 
+def test_gradients_with_dropout_match_finite_differences():
+    """The hand-written backward, dropout included: reseeding draws the same masks every call."""
+
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        torch.manual_seed(0)
+        return chunked_causal_attention(q, k, v, 0.3, chunk=2)
+
+    tensors = [t.detach()[:1, :3].double().requires_grad_() for t in qkv(6)]
+    no_dropout = chunked_causal_attention(*tensors, 0.0)
+    assert not torch.allclose(attention(*tensors), no_dropout)  # some weights were dropped
+    assert torch.autograd.gradcheck(attention, tensors)
+
+
 def test_dropout_keeps_or_scales_each_weight_by_hand():
     """q = k = 0 gives row t the uniform weights 1/(t+1); v = identity shows each weight, so
     every causal entry of row t must be 0 (dropped) or 1/(t+1) / (1 - p) (kept)."""
@@ -94,13 +107,14 @@ def test_dropout_averages_to_the_no_dropout_output():
 
 def test_drop_rate_is_p():
     torch.manual_seed(0)
-    wei = torch.ones(4, 64, 64)
-    dropped = (attention_dropout(wei, 0.2) == 0).float().mean().item()
+    keep = dropout_mask(torch.ones(4, 64, 64), 0.2)
+    assert set(keep.unique().tolist()) == {0.0, 1.25}
+    dropped = (keep == 0).float().mean().item()
     assert abs(dropped - 0.2) < 0.015  # 16,384 draws: 4.8 standard deviations
 
 
 def test_chunks_hold_at_least_one_slice():
-    assert slices_per_chunk(256) == 8  # 2 MiB of fp32 (256, 256) weights
+    assert slices_per_chunk(256) == 32  # 2 MiB of fp32 weights for a block of 64 rows
     assert slices_per_chunk(4096) == 1
 
 
