@@ -114,7 +114,7 @@ def test_drop_rate_is_p():
 
 
 def test_chunks_hold_at_least_one_slice():
-    assert slices_per_chunk(256) == 32  # 2 MiB of fp32 weights for a block of 64 rows
+    assert slices_per_chunk(256) == 64  # 4 MiB of fp32 weights for a block of 64 rows
     assert slices_per_chunk(4096) == 1
 
 

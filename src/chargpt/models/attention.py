@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import torch
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-CHUNK_BYTES = 2 * 2**20  # fp32 weights of one block of rows for a whole chunk: an L2 cache or two
+CHUNK_BYTES = 4 * 2**20  # fp32 weights of one block of rows for a whole chunk: stays in cache
 QUERY_BLOCKS = 4  # causal: the i-th block of query rows needs only the first i blocks of keys
 
 
