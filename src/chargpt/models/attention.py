@@ -48,8 +48,8 @@ def blocks(N: int, T: int, chunk: int) -> Iterator[tuple[slice, slice, int]]:
 class ChunkedCausalAttention(torch.autograd.Function):
     """softmax(q k^T + causal mask) v with dropout on the weights, block by block; q comes scaled
     by 1/sqrt(hs). Each block's weights and dropout mask are kept for the backward pass, as
-    autograd would keep them, but the gradients are summed in place instead of through
-    autograd's zero-filled slices and concatenations, which cost as much as the rest."""
+    autograd would keep them, but the gradients are summed in place: through autograd, the
+    zero-filled slices and concatenations of the blocks took a third of the time."""
 
     @staticmethod
     def forward(
