@@ -2,7 +2,8 @@
 
 Two attention paths compute the same function from the same parameters:
 `reference` runs the lab's `Head` modules one by one; `fused` (the default) does one QKV
-projection and `scaled_dot_product_attention`. Both expose the same state dict (one `qkv`
+projection and `scaled_dot_product_attention` (when training with dropout on a CPU, the
+chunked loop of `chargpt.models.attention` instead). Both expose the same state dict (one `qkv`
 matrix per block), so a checkpoint loads into either. Both support every recipe option
 (rotary positions, QK-norm, RMSNorm, ReLU²/GELU, tied embeddings: see chargpt.models.layers).
 """
@@ -17,6 +18,7 @@ from torch.nn import functional as F
 
 from chargpt.config import ModelConfig
 from chargpt.decoding import AttentionCache, KVCache
+from chargpt.models.attention import chunked_causal_attention
 from chargpt.models.base import LanguageModel
 from chargpt.models.layers import Rotary, RotaryAngles, make_activation, make_norm, rotate
 
@@ -141,7 +143,10 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:  # keys are rotated before they are cached: cached keys stay valid
             q, k = rotate(q, rope), rotate(k, rope)
         dropout_p = self.attn_dropout if self.training else 0.0
-        if cache is None:
+        if cache is None and dropout_p > 0 and x.device.type == "cpu":
+            # the fused CPU kernel has no dropout; cache-sized chunks are faster: (B, n_head, T, hs)
+            y = chunked_causal_attention(q, k, v, dropout_p)
+        elif cache is None:
             # softmax(q k^T / sqrt(hs)) v with the causal mask, in one kernel: (B, n_head, T, hs)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
         else:
