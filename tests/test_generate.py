@@ -10,6 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from model_support import BLOCK, TOKENIZER, tiny_gpt
 
 from chargpt.cli import main
 from chargpt.config import ModelConfig, TrainConfig
@@ -18,25 +19,6 @@ from chargpt.errors import ChargptError
 from chargpt.generate import StopFilter, generate, stream
 from chargpt.models import BigramLanguageModel, GPTLanguageModel
 from chargpt.run_dir import save_run
-from chargpt.tokenizer import CharTokenizer
-
-BLOCK = 16
-TOKENIZER = CharTokenizer(tuple("\n abcdefghij"))
-
-
-def tiny_gpt(attention: str = "fused", seed: int = 0) -> GPTLanguageModel:
-    """A small GPT with weights spread wider than the N(0, 0.02) init, so that its logits are as
-    decisive as a trained model's and greedy choices are far from ties."""
-    config = ModelConfig(
-        block_size=BLOCK, n_embd=32, n_head=4, n_layer=2, dropout=0.0, attention=attention
-    )
-    torch.manual_seed(seed)
-    model = GPTLanguageModel(config, TOKENIZER.vocab_size)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.3)
-    return model.eval()
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from model_support import BLOCK, TOKENIZER, tiny_gpt
 from torch import nn
 from torch.nn import functional as F
 
@@ -20,24 +21,8 @@ from chargpt.generate import generate
 from chargpt.models import BigramLanguageModel, GPTLanguageModel
 from chargpt.quantize import Int8Linear, forward_dtype, is_quantized, quantized
 from chargpt.run_dir import WEIGHTS, save_run
-from chargpt.tokenizer import CharTokenizer
 
-BLOCK = 16
-TOKENIZER = CharTokenizer(tuple("\n abcdefghij"))
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny_gpt(seed: int = 0) -> GPTLanguageModel:
-    """Weights spread wider than the N(0, 0.02) init, so that logits are as decisive as a trained
-    model's (the same model as tests/test_generate.py's)."""
-    config = ModelConfig(block_size=BLOCK, n_embd=32, n_head=4, n_layer=2, dropout=0.0)
-    torch.manual_seed(seed)
-    model = GPTLanguageModel(config, TOKENIZER.vocab_size)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.3)
-    return model.eval()
 
 
 def random_ids(batch: int, length: int, seed: int) -> torch.Tensor:
@@ -69,7 +54,7 @@ def test_int8_logits_stay_close_to_fp32(seed):
     """Bounds with a margin of about 2x over what three seeds measured: each int8 product is
     off by about 1% of its scale (two roundings of 1/254 of a row's maximum), and nine of them
     in sequence (two blocks of four, and the head) leave the logits within a few percent."""
-    model = tiny_gpt(seed)
+    model = tiny_gpt(seed=seed)
     idx = random_ids(8, BLOCK, seed)
     with torch.no_grad():
         fp32, int8 = model.logits(idx), quantized(model, "int8").logits(idx)
@@ -107,7 +92,7 @@ def test_greedy_choices_mostly_equal_fp32():
 
 
 def test_greedy_text_through_the_cached_decoder_starts_the_same():
-    model = tiny_gpt(1)  # whose greedy texts measured identical for 200 characters
+    model = tiny_gpt(seed=1)  # whose greedy texts measured identical for 200 characters
     idx = random_ids(4, 3, 3)
     fp32 = model.generate(idx, 3 * BLOCK, temperature=0)
     int8 = quantized(model, "int8").generate(idx, 3 * BLOCK, temperature=0)

@@ -6,31 +6,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_support import BLOCK, TOKENIZER, tiny_gpt
 
-from chargpt.config import ModelConfig
 from chargpt.decoding import SlotDecoder, make_decoder
-from chargpt.models import GPTLanguageModel
 
-BLOCK = 16
-VOCAB = 12
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny_gpt(attention: str = "fused") -> GPTLanguageModel:
-    config = ModelConfig(
-        block_size=BLOCK, n_embd=32, n_head=4, n_layer=2, dropout=0.0, attention=attention
-    )
-    torch.manual_seed(0)
-    model = GPTLanguageModel(config, VOCAB)
-    with torch.no_grad():  # wider than the N(0, 0.02) init, so that logits differ clearly
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.3)
-    return model.eval()
-
-
 def random_ids(n: int, seed: int) -> list[int]:
-    return torch.randint(VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+    return torch.randint(
+        TOKENIZER.vocab_size, (n,), generator=torch.Generator().manual_seed(seed)
+    ).tolist()
 
 
 def single_sequence_logits(model, prompt: list[int], continuation: list[int]) -> list[torch.Tensor]:
@@ -92,7 +78,7 @@ def test_a_slots_logits_do_not_depend_on_the_other_slots_bit_for_bit():
         decoder.start(0, prompt)
         rows = [decoder.logits[0].clone()]
         for step, token in enumerate(continuation):
-            others = {slot: (step * slot) % VOCAB for slot in neighbours}
+            others = {slot: (step * slot) % TOKENIZER.vocab_size for slot in neighbours}
             decoder.append({0: token, **others})
             rows.append(decoder.logits[0].clone())
         return torch.stack(rows)

@@ -1,0 +1,26 @@
+"""A small GPT whose logits are as decisive as a trained model's, shared by the decoding tests."""
+
+from __future__ import annotations
+
+import torch
+
+from chargpt.config import ModelConfig
+from chargpt.models.gpt import GPTLanguageModel
+from chargpt.tokenizer import CharTokenizer
+
+BLOCK = 16
+TOKENIZER = CharTokenizer(tuple("\n abcdefghij"))
+
+
+def tiny_gpt(attention: str = "fused", *, seed: int = 0) -> GPTLanguageModel:
+    """Weights spread wider than the N(0, 0.02) init, so that greedy choices are far from ties."""
+    config = ModelConfig(
+        block_size=BLOCK, n_embd=32, n_head=4, n_layer=2, dropout=0.0, attention=attention
+    )
+    torch.manual_seed(seed)
+    model = GPTLanguageModel(config, TOKENIZER.vocab_size)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.3)
+    return model.eval()
