@@ -15,6 +15,7 @@ def option(default: Any, help: str, **choices: Any) -> Any:
     return field(default=default, metadata={"help": help, **choices})
 
 
+Quantize = Literal["none", "int8"]  # the weight formats of chargpt.quantize
 QUANTIZE_HELP = (
     "none: the weights as trained; int8: int8 weights, faster on the CPU (quantized in memory "
     "after loading: the run keeps its fp32 weights)"
@@ -193,7 +194,7 @@ class SampleConfig:
     dtype: Literal["auto", "fp32", "bf16"] = option(
         "auto", "precision of the forward passes; auto picks bf16 on GPUs that run it, fp32 on CPUs"
     )
-    quantize: Literal["none", "int8"] = option("none", QUANTIZE_HELP)
+    quantize: Quantize = option("none", QUANTIZE_HELP)
 
     def validate(self) -> None:
         check_quantize_dtype(self.quantize, self.dtype)
@@ -240,7 +241,7 @@ class ServeConfig:
     grace_period: float = option(
         10.0, "seconds that requests in flight get to finish after SIGTERM before they are cut"
     )
-    quantize: Literal["none", "int8"] = option("none", QUANTIZE_HELP)
+    quantize: Quantize = option("none", QUANTIZE_HELP)
 
     def validate(self) -> None:
         check_quantize_dtype(self.quantize, self.dtype)

@@ -15,15 +15,17 @@ loading, in memory, and never saved that way.
 from __future__ import annotations
 
 import copy
+import typing
 
 import torch
 from torch import nn
 
+from chargpt.config import Quantize
 from chargpt.device import resolve_dtype
 from chargpt.errors import ChargptError
 from chargpt.models import BigramLanguageModel, LanguageModel
 
-METHODS = ("none", "int8")
+METHODS = typing.get_args(Quantize)
 INT8_MAX = 127
 TINY = 1e-12  # floor of a scale: an all-zero row stays zeros instead of 0/0
 
