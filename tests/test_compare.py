@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import sys
@@ -11,15 +10,12 @@ import numpy as np
 import pytest
 
 from chargpt.cli import main
-from chargpt.compare import TimeBudgetTrainer
 from chargpt.config import ModelConfig, TrainConfig
 from chargpt.counts import count_references
 from chargpt.data import CharDataset
 from chargpt.errors import ChargptError
 from chargpt.evaluate import full_pass_loss, validation_stream
-from chargpt.optim import lr_multiplier
 from chargpt.plot import plot_after_training, plot_run
-from chargpt.resume import resume_run
 from chargpt.tokenizer import CharTokenizer
 from chargpt.train import Trainer
 
@@ -127,45 +123,18 @@ def tiny_dataset() -> tuple[CharDataset, CharTokenizer]:
     return CharDataset.from_text(CORPUS, tokenizer), tokenizer
 
 
-def test_time_budget_stops_training_and_records_the_steps(tmp_path):
-    dataset, tokenizer = tiny_dataset()
-    model = ModelConfig(model="bigram", block_size=8)
-    train = TrainConfig(
-        batch_size=4, max_iters=10**7, eval_interval=10**6, eval_iters=1, sample_chars=0
-    )
-    trainer = TimeBudgetTrainer(model, train, dataset, tokenizer, tmp_path, seconds=0.3)
-    result = trainer.run()
-    assert 0 < result.steps < 10**7
-    assert trainer.step_seconds >= 0.3
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert records[-1]["step"] == result.steps  # evaluated where the budget ran out
-    saved = json.loads((tmp_path / "config.json").read_text())
-    assert saved["train"]["max_iters"] == result.steps
-
-
-def test_a_time_budget_run_resumes_on_the_schedule_it_started(tmp_path):
-    """The budget cuts max_iters, not the schedule: resuming the run with a larger --max-iters
-    follows the decay laid out for the original max_iters instead of compressing it."""
-    dataset, tokenizer = tiny_dataset()
+def test_a_time_budget_trains_both_models_for_that_training_time(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(CORPUS, encoding="utf-8")
-    model = ModelConfig(model="bigram", block_size=8)
-    cosine = dict(learning_rate=1e-2, min_lr=1e-3, warmup_iters=2, lr_schedule="cosine")
-    planned = 1_000_000  # steps; the time budget must cut them, however fast the machine
-    train = TrainConfig(
-        batch_size=4, max_iters=planned, eval_interval=1000, eval_iters=1, sample_chars=0, **cosine
-    )
-    run = tmp_path / "run"
-    trainer = TimeBudgetTrainer(model, train, dataset, tokenizer, run, corpus, seconds=0.05)
-    steps = trainer.run().steps
-    assert 0 < steps < planned
-    saved = json.loads((run / "config.json").read_text())["train"]
-    assert (saved["max_iters"], saved["lr_decay_iters"]) == (steps, planned)
-    resumed = resume_run(run, max_iters=steps + 5)
-    resumed.run()
-    expected = lr_multiplier(steps + 5, dataclasses.replace(train, lr_decay_iters=planned))
-    assert resumed.scheduler.get_last_lr()[0] == pytest.approx(1e-2 * expected)
-    assert resumed.scheduler.get_last_lr()[0] > 1.5e-3  # far from min_lr: not compressed
+    out = tmp_path / "cmp"
+    args = ["compare", "--out", str(out), "--data", str(corpus), "--budget-seconds", "0.5"]
+    assert main([*args, *TINY.split()]) == 0
+    for name in ("bigram", "gpt"):
+        saved = json.loads((out / name / "config.json").read_text())
+        assert saved["train"]["max_time"] == "0.5s"
+        records = [json.loads(line) for line in (out / name / "metrics.jsonl").open()]
+        assert records[-1]["elapsed"] >= 0.5
+    assert (out / "report.md").exists()
 
 
 def test_trained_bigram_lands_near_the_count_based_bigram(tmp_path):

@@ -167,8 +167,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     else:
         if args.budget_iters is not None:
             flags["max_iters"] = args.budget_iters
-        if args.budget_seconds is not None and not args.budget_seconds > 0:
-            raise ChargptError(f"--budget-seconds must be positive, got {args.budget_seconds}")
+        if args.budget_seconds is not None:
+            if not args.budget_seconds > 0:
+                raise ChargptError(f"--budget-seconds must be positive, got {args.budget_seconds}")
+            flags["max_time"] = f"{args.budget_seconds}s"
         if not args.bigram_learning_rate > 0:
             raise ChargptError(
                 f"--bigram-learning-rate must be positive, got {args.bigram_learning_rate}"
@@ -189,7 +191,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
             model_config,
             train_config,
             args.out,
-            args.budget_seconds,
             args.bigram_learning_rate,
         )
     results = [

@@ -65,9 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         default=None,
         choices=PRESET_NAMES,
-        help="lab: the notebook's settings; cpu: ~5 min on 2 cores; modern: lab sizes with "
-        "rope, rmsnorm, qk-norm, relu2, tied embeddings, muon and EMA (for GPUs, not yet tuned "
-        "by an ablation here); tiny: seconds; "
+        help="lab: the notebook's settings; cpu: a 5-minute budget on 2 cores with rope, "
+        "rmsnorm, muon and EMA (the options that won an ablation at that budget); modern: lab "
+        "sizes with those options (for GPUs); tiny: seconds; "
         "auto: lab when training on a CUDA GPU, cpu otherwise (default: auto)",
     )
     train.add_argument("--config", type=Path, help="TOML file of options (flags override it)")
@@ -161,8 +161,8 @@ def add_compare_and_plot_parsers(commands: argparse._SubParsersAction) -> None:
     source.add_argument(
         "--budget-seconds",
         type=float,
-        help="seconds of training steps for each model (evaluations not counted); "
-        "max_iters still caps the run and lays out the LR schedule",
+        help="seconds of training steps for each model (evaluations not counted): "
+        "--max-time S, the LR schedule following the elapsed fraction of it",
     )
     source.add_argument(
         "--runs", nargs=2, type=Path, metavar=("RUN_A", "RUN_B"), help="compare two trained runs"

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import html
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -38,30 +36,6 @@ MODELS = ("bigram", "gpt")
 # peak 2e-3 leaves the bigram 0.15 nats above the count-based bigram, 1e-2 within 0.001
 # (benchmarks/bigram_learning_rate.py). The default lets each model train to what it can reach.
 BIGRAM_LEARNING_RATE = 1e-2
-
-
-class TimeBudgetTrainer(Trainer):
-    """A Trainer that stops once its training steps have taken `seconds` (evaluations are not
-    counted), or at `max_iters`, whichever comes first. The LR schedule still spans the
-    max_iters it started with (its lr_decay_iters), so resuming the run with a larger
-    --max-iters continues that schedule instead of compressing it."""
-
-    def __init__(self, *args: Any, seconds: float, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.seconds = seconds
-        self.step_seconds = 0.0
-
-    def train_step(self) -> torch.Tensor:
-        began = time.perf_counter()
-        loss = super().train_step()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # time the step, not the launch of its kernels
-        self.step_seconds += time.perf_counter() - began
-        if self.step_seconds >= self.seconds:
-            # the loop evaluates and saves at max_iters, then stops; the saved config then
-            # records how many steps the budget allowed
-            self.cfg.max_iters = self.step
-        return loss
 
 
 def check_new_comparison_dir(out: Path, run_names: tuple[str, ...]) -> None:
@@ -101,26 +75,21 @@ def train_both(
     model_config: ModelConfig,
     train_config: TrainConfig,
     out: Path,
-    budget_seconds: float | None = None,
     bigram_learning_rate: float | None = BIGRAM_LEARNING_RATE,
     log=print,
 ) -> dict[str, Path]:
-    """Train the bigram and the GPT on `dataset` with the same training config and budget, into
+    """Train the bigram and the GPT on `dataset` with the same training config and budget (steps
+    or `max_time`), into
     out/bigram and out/gpt; the bigram at its own peak learning rate (None: the GPT's), with
     min_lr scaled alike. Returns the run directories by model name."""
     dataset.check_block_size(model_config.block_size)
     runs = {}
     for name in MODELS:
         config = dataclasses.replace(model_config, model=name)
-        train = dataclasses.replace(train_config)  # a copy: a time budget rewrites max_iters
+        train = train_config
         if name == "bigram" and bigram_learning_rate is not None:
             train = with_learning_rate(train, bigram_learning_rate)
-        args = (config, train, dataset, tokenizer, out / name, data_name)
-        trainer = (
-            Trainer(*args)
-            if budget_seconds is None
-            else TimeBudgetTrainer(*args, seconds=budget_seconds)
-        )
+        trainer = Trainer(config, train, dataset, tokenizer, out / name, data_name)
         log(f"training {name} ({trainer.model.num_parameters():,} parameters) into {out / name}")
         trainer.run()
         runs[name] = out / name
