@@ -15,6 +15,7 @@ loss against training time) and recipe.md (a Markdown table) into `--out`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -25,6 +26,7 @@ from typing import Any
 
 import torch
 
+from chargpt.config import ModelConfig, TrainConfig
 from chargpt.data import load_corpus
 from chargpt.evaluate import evaluate_run
 from chargpt.metrics import read_metrics
@@ -33,22 +35,32 @@ from chargpt.presets import build_configs
 from chargpt.run_dir import load_run
 from chargpt.train import Trainer
 
+FIELDS = {f.name: f for cls in (ModelConfig, TrainConfig) for f in dataclasses.fields(cls)}
+
 # each option alone, over the `cpu` preset; `best` is made from those that beat `lab`
 OPTIONS: dict[str, dict[str, Any]] = {
     "rope": dict(pos_emb="rope"),
-    "rmsnorm": dict(norm="rmsnorm"),
-    "qk_norm": dict(qk_norm=True),
     "relu2": dict(mlp="relu2"),
-    "gelu": dict(mlp="gelu"),
-    "tied": dict(tie_embeddings=True),
     "muon": dict(optimizer="muon"),
     "ema": dict(ema_decay=0.995),
-    # regularisation: on ~1 M characters the data sets the floor (selectable, not by default)
+    # regularisation: on ~1 M characters the data sets the floor
     "dropout": dict(dropout=0.1),
-    "weight_decay": dict(weight_decay=0.5),
+    "qk_norm": dict(qk_norm=True),
+    "rmsnorm": dict(norm="rmsnorm"),
+    "tied": dict(tie_embeddings=True),
+    "gelu": dict(mlp="gelu"),
+    "weight_decay": dict(weight_decay=0.5),  # selectable, not run by default
 }
-DEFAULT_VARIANTS = ["lab", *(name for name in OPTIONS if name not in ("dropout", "weight_decay"))]
-DEFAULT_VARIANTS.append("best")
+REGULARISATION = ("dropout", "weight_decay")  # the preset's values, varied but not "options"
+# the lab's architecture and optimiser (every option off) over the `cpu` preset's sizes and
+# schedule: the preset itself now carries the options that won this ablation
+LAB = {
+    key: FIELDS[key].default
+    for name, option in OPTIONS.items()
+    if name not in REGULARISATION
+    for key in option
+}
+DEFAULT_VARIANTS = ["lab", *(name for name in OPTIONS if name != "weight_decay"), "best"]
 SMOKE = dict(
     block_size=16, n_embd=32, n_head=2, n_layer=1, batch_size=8, eval_iters=2, eval_interval=20
 )
@@ -59,8 +71,9 @@ def train_variant(
 ) -> dict[str, Any]:
     """Train one variant for the budget and score it; the run directory is kept under `out`."""
     base = {"max_time": args.budget, "seed": seed, "sample_chars": 0, "device": args.device}
+    base["dtype"] = args.dtype
     model_config, train_config = build_configs(
-        "cpu", False, base, SMOKE if args.smoke else {}, overrides
+        "cpu", False, LAB, base, SMOKE if args.smoke else {}, overrides
     )
     dataset, tokenizer, digest = load_corpus(args.data)
     run_dir = out / f"{name}-seed{seed}"
@@ -110,7 +123,7 @@ def write_table(results: list[dict[str, Any]], out: Path, header: str) -> Path:
     ]
     for name in dict.fromkeys(r["variant"] for r in results):
         runs = [r for r in results if r["variant"] == name]
-        options = ", ".join(f"{k}={v}" for k, v in runs[0]["overrides"].items()) or "(cpu preset)"
+        options = ", ".join(f"{k}={v}" for k, v in runs[0]["overrides"].items()) or "(none)"
         steps = "/".join(str(r["steps"]) for r in runs)
         estimates = "/".join(f"{r['estimate_val']:.4f}" for r in runs)
         lines.append(
@@ -136,6 +149,14 @@ def plot(results: list[dict[str, Any]], out: Path) -> None:
     save_figure(figure, out / "recipe.png")
 
 
+def load_done(path: Path, budget: str, dtype: str) -> list[dict[str, Any]]:
+    """The runs an earlier, interrupted invocation finished with the same budget and precision."""
+    if not path.exists():
+        return []
+    runs = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    return [r for r in runs if r.get("budget") == budget and r.get("dtype") == dtype]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="directory for the results")
@@ -144,6 +165,7 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="comma-separated")
     parser.add_argument("--data", default="shakespeare", help="corpus (default: shakespeare)")
     parser.add_argument("--device", default="cpu", help="device (default: cpu)")
+    parser.add_argument("--dtype", default="auto", help="training precision (default: auto)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: a 2s budget, 1 seed")
     args = parser.parse_args()
     if args.smoke:
@@ -155,25 +177,37 @@ def main() -> None:
             f"unknown variants {sorted(unknown)}: choose from lab, best, {', '.join(OPTIONS)}"
         )
     args.out.mkdir(parents=True, exist_ok=True)
-    results = []
+    log = args.out / "runs.jsonl"  # one line per finished run: an interrupted ablation goes on
+    results = load_done(log, args.budget, args.dtype)
+
+    def run(name: str, overrides: dict[str, Any], seed: int, runs: Path) -> None:
+        if any(r["variant"] == name and r["seed"] == seed for r in results):
+            return
+        result = train_variant(name, overrides, seed, args, runs)
+        result.update(budget=args.budget, dtype=args.dtype)
+        results.append(result)
+        with log.open("a", encoding="utf-8") as file:
+            file.write(json.dumps(result) + "\n")
+
     with tempfile.TemporaryDirectory(dir=args.out) as runs:
         # untimed: the first run in a process would pay one-off kernel set-up out of its budget
         warm_up = argparse.Namespace(**{**vars(args), "budget": "1s" if args.smoke else "10s"})
         train_variant("warm-up", {}, 0, warm_up, Path(runs))
+        seeds = range(1337, 1337 + args.seeds)
         for name in [v for v in variants if v != "best"]:
-            for seed in range(1337, 1337 + args.seeds):
-                overrides = OPTIONS.get(name, {})
-                results.append(train_variant(name, overrides, seed, args, Path(runs)))
-        if "best" in variants and "lab" in variants:
+            for seed in seeds:
+                run(name, OPTIONS.get(name, {}), seed, Path(runs))
+        if "best" in variants and any(r["variant"] == "lab" for r in results):
             combined = best_combination(results)
-            for seed in range(1337, 1337 + args.seeds):
-                results.append(train_variant("best", combined, seed, args, Path(runs)))
+            for seed in seeds:
+                run("best", combined, seed, Path(runs))
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     meta = {"budget": args.budget, "machine": machine, "torch": torch.__version__}
-    meta.update(device=args.device, threads=torch.get_num_threads(), smoke=args.smoke)
+    meta.update(device=args.device, dtype=args.dtype, threads=torch.get_num_threads())
+    meta.update(smoke=args.smoke)
     (args.out / "results.json").write_text(json.dumps({**meta, "runs": results}, indent=2) + "\n")
     plot(results, args.out)
-    header = f"Budget {args.budget} per run on {machine}, torch {torch.__version__}."
+    header = f"Budget {args.budget} per run on {machine}, torch {torch.__version__}, {args.dtype}."
     print(write_table(results, args.out, header).read_text())
 
 
