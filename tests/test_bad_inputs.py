@@ -149,7 +149,11 @@ CASES = [
     Case("dropout out of range", [*TRAIN, "--dropout", "1.5"], "dropout"),
     Case("learning rate not a number", [*TRAIN, "--learning-rate", "nan"], "learning_rate"),
     Case("min_lr above the learning rate", [*TRAIN, "--min-lr", "0.1"], "--min-lr"),
-    Case("warmup longer than the run", [*TRAIN, "--warmup-iters", "5000"], "--warmup-iters"),
+    Case(
+        "warmup longer than the run",
+        [*TRAIN, "--max-iters", "1200", "--warmup-iters", "5000"],
+        "--warmup-iters",
+    ),
     Case("a duration that is not one", [*TRAIN, "--max-time", "5 minutes"], "such as 90s, 5m"),
     Case(
         "rotary positions with an odd head size",

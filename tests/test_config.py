@@ -91,9 +91,9 @@ def test_help_gives_each_presets_default():
     train = build_parser()._subparsers._group_actions[0].choices["train"]
     help_text = " ".join(train.format_help().split())
     assert "(default by --preset: lab 384, cpu 128, modern 384, tiny 32)" in help_text  # --n-embd
-    assert (
-        "(default by --preset: lab 5000, cpu 1200, modern 5000, tiny 60)" in help_text
-    )  # --max-iters
+    assert "(default by --preset: lab 5000, cpu 5000, modern 5000, tiny 60)" in help_text
+    max_time = "(default by --preset: lab off, cpu 270s, modern off, tiny off)"
+    assert max_time in help_text
     assert "(default: 1337)" in help_text  # --seed: the same in every preset
 
 
@@ -111,3 +111,15 @@ def test_bad_toml_is_a_one_line_error(tmp_path):
     path.write_text("n_layer = = 3\n")
     with pytest.raises(ChargptError, match="not valid TOML"):
         load_toml(path)
+
+
+def test_a_step_count_given_replaces_a_presets_time_budget():
+    timed = {**PRESETS["tiny"], "max_time": "3s"}
+    presets = {**PRESETS, "timed": timed}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("chargpt.presets.PRESETS", presets)
+        _, by_time = build_configs("timed", False)
+        _, by_steps = build_configs("timed", False, {"max_iters": 9})
+        _, both = build_configs("timed", False, {"max_iters": 9}, {"max_time": "1m"})
+    assert (by_time.max_time, by_steps.max_time, by_steps.max_iters) == ("3s", "", 9)
+    assert both.max_time == "1m"

@@ -73,15 +73,13 @@ def test_options_are_off_by_default_and_the_lab_model_is_unchanged():
     assert GPTLanguageModel(ModelConfig(), 137).num_parameters() == 10_844_297
 
 
-def test_modern_preset_turns_the_options_on():
-    model, train = build_configs("modern", False, {})
-    assert (model.pos_emb, model.norm, model.qk_norm, model.mlp) == (
-        "rope",
-        "rmsnorm",
-        True,
-        "relu2",
-    )
-    assert model.tie_embeddings and train.optimizer == "muon" and train.ema_decay > 0
+def test_the_cpu_and_modern_presets_turn_the_ablations_winners_on():
+    for preset in ("cpu", "modern"):
+        model, train = build_configs(preset, False, {})
+        assert (model.pos_emb, model.norm, train.optimizer) == ("rope", "rmsnorm", "muon")
+        assert train.ema_decay > 0
+        assert (model.qk_norm, model.mlp, model.tie_embeddings) == (False, "relu", False)
+    model, _ = build_configs("modern", False, {})
     assert (model.n_embd, model.n_layer, model.block_size) == (384, 6, 256)  # the lab's sizes
 
 

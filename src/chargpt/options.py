@@ -44,7 +44,8 @@ def default_text(field: dataclasses.Field, presets: dict[str, dict[str, Any]]) -
     values = {name: preset.get(field.name, field.default) for name, preset in presets.items()}
     if len({repr(value) for value in values.values()}) <= 1:
         return f"default: {field.default}"
-    return "default by --preset: " + ", ".join(f"{name} {v}" for name, v in values.items())
+    shown = {name: "off" if value == "" else value for name, value in values.items()}
+    return "default by --preset: " + ", ".join(f"{name} {v}" for name, v in shown.items())
 
 
 def add_dataclass_arguments(
