@@ -52,9 +52,11 @@ def sync(device: torch.device) -> None:
 
 
 def flops_per_token(model: GPTLanguageModel) -> float:
-    """Training FLOPs per token: 6 per weight (forward + backward) plus attention's scores."""
+    """Training FLOPs per token: 6 per weight (forward + backward) plus attention's scores; a
+    learned position table is a lookup, not a product (rotary positions have none)."""
     c = model.config
-    n_weights = model.num_parameters() - model.position_embedding_table.weight.numel()
+    positions = getattr(model, "position_embedding_table", None)
+    n_weights = model.num_parameters() - (positions.weight.numel() if positions else 0)
     return 6 * n_weights + 12 * c.n_layer * c.n_embd * c.block_size
 
 
