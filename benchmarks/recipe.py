@@ -70,8 +70,8 @@ def train_variant(
     name: str, overrides: dict[str, Any], seed: int, args: argparse.Namespace, out: Path
 ) -> dict[str, Any]:
     """Train one variant for the budget and score it; the run directory is kept under `out`."""
-    base = {"max_time": args.budget, "seed": seed, "sample_chars": 0, "device": args.device}
-    base["dtype"] = args.dtype
+    base = {"max_time": args.budget, "seed": seed, "sample_chars": 0}
+    base.update(device=args.device, dtype=args.dtype)
     model_config, train_config = build_configs(
         "cpu", False, LAB, base, SMOKE if args.smoke else {}, overrides
     )
@@ -204,7 +204,7 @@ def main() -> None:
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     meta = {"budget": args.budget, "machine": machine, "torch": torch.__version__}
     meta.update(device=args.device, dtype=args.dtype, threads=torch.get_num_threads())
-    meta.update(smoke=args.smoke)
+    meta["smoke"] = args.smoke
     (args.out / "results.json").write_text(json.dumps({**meta, "runs": results}, indent=2) + "\n")
     plot(results, args.out)
     header = f"Budget {args.budget} per run on {machine}, torch {torch.__version__}, {args.dtype}."

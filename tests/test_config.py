@@ -114,12 +114,8 @@ def test_bad_toml_is_a_one_line_error(tmp_path):
 
 
 def test_a_step_count_given_replaces_a_presets_time_budget():
-    timed = {**PRESETS["tiny"], "max_time": "3s"}
-    presets = {**PRESETS, "timed": timed}
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("chargpt.presets.PRESETS", presets)
-        _, by_time = build_configs("timed", False)
-        _, by_steps = build_configs("timed", False, {"max_iters": 9})
-        _, both = build_configs("timed", False, {"max_iters": 9}, {"max_time": "1m"})
-    assert (by_time.max_time, by_steps.max_time, by_steps.max_iters) == ("3s", "", 9)
+    _, by_time = build_configs("cpu", False)
+    _, by_steps = build_configs("cpu", False, {"max_iters": 900})
+    _, both = build_configs("cpu", False, {"max_iters": 900}, {"max_time": "1m"})
+    assert (by_time.max_time, by_steps.max_time, by_steps.max_iters) == ("270s", "", 900)
     assert both.max_time == "1m"

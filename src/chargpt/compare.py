@@ -79,9 +79,8 @@ def train_both(
     log=print,
 ) -> dict[str, Path]:
     """Train the bigram and the GPT on `dataset` with the same training config and budget (steps
-    or `max_time`), into
-    out/bigram and out/gpt; the bigram at its own peak learning rate (None: the GPT's), with
-    min_lr scaled alike. Returns the run directories by model name."""
+    or `max_time`), into out/bigram and out/gpt; the bigram at its own peak learning rate (None:
+    the GPT's), with min_lr scaled alike. Returns the run directories by model name."""
     dataset.check_block_size(model_config.block_size)
     runs = {}
     for name in MODELS:
