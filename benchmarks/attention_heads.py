@@ -9,7 +9,7 @@ Averaged over every position from the 16th on of `--windows` consecutive block_s
 the validation split (the last 10% of the corpus); the "uniform" row is what attention spread
 evenly over the past would give. Prints a Markdown table; with --out, also draws the grid of all
 heads for one passage and, large, the head that leads each of the previous-character, last-space
-and last-newline columns (chargpt.attention_plot, as `chargpt attention` draws them).
+and last-newline columns (chargpt.viz.attention_plot, as `chargpt attention` draws them).
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from chargpt.attention_plot import plot_attention
-from chargpt.corpus import load_text
-from chargpt.inspection import inspect_text
-from chargpt.run_dir import load_run
+from chargpt.data.corpus import load_text
+from chargpt.generation.inspection import inspect_text
+from chargpt.runs.directory import load_run
+from chargpt.viz.attention_plot import plot_attention
 
 SKIP = 16  # first positions left out: with a handful of keys every head looks "local"
 VOWELS = set("aeiouAEIOU")

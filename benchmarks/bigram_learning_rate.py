@@ -20,13 +20,13 @@ from pathlib import Path
 
 import torch
 
-from chargpt.corpus import load_text
-from chargpt.counts import count_cross_entropy
-from chargpt.data import CharDataset
-from chargpt.evaluate import full_pass_loss, validation_stream
-from chargpt.presets import build_configs
-from chargpt.tokenizer import CharTokenizer
-from chargpt.train import Trainer
+from chargpt.config.presets import build_configs
+from chargpt.data.corpus import load_text
+from chargpt.data.dataset import CharDataset
+from chargpt.data.tokenizer import CharTokenizer
+from chargpt.eval.counts import count_cross_entropy
+from chargpt.eval.evaluate import full_pass_loss, validation_stream
+from chargpt.training.trainer import Trainer
 
 
 def main() -> None:

@@ -35,15 +35,16 @@ import torch
 from torch.nn import functional as F
 
 from chargpt.config import ModelConfig, TrainConfig
-from chargpt.corpus import load_text
-from chargpt.data import CharDataset
-from chargpt.decoding import CachedDecoder, Decoder, window_length
-from chargpt.evaluate import full_pass_loss, validation_stream
-from chargpt.models import GPTLanguageModel
-from chargpt.quantize import quantized
-from chargpt.sampling import sample_next
-from chargpt.tokenizer import CharTokenizer
-from chargpt.train import Trainer
+from chargpt.data.corpus import load_text
+from chargpt.data.dataset import CharDataset
+from chargpt.data.tokenizer import CharTokenizer
+from chargpt.eval.evaluate import full_pass_loss, validation_stream
+from chargpt.generation.decoders import CachedDecoder, Decoder, window_length
+from chargpt.generation.generate import generate_ids
+from chargpt.generation.sampling import sample_next
+from chargpt.model import GPTLanguageModel
+from chargpt.model.quantize import quantized
+from chargpt.training.trainer import Trainer
 
 VOCAB = 65  # tiny Shakespeare's vocabulary
 
@@ -204,8 +205,8 @@ def speed(args: argparse.Namespace) -> None:
 
 def greedy_agreement(reference: GPTLanguageModel, fused: GPTLanguageModel) -> None:
     prompt = torch.zeros(1, 1, dtype=torch.long)
-    labs = reference.generate(prompt, 300, temperature=0, kv_cache=False)
-    ours = fused.generate(prompt, 300, temperature=0, long_context="exact")
+    labs = generate_ids(reference, prompt, 300, temperature=0, kv_cache=False)
+    ours = generate_ids(fused, prompt, 300, temperature=0, long_context="exact")
     print(f"greedy, 300 chars: lab and ours identical: {bool((labs == ours).all())}")
 
 

@@ -62,8 +62,8 @@ from pathlib import Path
 
 import torch
 
-from chargpt.generate import generate
-from chargpt.run_dir import load_run
+from chargpt.generation.generate import generate
+from chargpt.runs.directory import load_run
 
 out, device, chars = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from chargpt.corpus import resolve_corpus_path
+from chargpt.data.corpus import resolve_corpus_path
 
 # lines in other scripts, so that the corpus has 2-, 3- and 4-byte UTF-8 characters
 MULTIBYTE = [
@@ -59,9 +59,9 @@ def run_measured(args: list[str]) -> tuple[float, float, str]:
 TRAIN_PROBE = """
 import sys, time, json
 from pathlib import Path
-from chargpt.presets import build_configs
-from chargpt.data import load_prepared
-from chargpt.train import Trainer
+from chargpt.config.presets import build_configs
+from chargpt.data.dataset import load_prepared
+from chargpt.training.trainer import Trainer
 dataset, tokenizer = load_prepared(Path(sys.argv[1]))
 model_config, train_config = build_configs("cpu", False, {"max_iters": 10**6})
 trainer = Trainer(model_config, train_config, dataset, tokenizer, Path(sys.argv[2]))

@@ -27,13 +27,13 @@ from typing import Any
 import torch
 
 from chargpt.config import ModelConfig, TrainConfig
-from chargpt.data import load_corpus
-from chargpt.evaluate import evaluate_run
-from chargpt.metrics import read_metrics
-from chargpt.plot import new_figure, save_figure
-from chargpt.presets import build_configs
-from chargpt.run_dir import load_run
-from chargpt.train import Trainer
+from chargpt.config.presets import build_configs
+from chargpt.data.dataset import load_corpus
+from chargpt.eval.evaluate import evaluate_run
+from chargpt.runs.directory import load_run
+from chargpt.runs.metrics import read_metrics
+from chargpt.training.trainer import Trainer
+from chargpt.viz.plot import new_figure, save_figure
 
 FIELDS = {f.name: f for cls in (ModelConfig, TrainConfig) for f in dataclasses.fields(cls)}
 

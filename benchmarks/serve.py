@@ -13,10 +13,10 @@ prompt cut from the bundled Shakespeare. The clients run in this process, on the
 the server: on a small machine their share of it is part of what is measured.
 
 The sequential baseline is `chargpt sample`'s work done in this process (the same model loaded
-from the run, `chargpt.generate.stream`, the same prompts and lengths), one request at a time;
-its rate is per character, so it is measured on --baseline-requests requests and compared with
-every row. "x 1 client" compares each row with the server's own single-stream rate. The server
-and the baseline use --threads PyTorch threads (default 1, see --help).
+from the run, `chargpt.generation.generate.stream`, the same prompts and lengths), one request at
+a time; its rate is per character, so it is measured on --baseline-requests requests and
+compared with every row. "x 1 client" compares each row with the server's own single-stream
+rate. The server and the baseline use --threads PyTorch threads (default 1, see --help).
 
 --agreement measures how far the server's numbers are from `chargpt sample`'s: three sequences
 at different positions share batched steps (`SlotDecoder`, 16 slots) past block_size, beside each
@@ -42,13 +42,13 @@ import httpx
 import torch
 
 from chargpt.config import ModelConfig, TrainConfig
-from chargpt.corpus import load_text
-from chargpt.decoding import SlotDecoder, make_decoder
-from chargpt.device import autocast
-from chargpt.generate import stream
-from chargpt.models import GPTLanguageModel
-from chargpt.run_dir import load_run, save_run
-from chargpt.tokenizer import CharTokenizer
+from chargpt.data.corpus import load_text
+from chargpt.data.tokenizer import CharTokenizer
+from chargpt.generation.decoders import SlotDecoder, make_decoder
+from chargpt.generation.generate import stream
+from chargpt.generation.precision import autocast
+from chargpt.model import GPTLanguageModel
+from chargpt.runs.directory import load_run, save_run
 
 ROOT = Path(__file__).resolve().parents[1]
 LAB = ModelConfig(dropout=0.0)  # 6 x 384, 6 heads, block 256

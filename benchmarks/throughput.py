@@ -21,13 +21,13 @@ import time
 
 import torch
 
-from chargpt.corpus import load_text
-from chargpt.data import CharDataset
-from chargpt.device import autocast, cpu_has_fast_bf16, resolve_device
-from chargpt.models import GPTLanguageModel
-from chargpt.optim import configure_optimizer
-from chargpt.presets import build_configs
-from chargpt.tokenizer import CharTokenizer
+from chargpt.config.presets import build_configs
+from chargpt.data.corpus import load_text
+from chargpt.data.dataset import CharDataset
+from chargpt.data.tokenizer import CharTokenizer
+from chargpt.generation.precision import autocast, cpu_has_fast_bf16, resolve_device
+from chargpt.model import GPTLanguageModel
+from chargpt.training.optim import configure_optimizer
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:

@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 
 from chargpt.config import ModelConfig
-from chargpt.corpus import load_text
-from chargpt.tokenizer import CharTokenizer
+from chargpt.data.corpus import load_text
+from chargpt.data.tokenizer import CharTokenizer
 
 
 @pytest.fixture(scope="session")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from chargpt.config import ModelConfig
-from chargpt.models.gpt import GPTLanguageModel
-from chargpt.tokenizer import CharTokenizer
+from chargpt.data.tokenizer import CharTokenizer
+from chargpt.model.gpt import GPTLanguageModel
 
 BLOCK = 16
 TOKENIZER = CharTokenizer(tuple("\n abcdefghij"))

@@ -20,12 +20,12 @@ import uvicorn
 from fastapi import FastAPI
 
 from chargpt.config import ModelConfig, ServeConfig, TrainConfig
-from chargpt.corpus import load_text
-from chargpt.models import build_model
-from chargpt.run_dir import load_run, save_run
-from chargpt.serve import create_app
+from chargpt.data.corpus import load_text
+from chargpt.data.tokenizer import CharTokenizer
+from chargpt.model import build_model
+from chargpt.runs.directory import load_run, save_run
+from chargpt.serve.app import create_app
 from chargpt.serve.server import bind
-from chargpt.tokenizer import CharTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = 32

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from chargpt.models import CausalSelfAttention, MultiHeadAttention
-from chargpt.models.attention import chunked_causal_attention, dropout_mask, slices_per_chunk
+from chargpt.model import CausalSelfAttention, MultiHeadAttention
+from chargpt.model.cpu_attention import chunked_causal_attention, dropout_mask, slices_per_chunk
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -136,7 +136,7 @@ def test_chunked_only_when_training_with_dropout_on_cpu(
         calls.append(args)
         return chunked_causal_attention(*args, **kwargs)
 
-    monkeypatch.setattr("chargpt.models.gpt.chunked_causal_attention", spy)
+    monkeypatch.setattr("chargpt.model.gpt.chunked_causal_attention", spy)
     attn = CausalSelfAttention(8, 2, dropout).to(device).train(training)
     assert attn(torch.zeros(2, 5, 8, device=device)).shape == (2, 5, 8)
     assert bool(calls) == chunked

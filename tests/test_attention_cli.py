@@ -3,11 +3,11 @@ import struct
 import pytest
 import torch
 
-from chargpt.cli import main
+from chargpt.cli.main import main
 from chargpt.config import ModelConfig, TrainConfig
-from chargpt.models import build_model
-from chargpt.run_dir import save_run
-from chargpt.tokenizer import CharTokenizer
+from chargpt.data.tokenizer import CharTokenizer
+from chargpt.model import build_model
+from chargpt.runs.directory import save_run
 
 pytest.importorskip("matplotlib")
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from chargpt import __version__
-from chargpt.cli import main
-from chargpt.run_dir import CONFIG, LAST, WEIGHTS
+from chargpt.cli.main import main
+from chargpt.runs.directory import CONFIG, LAST, WEIGHTS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -412,7 +412,7 @@ def test_failed_train_removes_the_directories_it_created(template: Path, tmp_pat
     """A failure after --out was created (here: Ctrl-C at the first step) leaves nothing."""
     shutil.copytree(template, tmp_path, dirs_exist_ok=True)
     with contextlib.chdir(tmp_path), pytest.MonkeyPatch.context() as patch:
-        patch.setattr("chargpt.train.Trainer.run", interrupted)
+        patch.setattr("chargpt.training.trainer.Trainer.run", interrupted)
         assert main(["train", "--out", "a/b/new", "--data", "corpus.txt", *TINY]) == 130
     assert not (tmp_path / "a").exists()
 

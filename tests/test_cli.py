@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from chargpt.cli import main
+from chargpt.cli.main import main
 
 TINY = ["--preset", "tiny", "--max-iters", "20", "--eval-interval", "10", "--sample-chars", "0"]
 
@@ -95,7 +95,7 @@ def test_a_taken_run_directory_is_refused_before_joining_other_processes(
     """Fail first, then start: under torchrun, joining the process group commits every other
     process to this one, so the checks come before it."""
     joined = []
-    monkeypatch.setattr("chargpt.train.init_world", lambda device: joined.append(device))
+    monkeypatch.setattr("chargpt.training.trainer.init_world", lambda device: joined.append(device))
     assert main(["train", "--out", str(tiny_run), *TINY]) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert joined == []

@@ -9,15 +9,15 @@ import sys
 import numpy as np
 import pytest
 
-from chargpt.cli import main
+from chargpt.cli.main import main
 from chargpt.config import ModelConfig, TrainConfig
-from chargpt.counts import count_references
-from chargpt.data import CharDataset
+from chargpt.data.dataset import CharDataset
+from chargpt.data.tokenizer import CharTokenizer
 from chargpt.errors import ChargptError
-from chargpt.evaluate import full_pass_loss, validation_stream
-from chargpt.plot import plot_after_training, plot_run
-from chargpt.tokenizer import CharTokenizer
-from chargpt.train import Trainer
+from chargpt.eval.counts import count_references
+from chargpt.eval.evaluate import full_pass_loss, validation_stream
+from chargpt.training.trainer import Trainer
+from chargpt.viz.plot import plot_after_training, plot_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -2,11 +2,11 @@ import dataclasses
 
 import pytest
 
-from chargpt.cli_args import build_parser
+from chargpt.cli.parser import build_parser
 from chargpt.config import ModelConfig, TrainConfig
+from chargpt.config.presets import PRESETS, build_configs
+from chargpt.config.sources import given_fields, load_toml
 from chargpt.errors import ChargptError
-from chargpt.options import given_fields, load_toml
-from chargpt.presets import PRESETS, build_configs
 
 
 def test_lab_preset_is_the_notebooks_settings():

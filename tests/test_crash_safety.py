@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from chargpt.cli import main
+from chargpt.cli.main import main
 from chargpt.config import ModelConfig, TrainConfig
-from chargpt.data import CharDataset
-from chargpt.run_dir import CONFIG, LAST, load_run
-from chargpt.tokenizer import CharTokenizer
-from chargpt.train import Trainer
-from chargpt.train_state import load_trainer_state
+from chargpt.data.dataset import CharDataset
+from chargpt.data.tokenizer import CharTokenizer
+from chargpt.runs.directory import CONFIG, LAST, load_run
+from chargpt.training.state import load_trainer_state
+from chargpt.training.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -174,8 +174,8 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path: Path, ca
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("chargpt.run_dir.save_file", fill_the_disk)
-        patch.setattr("chargpt.train_state.save_file", fill_the_disk)
+        patch.setattr("chargpt.runs.directory.save_file", fill_the_disk)
+        patch.setattr("chargpt.training.state.save_file", fill_the_disk)
         assert main(["train", "--resume", str(out), "--max-iters", "4"]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("chargpt train: error: No space left on device (")

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from chargpt.data import CharDataset
+from chargpt.data.dataset import CharDataset
+from chargpt.data.tokenizer import CharTokenizer
 from chargpt.errors import ChargptError
-from chargpt.tokenizer import CharTokenizer
 
 
 def test_split_is_first_90_percent_then_last_10(shakespeare, shakespeare_tokenizer):

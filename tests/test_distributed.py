@@ -11,9 +11,9 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from chargpt.distributed import World, backend, init_world, micro_batch_streams
 from chargpt.errors import ChargptError
-from chargpt.run_dir import LAST, load_run
+from chargpt.runs.directory import LAST, load_run
+from chargpt.training.distributed import World, backend, init_world, micro_batch_streams
 
 TINY = ["--preset", "tiny", "--max-iters", "8", "--eval-interval", "4", "--sample-chars", "0"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes on two cores

@@ -12,12 +12,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.nn import functional as F
 
-import chargpt.counts
-from chargpt.cli import main
+import chargpt.eval.counts
+from chargpt.cli.main import main
 from chargpt.config import ModelConfig
-from chargpt.counts import count_cross_entropy, count_references
-from chargpt.data import CharDataset
-from chargpt.evaluate import (
+from chargpt.data.dataset import CharDataset
+from chargpt.data.tokenizer import CharTokenizer
+from chargpt.eval.counts import count_cross_entropy, count_references
+from chargpt.eval.evaluate import (
     Loss,
     evaluate,
     evaluate_run,
@@ -25,9 +26,8 @@ from chargpt.evaluate import (
     full_pass_windows,
     validation_stream,
 )
-from chargpt.models import BigramLanguageModel, GPTLanguageModel
-from chargpt.run_dir import load_run
-from chargpt.tokenizer import CharTokenizer
+from chargpt.model import BigramLanguageModel, GPTLanguageModel
+from chargpt.runs.directory import load_run
 
 TINY = ModelConfig(block_size=8, n_embd=16, n_head=2, n_layer=2, dropout=0.0)
 
@@ -200,7 +200,7 @@ class NoWholeCopies:
 
 def test_eval_and_count_references_stream_the_splits(tiny_run, monkeypatch):
     """Scores and counts are the same when the splits can only be read a piece at a time."""
-    monkeypatch.setattr(chargpt.counts, "CHUNK", 100)
+    monkeypatch.setattr(chargpt.eval.counts, "CHUNK", 100)
     run = load_run(tiny_run)
     tokenizer = CharTokenizer.from_text(CORPUS)
     whole = CharDataset.from_text(CORPUS, tokenizer)

@@ -9,9 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from chargpt.data.files import (
+    append_line,
+    atomic_write,
+    atomic_write_text,
+    remove_stale_temporaries,
+)
 from chargpt.errors import ChargptError
-from chargpt.files import append_line, atomic_write, atomic_write_text, remove_stale_temporaries
-from chargpt.metrics import METRICS, append_metrics, keep_metrics_up_to, read_metrics
+from chargpt.runs.metrics import METRICS, append_metrics, keep_metrics_up_to, read_metrics
 
 
 def record(step: int, loss: float = 2.0) -> dict:

@@ -12,13 +12,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from model_support import BLOCK, TOKENIZER, tiny_gpt
 
-from chargpt.cli import main
+from chargpt.cli.main import main
 from chargpt.config import ModelConfig, TrainConfig
-from chargpt.decoding import Decoder, KVCache, make_decoder
 from chargpt.errors import ChargptError
-from chargpt.generate import StopFilter, generate, stream
-from chargpt.models import BigramLanguageModel, GPTLanguageModel
-from chargpt.run_dir import save_run
+from chargpt.generation.decoders import Decoder, make_decoder
+from chargpt.generation.generate import StopFilter, generate, generate_ids, stream
+from chargpt.model import BigramLanguageModel, GPTLanguageModel
+from chargpt.model.cache import KVCache
+from chargpt.runs.directory import save_run
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -44,8 +45,8 @@ def prompts(length: int, batch: int = 3) -> torch.Tensor:
 def test_cached_greedy_equals_recompute_for_every_prompt_length(model, length):
     idx = prompts(length)
     new = BLOCK - length + 4  # runs past block_size too, in exact mode
-    cached = model.generate(idx, new, temperature=0, long_context="exact")
-    recomputed = model.generate(idx, new, temperature=0, kv_cache=False)
+    cached = generate_ids(model, idx, new, temperature=0, long_context="exact")
+    recomputed = generate_ids(model, idx, new, temperature=0, kv_cache=False)
     assert cached.tolist() == recomputed.tolist()
 
 
@@ -71,8 +72,8 @@ def test_fused_cache_equals_the_labs_reference_heads(model):
     reference = tiny_gpt("reference")
     reference.load_state_dict(model.state_dict())
     idx = prompts(3)
-    labs = reference.generate(idx, 3 * BLOCK, temperature=0)  # per-head attention, recompute
-    ours = model.generate(idx, 3 * BLOCK, temperature=0, long_context="exact")
+    labs = generate_ids(reference, idx, 3 * BLOCK, temperature=0)  # per-head attention, recompute
+    ours = generate_ids(model, idx, 3 * BLOCK, temperature=0, long_context="exact")
     assert ours.tolist() == labs.tolist()
 
 
@@ -140,8 +141,8 @@ def test_prefill_from_position_0_asks_sdpa_for_is_causal_not_a_mask(model, monke
 
 def test_prompt_longer_than_block_size_is_cropped_to_its_end(model):
     long = prompts(BLOCK + 7)
-    out = model.generate(long, 5, temperature=0, long_context="exact")
-    cropped = model.generate(long[:, -BLOCK:], 5, temperature=0, long_context="exact")
+    out = generate_ids(model, long, 5, temperature=0, long_context="exact")
+    cropped = generate_ids(model, long[:, -BLOCK:], 5, temperature=0, long_context="exact")
     assert out[:, -5:].tolist() == cropped[:, -5:].tolist()
 
 
@@ -151,7 +152,7 @@ def test_bigram_reads_one_position_per_token():
     seen_lengths = []
     original = bigram.logits
     bigram.logits = lambda idx: seen_lengths.append(idx.size(1)) or original(idx)
-    out = bigram.generate(torch.tensor([[3, 1, 4, 1, 5]]), 20, temperature=0)[0].tolist()
+    out = generate_ids(bigram, torch.tensor([[3, 1, 4, 1, 5]]), 20, temperature=0)[0].tolist()
     assert seen_lengths == [1] * 20  # the prompt's last id, then one id per token
     table = bigram.token_embedding_table.weight
     for prev, nxt in itertools.pairwise(out[4:]):
@@ -213,7 +214,7 @@ def test_streaming_yields_the_token_level_samples_cut_at_the_first_stop(model, s
     # independent expectation: the model's token ids with the same per-sample seeds, decoded
     idx = torch.tensor([TOKENIZER.encode("hi")] * 3)
     generators = [torch.Generator().manual_seed(3 + i) for i in range(3)]
-    ids = model.generate(idx, 60, 1.0, 0, generators)[:, 2:]
+    ids = generate_ids(model, idx, 60, 1.0, 0, generators)[:, 2:]
     expected = [cut_at_first_stop(TOKENIZER.decode(row.tolist()), stop) for row in ids]
     assert streamed == expected
     assert streamed == generate(

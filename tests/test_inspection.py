@@ -5,11 +5,11 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from chargpt.data.tokenizer import CharTokenizer
 from chargpt.errors import ChargptError
-from chargpt.generate import encode_prompt
-from chargpt.inspection import NO_ATTENTION, inspect_text
-from chargpt.models import BigramLanguageModel, GPTLanguageModel
-from chargpt.tokenizer import CharTokenizer
+from chargpt.generation.generate import encode_prompt
+from chargpt.generation.inspection import NO_ATTENTION, inspect_text
+from chargpt.model import BigramLanguageModel, GPTLanguageModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

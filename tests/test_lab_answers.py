@@ -21,7 +21,7 @@ from torch.nn import functional as F
 
 from chargpt.config import ModelConfig
 from chargpt.errors import ChargptError
-from chargpt.models import CausalSelfAttention, Head, MultiHeadAttention
+from chargpt.model import CausalSelfAttention, Head, MultiHeadAttention
 
 # --- the toy aggregation: tril-normalised weights are running means --------------------------
 

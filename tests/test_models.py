@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from chargpt.config import ModelConfig
-from chargpt.models import BigramLanguageModel, GPTLanguageModel, build_model
+from chargpt.model import BigramLanguageModel, GPTLanguageModel, build_model
 
 VOCAB = 11
 

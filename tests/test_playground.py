@@ -13,8 +13,8 @@ pytest.importorskip("fastapi")
 
 from serve_support import BLOCK, MODEL, make_run, serving  # noqa: E402
 
-from chargpt.inspection import inspect_text  # noqa: E402
-from chargpt.run_dir import load_run  # noqa: E402
+from chargpt.generation.inspection import inspect_text  # noqa: E402
+from chargpt.runs.directory import load_run  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

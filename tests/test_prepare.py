@@ -4,12 +4,12 @@ import shutil
 import numpy as np
 import pytest
 
-from chargpt.cli import main
-from chargpt.corpus import resolve_corpus_path
-from chargpt.data import CharDataset, load_corpus, load_prepared
+from chargpt.cli.main import main
+from chargpt.data.corpus import resolve_corpus_path
+from chargpt.data.dataset import CharDataset, load_corpus, load_prepared
+from chargpt.data.prepare import prepare
+from chargpt.data.tokenizer import CharTokenizer
 from chargpt.errors import ChargptError
-from chargpt.prepare import prepare
-from chargpt.tokenizer import CharTokenizer
 
 
 def test_prepared_shakespeare_equals_the_in_memory_split(tmp_path, shakespeare):

@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chargpt.data import CharDataset
-from chargpt.tokenizer import CharTokenizer, UnknownCharactersError
+from chargpt.data.dataset import CharDataset
+from chargpt.data.tokenizer import CharTokenizer, UnknownCharactersError
 
 # any Unicode text: every plane, combining marks, controls, NUL, newlines
 unicode_text = st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=200)

@@ -1,4 +1,4 @@
-"""Int8 weights (`chargpt.quantize`): each layer within its rounding bound of fp32, a model's
+"""Int8 weights (`chargpt.model.quantize`): each layer within its rounding bound of fp32, a model's
 predictions close to fp32's, the caller's model and the run untouched, clear errors where int8
 cannot run, and `--quantize` reaching the model in sample, eval and serve."""
 
@@ -13,14 +13,15 @@ from model_support import BLOCK, TOKENIZER, tiny_gpt
 from torch import nn
 from torch.nn import functional as F
 
-from chargpt.cli import main
+from chargpt.cli.main import main
 from chargpt.config import ModelConfig, SampleConfig, TrainConfig
-from chargpt.decoding import SlotDecoder, make_decoder
 from chargpt.errors import ChargptError
-from chargpt.generate import generate
-from chargpt.models import BigramLanguageModel, GPTLanguageModel
-from chargpt.quantize import Int8Linear, forward_dtype, is_quantized, quantized
-from chargpt.run_dir import WEIGHTS, save_run
+from chargpt.generation.decoders import SlotDecoder, make_decoder
+from chargpt.generation.generate import generate, generate_ids
+from chargpt.generation.precision import forward_dtype
+from chargpt.model import BigramLanguageModel, GPTLanguageModel
+from chargpt.model.quantize import Int8Linear, is_quantized, quantized
+from chargpt.runs.directory import WEIGHTS, save_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -94,8 +95,8 @@ def test_greedy_choices_mostly_equal_fp32():
 def test_greedy_text_through_the_cached_decoder_starts_the_same():
     model = tiny_gpt(seed=1)  # whose greedy texts measured identical for 200 characters
     idx = random_ids(4, 3, 3)
-    fp32 = model.generate(idx, 3 * BLOCK, temperature=0)
-    int8 = quantized(model, "int8").generate(idx, 3 * BLOCK, temperature=0)
+    fp32 = generate_ids(model, idx, 3 * BLOCK, temperature=0)
+    int8 = generate_ids(quantized(model, "int8"), idx, 3 * BLOCK, temperature=0)
     assert (fp32 == int8).float().mean() >= 0.9
 
 

@@ -8,16 +8,16 @@ import pytest
 import torch
 
 from chargpt.config import ModelConfig, TrainConfig
-from chargpt.data import CharDataset
-from chargpt.decoding import SlotDecoder, make_decoder
+from chargpt.config.presets import PRESETS, build_configs
+from chargpt.data.dataset import CharDataset
+from chargpt.data.tokenizer import CharTokenizer
 from chargpt.errors import ChargptError
-from chargpt.inspection import logits_and_attention
-from chargpt.models import GPTLanguageModel
-from chargpt.models.layers import Rotary, rotate
-from chargpt.presets import PRESETS, build_configs
-from chargpt.run_dir import WEIGHTS, load_run, read_safetensors
-from chargpt.tokenizer import CharTokenizer
-from chargpt.train import Trainer
+from chargpt.generation.decoders import SlotDecoder, make_decoder
+from chargpt.generation.inspection import logits_and_attention
+from chargpt.model import GPTLanguageModel
+from chargpt.model.layers import Rotary, rotate
+from chargpt.runs.directory import WEIGHTS, load_run, read_safetensors
+from chargpt.training.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

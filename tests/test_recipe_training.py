@@ -13,16 +13,16 @@ import torch
 from test_resume import MODEL, TRAIN, assert_same_state
 
 from chargpt.config import TrainConfig, parse_duration
-from chargpt.data import CharDataset
+from chargpt.data.dataset import CharDataset
+from chargpt.data.tokenizer import CharTokenizer
 from chargpt.errors import ChargptError
-from chargpt.evaluate import estimate_loss, estimate_seed
-from chargpt.models import GPTLanguageModel
-from chargpt.optim import MuonWithAdamW, configure_optimizer
-from chargpt.resume import resume_run
-from chargpt.run_dir import load_run
-from chargpt.tokenizer import CharTokenizer
-from chargpt.train import Trainer
-from chargpt.train_state import load_trainer_state
+from chargpt.model import GPTLanguageModel
+from chargpt.runs.directory import load_run
+from chargpt.training.estimate import estimate_loss, estimate_seed
+from chargpt.training.optim import MuonWithAdamW, configure_optimizer
+from chargpt.training.resume import resume_run
+from chargpt.training.state import load_trainer_state
+from chargpt.training.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -13,16 +13,16 @@ import numpy as np
 import pytest
 import torch
 
-from chargpt.cli import main
+from chargpt.cli.main import main
 from chargpt.config import ModelConfig, TrainConfig
-from chargpt.data import CharDataset
-from chargpt.distributed import World
+from chargpt.data.dataset import CharDataset
+from chargpt.data.tokenizer import CharTokenizer
 from chargpt.errors import ChargptError
-from chargpt.resume import resume_configs
-from chargpt.run_dir import LAST, load_run, read_safetensors
-from chargpt.tokenizer import CharTokenizer
-from chargpt.train import Trainer
-from chargpt.train_state import load_trainer_state
+from chargpt.runs.directory import LAST, load_run, read_safetensors
+from chargpt.training.distributed import World
+from chargpt.training.resume import resume_configs
+from chargpt.training.state import load_trainer_state
+from chargpt.training.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -251,7 +251,7 @@ def test_only_the_main_process_tidies_the_run_directory(corpus, tmp_path: Path, 
     temporary = tmp_path / ".model.safetensors.in-flight.tmp"
     temporary.write_bytes(b"being written")
     waits = []
-    monkeypatch.setattr("chargpt.train.barrier", waits.append)
+    monkeypatch.setattr("chargpt.training.trainer.barrier", waits.append)
 
     other, _ = make_trainer(corpus, tmp_path, max_iters=4)
     other.world = World(rank=1, local_rank=1, size=2)

@@ -4,9 +4,9 @@ import json
 import torch
 
 from chargpt.config import ModelConfig, TrainConfig
-from chargpt.models import build_model
-from chargpt.run_dir import load_run, save_run
-from chargpt.tokenizer import CharTokenizer
+from chargpt.data.tokenizer import CharTokenizer
+from chargpt.model import build_model
+from chargpt.runs.directory import load_run, save_run
 
 
 def test_run_directory_round_trips_to_identical_logits(tmp_path, tiny_config):

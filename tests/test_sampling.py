@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chargpt.sampling import filter_logits, sample_next
+from chargpt.generation.sampling import filter_logits, sample_next
 
 DRAWS = 4000
 

@@ -13,9 +13,9 @@ import openai
 import pytest
 from serve_support import BLOCK, MODEL, eventually, make_run, serving
 
-from chargpt.evaluate import full_pass_loss
-from chargpt.generate import generate
-from chargpt.run_dir import load_run
+from chargpt.eval.evaluate import full_pass_loss
+from chargpt.generation.generate import generate
+from chargpt.runs.directory import load_run
 from chargpt.serve.backends import LoopBackend
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from serve_support import MODEL, ROOT, eventually, make_run, serve_subprocess
 
-from chargpt.cli import main
+from chargpt.cli.main import main
 from chargpt.serve.server import bind
 
 CLIENTS = 64
@@ -193,7 +193,7 @@ def test_without_the_serve_extra_serve_fails_in_one_line_and_the_rest_imports(ru
         "for m in pkgutil.walk_packages(chargpt.__path__, 'chargpt.'):\n"
         "    if not m.name.startswith(('chargpt.serve', 'chargpt.__main__')):\n"
         "        importlib.import_module(m.name)\n"
-        "from chargpt.cli import main\n"
+        "from chargpt.cli.main import main\n"
         f"sys.exit(main(['serve', '--run', {str(run_dir)!r}]))\n"
     )
     result = run_python(code)

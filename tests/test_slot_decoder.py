@@ -8,7 +8,7 @@ import pytest
 import torch
 from model_support import BLOCK, TOKENIZER, tiny_gpt
 
-from chargpt.decoding import SlotDecoder, make_decoder
+from chargpt.generation.decoders import SlotDecoder, make_decoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

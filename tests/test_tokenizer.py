@@ -3,8 +3,8 @@ import hashlib
 import numpy as np
 import pytest
 
-from chargpt.corpus import resolve_corpus_path
-from chargpt.tokenizer import CharTokenizer, UnknownCharactersError, smallest_uint_dtype
+from chargpt.data.corpus import resolve_corpus_path
+from chargpt.data.tokenizer import CharTokenizer, UnknownCharactersError, smallest_uint_dtype
 
 
 def test_bundled_corpus_is_tiny_shakespeare(shakespeare):

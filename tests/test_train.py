@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from chargpt.config import ModelConfig, TrainConfig
-from chargpt.data import CharDataset
-from chargpt.distributed import World
-from chargpt.optim import lr_multiplier
-from chargpt.tokenizer import CharTokenizer
-from chargpt.train import Trainer
+from chargpt.data.dataset import CharDataset
+from chargpt.data.tokenizer import CharTokenizer
+from chargpt.training.distributed import World
+from chargpt.training.optim import lr_multiplier
+from chargpt.training.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -69,7 +69,7 @@ def test_the_loss_is_read_once_per_log_interval(tmp_path: Path, monkeypatch) -> 
         reads.append(values)
         return values
 
-    monkeypatch.setattr("chargpt.train.all_reduce", counting_all_reduce)
+    monkeypatch.setattr("chargpt.training.trainer.all_reduce", counting_all_reduce)
     trainer = make_trainer(tmp_path, max_iters=20, eval_interval=20, log_interval=5)
     trainer.run()
     assert len(reads) == 4  # after steps 5, 10, 15 and 20
@@ -84,7 +84,7 @@ def test_processes_agree_on_stopping_once_per_log_interval(tmp_path: Path, monke
         exchanged.append(trainer.step)
         return torch.maximum(values, torch.tensor([15]))  # the other process got SIGTERM
 
-    monkeypatch.setattr("chargpt.train.all_reduce", other_process_stops)
+    monkeypatch.setattr("chargpt.training.trainer.all_reduce", other_process_stops)
     stops = []
     for step in range(1, 9):
         trainer.step = step
@@ -94,16 +94,16 @@ def test_processes_agree_on_stopping_once_per_log_interval(tmp_path: Path, monke
 
 
 def test_training_appends_to_metrics_instead_of_rewriting_it(tmp_path, monkeypatch) -> None:
-    import chargpt.files
+    import chargpt.data.files
 
     rewritten = []
-    atomic_write = chargpt.files.atomic_write
+    atomic_write = chargpt.data.files.atomic_write
 
     def recording_atomic_write(path, write):
         rewritten.append(Path(path).name)
         atomic_write(path, write)
 
-    monkeypatch.setattr(chargpt.files, "atomic_write", recording_atomic_write)
+    monkeypatch.setattr(chargpt.data.files, "atomic_write", recording_atomic_write)
     make_trainer(tmp_path, eval_interval=1).run()
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 5
     assert "metrics.jsonl" not in rewritten

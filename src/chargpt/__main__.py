@@ -1,5 +1,5 @@
 """`python -m chargpt` runs the command line (also what torchrun launches)."""
 
-from chargpt.cli import main
+from chargpt.cli.main import main
 
 raise SystemExit(main())

@@ -15,10 +15,11 @@ from fastapi import APIRouter, FastAPI, Request, Response
 
 from chargpt import __version__
 from chargpt.config import SampleConfig, ServeConfig
-from chargpt.generate import encode_prompt
-from chargpt.quantize import forward_dtype
-from chargpt.run_dir import WEIGHTS, Run
-from chargpt.serve import playground
+from chargpt.data.tokenizer import CharTokenizer, UnknownCharactersError
+from chargpt.generation.generate import encode_prompt
+from chargpt.generation.precision import forward_dtype
+from chargpt.runs.directory import WEIGHTS, Run
+from chargpt.serve.playground import router as playground_router
 from chargpt.serve.engine import Engine
 from chargpt.serve.errors import APIError, install_error_handlers, json_body
 from chargpt.serve.jobs import Job, QueueFull, ShuttingDown, Submission
@@ -32,7 +33,6 @@ from chargpt.serve.responses import (
     event_stream,
 )
 from chargpt.serve.schemas import Completion, CompletionRequest, ModelCard, ModelList
-from chargpt.tokenizer import CharTokenizer, UnknownCharactersError
 
 router = APIRouter()
 REQUEST_SCHEMA = CompletionRequest.model_json_schema()  # for /docs: the body is parsed by hand
@@ -40,7 +40,7 @@ REQUEST_SCHEMA = CompletionRequest.model_json_schema()  # for /docs: the body is
 
 def api_routers() -> list[APIRouter]:
     """Every router the server includes."""
-    return [router, playground.router]
+    return [router, playground_router]
 
 
 def create_app(run: Run, run_dir: Path, settings: ServeConfig) -> FastAPI:

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from chargpt.decoding import Decoder, SlotDecoder, make_decoder
-from chargpt.models import LanguageModel
+from chargpt.generation.decoders import Decoder, SlotDecoder, make_decoder
+from chargpt.model import LanguageModel
 
 
 class SlotBackend:

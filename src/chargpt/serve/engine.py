@@ -6,13 +6,15 @@ The scheduler thread repeats one iteration:
 1. admit: queued sequences take free slots, and each one's prompt is read alone (a prefill);
    prompts whose log-probabilities `echo` asked for are scored first, a few windows at a time;
 2. sample: every running sequence draws its next character from its own logits with its own
-   `torch.Generator` (`chargpt.sampling.sample_next`); its text goes through a `StopFilter` to
-   its request's events; a sequence that is done leaves the batch and frees its slot;
+   `torch.Generator` (`chargpt.generation.sampling.sample_next`); its text goes through a
+   `StopFilter` to its request's events; a sequence that is done leaves the batch and frees its
+   slot;
 3. decode: one forward pass gives every continuing sequence its next logits.
 
 Requests join and leave between iterations. The fused GPT decodes all slots in one pass
-(`chargpt.decoding.SlotDecoder`: each sequence at its own position, and its numbers independent of
-the others); bigram and `reference`-attention runs get the lab's decoder per sequence.
+(`chargpt.generation.decoders.SlotDecoder`: each sequence at its own position, and its numbers
+independent of the others); bigram and `reference`-attention runs get the lab's decoder per
+sequence.
 """
 
 from __future__ import annotations
@@ -28,15 +30,15 @@ import torch
 from torch.nn import functional as F
 
 from chargpt.config import SampleConfig
-from chargpt.device import autocast
-from chargpt.generate import StopFilter, resolve_seed
-from chargpt.models import LanguageModel
-from chargpt.sampling import sample_next
+from chargpt.data.tokenizer import CharTokenizer
+from chargpt.generation.generate import StopFilter, resolve_seed
+from chargpt.generation.precision import autocast
+from chargpt.generation.sampling import sample_next
+from chargpt.model import LanguageModel
 from chargpt.serve.backends import make_backend
 from chargpt.serve.jobs import Failure, Finish, Job, Piece, QueueFull, ShuttingDown, Submission
 from chargpt.serve.metrics import ServeMetrics
 from chargpt.serve.scoring import PromptScore, TokenLogprob, token_logprobs
-from chargpt.tokenizer import CharTokenizer
 
 log = logging.getLogger("chargpt.serve")
 
@@ -84,7 +86,7 @@ class Engine:
         self.model, self.tokenizer, self.metrics = model.eval(), tokenizer, metrics
         self.max_queue = max_queue
         self.device = next(model.parameters()).device
-        self.dtype = dtype  # autocast's, as `chargpt.quantize.forward_dtype` picks it
+        self.dtype = dtype  # autocast's, as `chargpt.model.quantize.forward_dtype` picks it
         defaults = SampleConfig()  # the window rule of `chargpt sample`
         self.backend = make_backend(model, max_batch, defaults.window_keep, dtype)
         self.free_slots = list(range(max_batch))[::-1]

@@ -1,7 +1,7 @@
 """The playground page at `/` and `POST /v1/inspect`, the chargpt extension it reads.
 
 `POST /v1/inspect` is not part of the OpenAI API. For a text of at most the model's context
-length it answers what the model computes at every position (`chargpt.inspection`): the
+length it answers what the model computes at every position (`chargpt.generation.inspection`): the
 likeliest next characters, the log-probability of every character, and each layer's and head's
 attention weights over the preceding positions (the lab's `wei`), rounded to three decimals to
 keep the payload small. Its errors have the completions endpoint's shape.
@@ -17,10 +17,10 @@ from fastapi.responses import FileResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from chargpt.inspection import inspect_text, max_text_length
-from chargpt.run_dir import Run
+from chargpt.data.tokenizer import UnknownCharactersError
+from chargpt.generation.inspection import inspect_text, max_text_length
+from chargpt.runs.directory import Run
 from chargpt.serve.errors import APIError, json_body
-from chargpt.tokenizer import UnknownCharactersError
 
 STATIC = Path(__file__).parent / "static"
 ASSETS = {"playground.css": "text/css", "playground.js": "text/javascript"}

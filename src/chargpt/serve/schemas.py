@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from chargpt.config import SampleConfig
 from chargpt.errors import ChargptError
-from chargpt.generate import sample_config
+from chargpt.generation.generate import sample_config
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default
 MAX_STOP_STRINGS = 4  # as OpenAI

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from chargpt.evaluate import full_pass_windows
-from chargpt.models import LanguageModel
+from chargpt.eval.evaluate import full_pass_windows
+from chargpt.model import LanguageModel
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,10 @@ import torch
 import uvicorn
 
 from chargpt.config import ServeConfig
-from chargpt.device import resolve_device
 from chargpt.errors import ChargptError
-from chargpt.quantize import quantized
-from chargpt.run_dir import load_run
+from chargpt.generation.precision import resolve_device
+from chargpt.model.quantize import quantized
+from chargpt.runs.directory import load_run
 from chargpt.serve.app import create_app
 
 

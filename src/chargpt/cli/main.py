@@ -1,0 +1,298 @@
+"""The `chargpt` command: train, sample, eval, compare, plot, prepare. A thin shell over the
+package's functions; user mistakes print one line, not a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shlex
+import signal
+import sys
+
+import torch
+
+from chargpt.cli.parser import build_parser
+from chargpt.config import (
+    ModelConfig,
+    SampleConfig,
+    ServeConfig,
+    TrainConfig,
+    from_dict,
+)
+from chargpt.config.presets import build_configs
+from chargpt.config.sources import given_fields, load_toml
+from chargpt.data.corpus import BUNDLED, resolve_corpus_path
+from chargpt.data.dataset import load_corpus
+from chargpt.data.prepare import prepare
+from chargpt.errors import ChargptError
+from chargpt.eval import compare
+from chargpt.eval.counts import count_references
+from chargpt.eval.evaluate import evaluate_run
+from chargpt.generation.generate import encode_prompt, generate, resolve_seed, stream
+from chargpt.generation.precision import resolve_device
+from chargpt.model.quantize import quantized
+from chargpt.runs.directory import check_new_run_dir, load_run, read_run_config, removed_if_failed
+from chargpt.training.distributed import backend
+from chargpt.training.resume import resume_run
+from chargpt.training.trainer import Trainer
+from chargpt.viz.plot import plot_run
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    changes = {**(load_toml(args.config) if args.config else {})}
+    changes.update(given_fields(args, ModelConfig, TrainConfig))
+    if args.resume is not None:
+        if args.preset is not None:
+            raise ChargptError("--preset cannot be used with --resume: a resumed run keeps its own")
+        trainer = resume_run(args.resume, args.data, args.encoding_errors, **changes)
+        if trainer.world.is_main:
+            print(f"resuming {args.resume} at step {trainer.step}", file=sys.stderr)
+        return train_and_report(trainer)
+    preset = args.preset or "auto"
+    model_config, train_config = build_configs(preset, torch.cuda.is_available(), changes)
+    resolve_device(train_config.device)
+    data = args.data or "shakespeare"
+    dataset, tokenizer, digest = load_corpus(data, args.encoding_errors)
+    dataset.check_block_size(model_config.block_size)
+    with removed_if_failed(args.out):
+        check_new_run_dir(args.out, model_config, tokenizer.vocab_size)  # before joining others
+        trainer = Trainer(
+            model_config, train_config, dataset, tokenizer, args.out, data, data_sha256=digest
+        )
+        return train_and_report(trainer)
+
+
+def train_and_report(trainer: Trainer) -> int:
+    """Run the trainer between one line that describes the run and one that sums it up (under
+    torchrun, the main process alone prints)."""
+    run_dir, dataset = trainer.out_dir, trainer.dataset
+
+    def report(message: str) -> None:
+        if trainer.world.is_main:
+            print(message, file=sys.stderr)
+
+    processes = (
+        f", {trainer.world.size} processes ({backend()})" if trainer.world.distributed else ""
+    )
+    report(
+        f"training {trainer.model_config.model} ({trainer.model.num_parameters():,} parameters) "
+        f"on {trainer.data_name}: {len(dataset.train):,} train / {len(dataset.val):,} val "
+        f"characters, vocabulary {trainer.tokenizer.vocab_size}, device {trainer.device}, "
+        f"{str(trainer.dtype).removeprefix('torch.')}{processes}"
+    )
+    try:
+        result = trainer.run()
+    finally:
+        trainer.close()
+    if result.stopped_by is not None:
+        report(
+            f"{signal.Signals(result.stopped_by).name}: stopped at step {result.steps} and saved; "
+            f"continue with: chargpt train --resume {shlex.quote(str(run_dir))}"
+        )
+        return 128 + result.stopped_by
+    report(
+        f"best val loss {result.best_val_loss:.4f} at step {result.best_step} "
+        f"({result.elapsed:.0f}s of training, {result.tokens_per_second:,.0f} tokens/s); "
+        f"saved to {run_dir}\nnext: chargpt sample --run {shlex.quote(str(run_dir))}"
+    )
+    return 0
+
+
+def read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt_file is None:
+        return args.prompt
+    try:
+        return args.prompt_file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ChargptError(f"prompt file {str(args.prompt_file)!r} does not exist") from None
+    except UnicodeDecodeError:
+        raise ChargptError(f"prompt file {str(args.prompt_file)!r} is not UTF-8 text") from None
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    config = from_dict(SampleConfig, given_fields(args, SampleConfig))
+    config.validate()
+    device = resolve_device(args.device)
+    run = load_run(args.run, device)
+    model = quantized(run.model, config.quantize)
+    prompt = read_prompt(args)
+    shown = run.tokenizer.decode(encode_prompt(run.tokenizer, prompt, config.on_unknown))
+    if config.seed == -1:  # say which seed was drawn, so that a good sample can be had again
+        config = dataclasses.replace(config, seed=resolve_seed(config.seed))
+        print(f"seed {config.seed} (pass --seed {config.seed} to repeat)", file=sys.stderr)
+    if config.num_samples == 1:  # one sample: print each character as soon as it exists
+        print(shown, end="", flush=True)
+        for piece in stream(model, run.tokenizer, prompt, config):
+            print(piece.text, end="", flush=True)
+        print()
+        return 0
+    texts = generate(model, run.tokenizer, prompt, config)
+    print(("\n" + "-" * 40 + "\n").join(shown + text for text in texts))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    run = load_run(args.run, device)
+    run = dataclasses.replace(run, model=quantized(run.model, args.quantize))
+    data = args.data or run.meta.get("data") or "shakespeare"
+    dataset, _, _ = load_corpus(data, args.encoding_errors, run.tokenizer)
+    result = evaluate_run(
+        run, dataset, device, args.batch_size, args.eval_iters, args.stride, args.max_chars
+    )
+    full = result.full_val
+    if args.json:
+        # headline figures from the deterministic full pass; details of both methods beside them
+        headline = {"val_loss": full.nats, "bits_per_char": full.bits_per_char}
+        print(json.dumps({"data": str(data), **headline, **result.to_dict()}))
+    else:
+        print(f"{data}\n{result.summary()}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    if args.sample_length < 0:
+        raise ChargptError(f"--sample-length must not be negative, got {args.sample_length}")
+    flags = given_fields(args, ModelConfig, TrainConfig)
+    device = resolve_device(flags.pop("device", "auto"))
+    if "model" in flags:
+        raise ChargptError("compare trains both models: drop --model")
+    if args.runs:
+        if flags or args.config:
+            raise ChargptError("--runs compares finished runs: drop the training options")
+        runs = compare.label_runs(args.runs)
+        data = args.data or read_run_config(args.runs[0]).get("data") or "shakespeare"
+    else:
+        if args.budget_iters is not None:
+            flags["max_iters"] = args.budget_iters
+        if args.budget_seconds is not None:
+            if not args.budget_seconds > 0:
+                raise ChargptError(f"--budget-seconds must be positive, got {args.budget_seconds}")
+            flags["max_time"] = f"{args.budget_seconds}s"
+        if not args.bigram_learning_rate > 0:
+            raise ChargptError(
+                f"--bigram-learning-rate must be positive, got {args.bigram_learning_rate}"
+            )
+        file_options = load_toml(args.config) if args.config else {}
+        flags["device"] = str(device)
+        has_gpu = torch.cuda.is_available()
+        model_config, train_config = build_configs(args.preset, has_gpu, file_options, flags)
+        data = args.data or "shakespeare"
+    dataset, tokenizer, _ = load_corpus(data, args.encoding_errors)
+    tokenizer.encode(args.prompt)  # an unusable prompt fails before training
+    compare.check_new_comparison_dir(args.out, () if args.runs else compare.MODELS)
+    if not args.runs:
+        runs = compare.train_both(
+            dataset,
+            tokenizer,
+            str(data),
+            model_config,
+            train_config,
+            args.out,
+            args.bigram_learning_rate,
+        )
+    results = [
+        compare.assess_run(
+            label,
+            run,
+            dataset,
+            tokenizer,
+            device,
+            args.prompt,
+            args.sample_length,
+            args.sample_seed,
+            args.stride,
+        )
+        for label, run in runs.items()
+    ]
+    command = "chargpt " + shlex.join(sys.argv[1:])
+    references = count_references(dataset, tokenizer.vocab_size)
+    report = compare.write_report(
+        args.out, results, references, str(data), args.prompt, args.sample_seed, command
+    )
+    print(f"wrote {report} and {args.out / compare.CURVES}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    print(f"wrote {plot_run(args.run, args.out)}")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    paths = [resolve_corpus_path(p) if str(p) in BUNDLED else p for p in args.data]
+    info = prepare(paths, args.out, args.glob, args.encoding_errors)
+    print(
+        f"wrote {args.out}: {info['train_tokens']:,} train / {info['val_tokens']:,} val "
+        f"characters from {len(info['sources'])} file(s), vocabulary "
+        f"{len(info['tokenizer']['chars'])} ({info['dtype']})\n"
+        f"next: chargpt train --data {args.out} --out RUN_DIR"
+    )
+    return 0
+
+
+def cmd_attention(args: argparse.Namespace) -> int:
+    from chargpt.generation.inspection import inspect_text
+    from chargpt.viz.attention_plot import plot_attention
+
+    if not args.out.parent.is_dir():
+        raise ChargptError(
+            f"--out {args.out}: the directory {args.out.parent} does not exist: create it first"
+        )
+    run = load_run(args.run, resolve_device(args.device))
+    seen = inspect_text(run.model, run.tokenizer, args.text, on_unknown=args.on_unknown)
+    print(f"wrote {plot_attention(seen, args.out, args.layer, args.head)}")
+    return 0
+
+
+# what the `serve` extra installs (pydantic and starlette come with FastAPI)
+SERVE_MODULES = {"fastapi", "starlette", "pydantic", "uvicorn", "prometheus_client"}
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    values = given_fields(args, ServeConfig)
+    values.setdefault("api_key", os.environ.get("CHARGPT_API_KEY", ""))
+    settings = from_dict(ServeConfig, values)
+    settings.validate()
+    try:
+        from chargpt.serve.server import serve
+    except ImportError as err:
+        if (err.name or "").split(".")[0] not in SERVE_MODULES:
+            raise
+        raise ChargptError(
+            f"serving needs the serve extra ({err.name} is missing): pip install 'chargpt[serve]'"
+        ) from None
+    return serve(args.run, settings)
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "sample": cmd_sample,
+    "eval": cmd_eval,
+    "compare": cmd_compare,
+    "plot": cmd_plot,
+    "prepare": cmd_prepare,
+    "attention": cmd_attention,
+    "serve": cmd_serve,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ChargptError as err:
+        print(f"chargpt {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # the reader went away, as in `chargpt sample | head`: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second one at exit
+        return 128 + signal.SIGPIPE
+    except OSError as err:  # e.g. the disk filled up while saving: the previous files are intact
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"chargpt {args.command}: error: {err.strerror or err}{where}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"chargpt {args.command}: interrupted", file=sys.stderr)
+        return 130

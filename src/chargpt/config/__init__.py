@@ -1,0 +1,34 @@
+"""Every option, defined once: the dataclasses (`options`), the named presets and how the layers
+of options combine (`presets`), and the outside sources made from them: TOML files and
+command-line flags (`sources`).
+
+    from chargpt.config import ModelConfig, TrainConfig, build_configs
+"""
+
+from chargpt.config.options import (
+    QUANTIZE_HELP,
+    ModelConfig,
+    Quantize,
+    SampleConfig,
+    ServeConfig,
+    TrainConfig,
+    check_quantize_dtype,
+    from_dict,
+    option,
+    parse_duration,
+)
+from chargpt.config.presets import build_configs
+
+__all__ = [
+    "QUANTIZE_HELP",
+    "ModelConfig",
+    "Quantize",
+    "SampleConfig",
+    "ServeConfig",
+    "TrainConfig",
+    "build_configs",
+    "check_quantize_dtype",
+    "from_dict",
+    "option",
+    "parse_duration",
+]

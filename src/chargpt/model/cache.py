@@ -1,0 +1,115 @@
+"""Key/value caches: each decoder block's keys and values of the positions read so far, so that
+generation computes each position's keys and values once. `KVCache` holds one batch of sequences
+at one length; `SlotKVCache` holds independent sequences, each at its own length (continuous
+batching). Attention reads either through the `AttentionCache` protocol."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+
+class KVCache:
+    """One decoder block's keys and values for positions 0..length-1, so that generation
+    computes each position's keys and values once. Room for `capacity` positions."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        # (B, n_head, capacity, hs) each, allocated by the first append (its batch and dtype)
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+        self.length = 0  # positions filled
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store (B, n_head, T, hs) keys and values of the next T positions; return those of
+        every position so far, (B, n_head, length, hs) each."""
+        B, n_head, T, hs = k.shape
+        if self.k is None or self.v is None:
+            self.k = k.new_empty(B, n_head, self.capacity, hs)
+            self.v = v.new_empty(B, n_head, self.capacity, hs)
+        start, end = self.length, self.length + T
+        if end > self.capacity:
+            raise ValueError(f"KVCache holds {self.capacity} positions, {end} were appended")
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def positions(self, T: int, device: torch.device) -> torch.Tensor:
+        """(T,) positions of the next T ids: they follow the cached ones."""
+        end = self.length + T
+        if end > self.capacity:
+            raise ValueError(f"sequence length {end} exceeds block_size {self.capacity}")
+        return torch.arange(self.length, self.length + T, device=device)
+
+    def query_mask(self, T: int, device: torch.device) -> torch.Tensor | None:
+        """Which keys the next T queries may see (see `cached_causal_mask`)."""
+        return cached_causal_mask(T, self.length, device)
+
+
+def cached_causal_mask(T: int, start: int, device: torch.device) -> torch.Tensor | None:
+    """Which of start + T keys each of the T newest queries may see: (T, start + T) booleans, or
+    None where SDPA needs no explicit mask: a single query sees every key, and from position 0
+    `is_causal` is right (it aligns its mask top-left, which is wrong only when the queries are
+    the last T positions of a longer sequence). Without a mask, GPUs get the flash kernel."""
+    if T == 1 or start == 0:
+        return None
+    # query i sits at position start + i and sees keys 0..start + i
+    return torch.ones(T, start + T, dtype=torch.bool, device=device).tril(diagonal=start)
+
+
+class AttentionCache(Protocol):
+    """What attention needs from a cache: where the next T ids sit, which keys their queries may
+    see, and every key and value so far once theirs are stored (`KVCache`, `SlotKVCache`)."""
+
+    def positions(self, T: int, device: torch.device) -> torch.Tensor: ...
+
+    def query_mask(self, T: int, device: torch.device) -> torch.Tensor | None: ...
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class SlotKVCache:
+    """One decoder block's keys and values for `slots` independent sequences, each at its own
+    length: slot s holds positions 0..lengths[s]-1. A step appends the next T positions of every
+    slot at once, and attention reads all `capacity` positions of each slot through a mask, so
+    every step has the same shapes whatever the slots hold."""
+
+    def __init__(
+        self,
+        slots: int,
+        n_head: int,
+        capacity: int,
+        head_size: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
+        self.k = torch.zeros(slots, n_head, capacity, head_size, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        # (slots,) positions filled in each slot, set by the caller before each step
+        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
+
+    def row(self, slot: int) -> KVCache:
+        """Slot `slot` alone, as an empty `KVCache` that stores into this one (for a prefill)."""
+        cache = KVCache(self.k.shape[2])
+        cache.k, cache.v = self.k[slot : slot + 1], self.v[slot : slot + 1]  # views, not copies
+        return cache
+
+    def positions(self, T: int, device: torch.device) -> torch.Tensor:
+        """(slots, T): each slot's next T ids follow its own cached ones."""
+        return self.lengths[:, None] + torch.arange(T, device=device)
+
+    def query_mask(self, T: int, device: torch.device) -> torch.Tensor:
+        """(slots, 1, T, capacity): the new query at position p sees the keys at positions <= p."""
+        keys = torch.arange(self.k.shape[2], device=device)  # (capacity,)
+        return (keys <= self.positions(T, device)[:, :, None])[:, None]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store (slots, n_head, T, hs) keys and values at each slot's next T positions; return
+        all of every slot's, (slots, n_head, capacity, hs) each (`query_mask` hides the rest)."""
+        pos = self.positions(k.shape[2], k.device)  # (slots, T)
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]  # (slots, 1)
+        self.k[rows, :, pos] = k.transpose(1, 2)  # indexed as (slots, T, n_head, hs)
+        self.v[rows, :, pos] = v.transpose(1, 2)
+        return self.k, self.v

@@ -1,0 +1,2 @@
+"""Lab part i: the training loop (`trainer`) with its loss estimate (`estimate`), optimisers and
+schedule (`optim`), resumable state (`state`, `resume`) and several processes (`distributed`)."""
