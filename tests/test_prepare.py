@@ -1,14 +1,21 @@
 import json
 import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from chargpt.cli.main import main
+from chargpt.data.codepoints import IdTable, code_points
 from chargpt.data.corpus import resolve_corpus_path
 from chargpt.data.dataset import CharDataset, load_corpus, load_prepared
 from chargpt.data.prepare import prepare
-from chargpt.data.tokenizer import CharTokenizer
+from chargpt.data.tokenizer import CharTokenizer, UnknownCharactersError
 from chargpt.errors import ChargptError
 
 
@@ -126,3 +133,103 @@ def test_train_eval_and_resume_on_a_prepared_directory(tmp_path, capsys):
     assert main(["prepare", "--data", str(corpus), "--out", str(data)]) == 0
     assert main(["train", "--resume", str(run), "--max-iters", "10"]) == 2
     assert "is not the text" in capsys.readouterr().err
+
+
+def reference_prepare(files: list[bytes], encoding_errors: str) -> tuple[str, str, str]:
+    """What `prepare` must write, computed the plain way: each file decoded whole, the sorted
+    set of characters, the lab's split within each file. Returns (chars, train, val)."""
+    texts = [data.decode("utf-8", encoding_errors) for data in files]
+    if len(texts) > 1:
+        texts = [t + "\n" if t and not t.endswith("\n") else t for t in texts]
+    train = "".join(t[: int(0.9 * len(t))] for t in texts)
+    val = "".join(t[int(0.9 * len(t)) :] for t in texts)
+    return "".join(sorted(set(train + val))), train, val
+
+
+# text where ASCII mixes with 2-, 3- and 4-byte characters, so that small chunks cut inside them
+mixed_text = st.text(
+    st.one_of(
+        st.sampled_from("ab \n.,"),
+        st.characters(min_codepoint=0x80, max_codepoint=0x7FF),
+        st.characters(min_codepoint=0x800, max_codepoint=0xFFFF, exclude_categories=("Cs",)),
+        st.characters(min_codepoint=0x10000, max_codepoint=0x10FFFF),
+    ),
+    max_size=60,
+).filter(lambda text: "\x00" not in text)
+file_bytes = st.one_of(
+    mixed_text.map(lambda text: text.encode("utf-8")),
+    st.binary(max_size=40).filter(lambda data: b"\x00" not in data),  # mostly not UTF-8
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    files=st.lists(file_bytes, min_size=1, max_size=3),
+    chunk_bytes=st.integers(1, 9),
+    encoding_errors=st.sampled_from(["strict", "replace", "ignore"]),
+)
+def test_prepared_tokens_equal_a_plain_reference_encoding(files, chunk_bytes, encoding_errors):
+    try:
+        chars, train, val = reference_prepare(files, encoding_errors)
+    except UnicodeDecodeError:
+        chars = None
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus, out = Path(tmp) / "corpus", Path(tmp) / "out"
+        corpus.mkdir()
+        for i, data in enumerate(files):
+            (corpus / f"{i}.txt").write_bytes(data)
+        if chars is None:  # not UTF-8: a clear error, and nothing written
+            with pytest.raises(ChargptError, match="UTF-8"):
+                prepare(
+                    [corpus],
+                    out,
+                    encoding_errors=encoding_errors,
+                    chunk_bytes=chunk_bytes,
+                    progress=False,
+                )
+            assert not out.exists() or not any(out.iterdir())
+            return
+        if not chars:
+            with pytest.raises(ChargptError, match="empty"):
+                prepare(
+                    [corpus],
+                    out,
+                    encoding_errors=encoding_errors,
+                    chunk_bytes=chunk_bytes,
+                    progress=False,
+                )
+            return
+        prepare(
+            [corpus], out, encoding_errors=encoding_errors, chunk_bytes=chunk_bytes, progress=False
+        )
+        dataset, tokenizer = load_prepared(out)
+        assert "".join(tokenizer.chars) == chars
+        assert [tokenizer.chars[i] for i in dataset.train] == list(train)
+        assert [tokenizer.chars[i] for i in dataset.val] == list(val)
+
+
+def test_the_id_table_agrees_with_the_tokenizer_at_the_uint8_boundary():
+    # 256 characters: ids fill uint8, so the table marks unknown characters in a wider type
+    tokenizer = CharTokenizer(tuple(chr(c) for c in range(32, 288)))
+    text = "".join(reversed(tokenizer.chars)) + "ÿĀ ~"
+    table = IdTable(tokenizer.chars)
+    ids = table.ids(code_points(text))
+    assert ids.dtype == np.uint8 and np.array_equal(ids, tokenizer.encode_array(text))
+    ascii_ids = table.ids(code_points(b"hello"))  # a pure-ASCII chunk, as its bytes
+    assert ascii_ids.tolist() == tokenizer.encode("hello")
+    with pytest.raises(UnknownCharactersError, match=r"1 character\(s\).*'\\n'"):
+        table.ids(code_points("ab\ncd"))
+
+
+def test_the_prepare_command_does_not_import_torch(tmp_path):
+    (tmp_path / "t.txt").write_text("some text, enough of it " * 10)
+    code = (
+        "import sys; from chargpt.__main__ import main; "
+        f"status = main(['prepare', '--data', {str(tmp_path / 't.txt')!r}, "
+        f"'--out', {str(tmp_path / 'out')!r}]); "
+        "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(status)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "next: chargpt train --data" in result.stdout
+    assert load_prepared(tmp_path / "out")[1].vocab_size == len(set("some text, enough of it "))

@@ -14,6 +14,7 @@ import sys
 import torch
 
 from chargpt.cli.parser import build_parser
+from chargpt.cli.shell import cmd_prepare, run_command
 from chargpt.config import (
     ModelConfig,
     SampleConfig,
@@ -23,9 +24,7 @@ from chargpt.config import (
 )
 from chargpt.config.presets import build_configs
 from chargpt.config.sources import given_fields, load_toml
-from chargpt.data.corpus import BUNDLED, resolve_corpus_path
 from chargpt.data.dataset import load_corpus
-from chargpt.data.prepare import prepare
 from chargpt.errors import ChargptError
 from chargpt.eval import compare
 from chargpt.eval.counts import count_references
@@ -221,18 +220,6 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_prepare(args: argparse.Namespace) -> int:
-    paths = [resolve_corpus_path(p) if str(p) in BUNDLED else p for p in args.data]
-    info = prepare(paths, args.out, args.glob, args.encoding_errors)
-    print(
-        f"wrote {args.out}: {info['train_tokens']:,} train / {info['val_tokens']:,} val "
-        f"characters from {len(info['sources'])} file(s), vocabulary "
-        f"{len(info['tokenizer']['chars'])} ({info['dtype']})\n"
-        f"next: chargpt train --data {args.out} --out RUN_DIR"
-    )
-    return 0
-
-
 def cmd_attention(args: argparse.Namespace) -> int:
     from chargpt.generation.inspection import inspect_text
     from chargpt.viz.attention_plot import plot_attention
@@ -281,18 +268,4 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return COMMANDS[args.command](args)
-    except ChargptError as err:
-        print(f"chargpt {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:  # the reader went away, as in `chargpt sample | head`: not an error
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second one at exit
-        return 128 + signal.SIGPIPE
-    except OSError as err:  # e.g. the disk filled up while saving: the previous files are intact
-        where = f" ({err.filename})" if err.filename else ""
-        print(f"chargpt {args.command}: error: {err.strerror or err}{where}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"chargpt {args.command}: interrupted", file=sys.stderr)
-        return 130
+    return run_command(args, COMMANDS[args.command])

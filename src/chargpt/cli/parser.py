@@ -16,8 +16,6 @@ from chargpt.config import (
 )
 from chargpt.config.presets import PRESET_NAMES, PRESETS
 from chargpt.config.sources import add_dataclass_arguments
-from chargpt.model.quantize import METHODS as QUANTIZE_METHODS
-from chargpt.training.resume import RESUMABLE_OPTIONS
 
 DESCRIPTION = "Train, sample, evaluate and compare character-level GPT language models."
 
@@ -46,6 +44,10 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # imported here, so that `prepare` can use this module without importing PyTorch
+    from chargpt.model.quantize import METHODS as QUANTIZE_METHODS
+    from chargpt.training.resume import RESUMABLE_OPTIONS
+
     parser = OneLineErrorParser(prog="chargpt", description=DESCRIPTION)
     commands = parser.add_subparsers(dest="command", required=True)
 
