@@ -41,6 +41,17 @@ def prompts(length: int, batch: int = 3) -> torch.Tensor:
     return torch.randint(TOKENIZER.vocab_size, (batch, length), generator=generator)
 
 
+def test_the_labs_generate_samples_what_generate_ids_samples(model):
+    """The lab's plain loop on the model and the cached sampler draw the same ids from the same
+    generator: softmax at temperature 1, no filter, past block_size with the exact rule."""
+    idx = prompts(3)
+    lab = model.generate(idx, 2 * BLOCK, generator=torch.Generator().manual_seed(7))
+    ours = generate_ids(
+        model, idx, 2 * BLOCK, generator=torch.Generator().manual_seed(7), long_context="exact"
+    )
+    assert lab.tolist() == ours.tolist()
+
+
 @pytest.mark.parametrize("length", range(1, BLOCK + 1))
 def test_cached_greedy_equals_recompute_for_every_prompt_length(model, length):
     idx = prompts(length)

@@ -19,12 +19,12 @@ from chargpt.data.tokenizer import CharTokenizer, UnknownCharactersError
 from chargpt.generation.generate import encode_prompt
 from chargpt.generation.precision import forward_dtype
 from chargpt.runs.directory import WEIGHTS, Run
-from chargpt.serve.playground import router as playground_router
 from chargpt.serve.engine import Engine
 from chargpt.serve.errors import APIError, install_error_handlers, json_body
 from chargpt.serve.jobs import Job, QueueFull, ShuttingDown, Submission
 from chargpt.serve.metrics import ServeMetrics
 from chargpt.serve.middleware import CountRequests, LimitBodySize, RequireAPIKey
+from chargpt.serve.playground import router as playground_router
 from chargpt.serve.responses import (
     CLIENT_CLOSED,
     EventStream,
