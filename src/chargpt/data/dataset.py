@@ -1,5 +1,6 @@
 """The lab's data split (first 90% train, last 10% val), random `block_size` windows, and the
-token arrays behind them (in memory, memory-mapped, or two read as one)."""
+token arrays behind them (in memory, memory-mapped, two read as one, or read in the ids of
+another vocabulary, such as a fine-tuned run's)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,16 @@ import numpy as np
 import torch
 
 from chargpt.data.corpus import load_text, text_sha256
-from chargpt.data.tokenizer import CharTokenizer
+from chargpt.data.tokenizer import (
+    CharTokenizer,
+    UnknownCharactersError,
+    listed,
+    smallest_uint_dtype,
+)
 from chargpt.errors import ChargptError
 
 SPLITS = ("train", "val")
+CHUNK = 1 << 22  # tokens remapped at a time when they are copied
 
 
 @dataclass
@@ -93,7 +100,62 @@ class JoinedTokens:
         return np.concatenate([head, tail])
 
 
-Tokens = np.ndarray | JoinedTokens  # anything with len() and contiguous slices
+def id_table(source: CharTokenizer, target: CharTokenizer) -> np.ndarray:
+    """`table[source id]` is the same character's id in `target`, or len(target) if it has none."""
+    ids = [target.stoi.get(ch, target.vocab_size) for ch in source.chars]
+    return np.array(ids, dtype=smallest_uint_dtype(target.vocab_size + 1))
+
+
+@dataclass(frozen=True)
+class MappedTokens:
+    """Token ids read through a lookup table, piece by piece as they are indexed: memory-mapped
+    tokens stay on disk."""
+
+    tokens: Tokens
+    table: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, index: int | slice | np.ndarray) -> np.ndarray:
+        return self.table[self.tokens[index]]
+
+
+Tokens = np.ndarray | JoinedTokens | MappedTokens  # anything with len() and contiguous slices
+
+
+def kept_tokens(tokens: Tokens, table: np.ndarray, missing: int) -> np.ndarray:
+    """`tokens` through `table`, without those it maps to `missing`: a copy, made a chunk at a
+    time."""
+    pieces = [table[np.asarray(tokens[i : i + CHUNK])] for i in range(0, len(tokens), CHUNK)]
+    kept = [piece[piece != missing] for piece in pieces]
+    return np.concatenate([np.empty(0, dtype=table.dtype), *kept])
+
+
+def in_vocabulary(
+    dataset: CharDataset, source: CharTokenizer, target: CharTokenizer, skip: bool = False
+) -> CharDataset:
+    """`dataset`, whose ids are `source`'s, in `target`'s ids. Characters `target` lacks are an
+    error, or with `skip` dropped: then the splits are copied into memory. Otherwise memory-mapped
+    splits stay on disk, read through the table."""
+    if source == target:
+        return dataset
+    missing = [ch for ch in source.chars if ch not in target.stoi]
+    if missing and not skip:
+        raise UnknownCharactersError(
+            f"the data has {len(missing)} character(s) not in the vocabulary: {listed(missing)}"
+        )
+    table = id_table(source, target)
+    splits = {}
+    for name in SPLITS:
+        tokens = dataset.split(name)
+        if missing:
+            splits[name] = kept_tokens(tokens, table, target.vocab_size).astype(target.dtype)
+        elif isinstance(tokens, np.memmap):
+            splits[name] = MappedTokens(tokens, table)
+        else:
+            splits[name] = table[np.asarray(tokens)].astype(target.dtype)
+    return CharDataset(**splits)
 
 
 def load_prepared(data_dir: Path) -> tuple[CharDataset, CharTokenizer]:
@@ -129,25 +191,28 @@ def prepared_fingerprint(data_dir: Path) -> str:
 
 
 def load_corpus(
-    data: str | Path, encoding_errors: str = "strict", tokenizer: CharTokenizer | None = None
+    data: str | Path,
+    encoding_errors: str = "strict",
+    tokenizer: CharTokenizer | None = None,
+    on_unknown: str = "error",
 ) -> tuple[CharDataset, CharTokenizer, str]:
     """`--data` as a split dataset, its tokenizer and a fingerprint (to check a resumed run trains
     on the same data). `data` is a bundled corpus name, a text file, or a `chargpt prepare`
-    directory. With `tokenizer` (a trained run's), the data must fit that vocabulary."""
+    directory. With `tokenizer` (a trained run's), the data is read in that vocabulary's ids:
+    characters it lacks are an error, or dropped with `on_unknown="skip"`."""
     path = Path(data)
     if path.is_dir() and (path / "vocab.json").is_file():
         dataset, own = load_prepared(path)
-        if tokenizer is not None and own != tokenizer:
-            raise ChargptError(
-                f"{path} was prepared with another vocabulary than the run's: prepare the "
-                "corpus the run was trained on, or train a new run on this one"
-            )
-        return dataset, own, prepared_fingerprint(path)
-    if path.is_dir():
+        digest = prepared_fingerprint(path)
+    elif path.is_dir():
         raise ChargptError(
             f"{str(path)!r} is a directory without vocab.json: pass a text file, or run "
             f"`chargpt prepare --data {path} --out DATADIR` and pass DATADIR"
         )
-    text = load_text(data, encoding_errors)
-    tokenizer = tokenizer or CharTokenizer.from_text(text)
-    return CharDataset.from_text(text, tokenizer), tokenizer, text_sha256(text)
+    else:
+        text = load_text(data, encoding_errors)
+        own = CharTokenizer.from_text(text)
+        dataset, digest = CharDataset.from_text(text, own), text_sha256(text)
+    if tokenizer is None:
+        return dataset, own, digest
+    return in_vocabulary(dataset, own, tokenizer, skip=on_unknown == "skip"), tokenizer, digest

@@ -59,10 +59,8 @@ class CharTokenizer:
     def check_known(self, text: str) -> None:
         unknown = self.unknown_characters(text)
         if unknown:
-            shown = ", ".join(repr(ch) for ch in unknown[:20])
-            more = f" and {len(unknown) - 20} more" if len(unknown) > 20 else ""
             raise UnknownCharactersError(
-                f"{len(unknown)} character(s) not in the vocabulary: {shown}{more}"
+                f"{len(unknown)} character(s) not in the vocabulary: {listed(unknown)}"
             )
 
     def encode(self, text: str) -> list[int]:
@@ -90,3 +88,28 @@ class CharTokenizer:
         if data.get("type") != "char" or not isinstance(data.get("chars"), list):
             raise ChargptError("the tokenizer entry is not a character vocabulary")
         return cls(tuple(data["chars"]))
+
+
+def listed(chars: list[str], limit: int = 20) -> str:
+    more = f" and {len(chars) - limit} more" if len(chars) > limit else ""
+    return ", ".join(repr(ch) for ch in chars[:limit]) + more
+
+
+def join_vocabularies(run: CharTokenizer, data: CharTokenizer, on_unknown: str) -> CharTokenizer:
+    """The vocabulary of a run fine-tuned on `data`: the run's characters and, with
+    `on_unknown="add"`, the data's new ones, all sorted as the lab's rule has it ("skip" leaves
+    the new ones out, so the data drops them; "error" refuses them).
+
+    Sorted, not appended after the run's ids: every part of chargpt relies on the sorted rule
+    (this class checks it, `chargpt prepare` writes it, prepared data and runs are matched by it),
+    so a fine-tuned run is an ordinary run. The run's characters may get new ids when new ones
+    sort between them; the model's rows move with them (chargpt.model.resize)."""
+    new = sorted(set(data.chars) - set(run.chars))
+    if not new or on_unknown == "skip":
+        return run
+    if on_unknown == "error":
+        raise UnknownCharactersError(
+            f"the data has {len(new)} character(s) the run never saw: {listed(new)}: pass "
+            "--on-unknown add to learn them, or --on-unknown skip to drop them"
+        )
+    return CharTokenizer(tuple(sorted(set(run.chars) | set(new))))
