@@ -11,7 +11,7 @@ from chargpt.data.dataset import CharDataset
 from chargpt.data.tokenizer import CharTokenizer
 from chargpt.generation.generate import generate
 from chargpt.generation.precision import autocast
-from chargpt.model import LanguageModel
+from chargpt.model import LanguageModel, eval_mode
 from chargpt.training.distributed import SINGLE_PROCESS, World, all_reduce
 
 
@@ -38,24 +38,22 @@ def estimate_loss(
     The windows come from their own generator seeded `seed`, so every estimate scores the same
     text. Over several processes, process r scores batches r, r + size, ... and the sums are
     reduced, which gives the single-process figure."""
-    was_training = model.training
-    model.eval()
     totals = torch.zeros(2, dtype=torch.float64)
-    for i, split in enumerate(("train", "val")):
-        generator = torch.Generator().manual_seed(seed)
-        for k in range(eval_iters):
-            mine = k % world.size == world.rank
-            # every process draws every batch, so that the windows are one process's; only its
-            # own batches go to the device
-            x, y = dataset.get_batch(
-                split, batch_size, block_size, generator, device if mine else "cpu"
-            )
-            if not mine:
-                continue
-            with autocast(device, dtype):
-                _, loss = model(x, y)
-            totals[i] += loss.item()
-    model.train(was_training)
+    with eval_mode(model):
+        for i, split in enumerate(("train", "val")):
+            generator = torch.Generator().manual_seed(seed)
+            for k in range(eval_iters):
+                mine = k % world.size == world.rank
+                # every process draws every batch, so that the windows are one process's; only
+                # its own batches go to the device
+                x, y = dataset.get_batch(
+                    split, batch_size, block_size, generator, device if mine else "cpu"
+                )
+                if not mine:
+                    continue
+                with autocast(device, dtype):
+                    _, loss = model(x, y)
+                totals[i] += loss.item()
     train, val = (all_reduce(totals, world) / eval_iters).tolist()
     return {"train": train, "val": val}
 
