@@ -28,6 +28,7 @@ from chargpt.eval.evaluate import (
 )
 from chargpt.model import BigramLanguageModel, GPTLanguageModel
 from chargpt.runs.directory import load_run
+from chargpt.training.estimate import estimate_loss
 
 TINY = ModelConfig(block_size=8, n_embd=16, n_head=2, n_layer=2, dropout=0.0)
 
@@ -218,3 +219,38 @@ def test_eval_and_count_references_stream_the_splits(tiny_run, monkeypatch):
     probs = counts / counts.sum(axis=1, keepdims=True)
     expected = -np.log(probs[tokens[:-1], tokens[1:]]).mean()
     assert streamed[1].train.nats == pytest.approx(expected, rel=1e-12)
+
+
+def fails_on_second_call(model: GPTLanguageModel, method: str) -> None:
+    """Make `model.<method>` raise on its second call, as an out-of-memory error would."""
+    original, calls = getattr(model, method), []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        return original(*args, **kwargs)
+
+    setattr(model, method, failing)
+
+
+@pytest.mark.parametrize("scorer", ["estimate_loss", "full_pass_loss"])
+def test_a_model_that_fails_midway_gets_its_modes_back(scorer: str) -> None:
+    """Scoring runs in eval mode; when the model raises, every module is left in the mode it
+    was in (here: training, but for one block in eval mode), not in eval mode."""
+    text = "to be or not to be, that is the question. " * 20
+    tokenizer = CharTokenizer.from_text(text)
+    model = tiny_gpt(tokenizer.vocab_size).train()
+    model.blocks[0].eval()
+    modes = [m.training for m in model.modules()]
+    with pytest.raises(RuntimeError, match="out of memory"):
+        if scorer == "estimate_loss":
+            fails_on_second_call(model, "forward")
+            dataset = CharDataset.from_text(text, tokenizer)
+            cpu = torch.device("cpu")
+            estimate_loss(model, dataset, 2, TINY.block_size, 3, cpu, torch.float32, seed=0)
+        else:
+            fails_on_second_call(model, "logits")
+            tokens = np.array(tokenizer.encode(text))
+            full_pass_loss(model, tokens, TINY.block_size, batch_size=2)
+    assert [m.training for m in model.modules()] == modes

@@ -114,7 +114,6 @@ def test_stop_at_20_and_resume_matches_40_straight(corpus, tmp_path: Path) -> No
 
 def test_evaluation_does_not_move_the_training_random_streams(corpus, tmp_path: Path) -> None:
     """Same losses whether or not losses are estimated and samples drawn in between."""
-    # each trainer seeds the global generator (dropout) when built: build and run one at a time
     often, often_losses = make_trainer(corpus, tmp_path / "often", max_iters=6, eval_interval=1)
     often.run()
     rarely, rarely_losses = make_trainer(corpus, tmp_path / "rarely", max_iters=6)

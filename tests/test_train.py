@@ -11,6 +11,7 @@ import torch
 from chargpt.config import ModelConfig, TrainConfig
 from chargpt.data.dataset import CharDataset
 from chargpt.data.tokenizer import CharTokenizer
+from chargpt.generation.precision import tf32_matmuls
 from chargpt.training.distributed import World
 from chargpt.training.optim import lr_multiplier
 from chargpt.training.trainer import Trainer
@@ -144,3 +145,42 @@ def test_compiled_training_matches_eager_training(tmp_path: Path, compile_works)
     eager = make_trainer(tmp_path / "eager", **settings).run()
     compiled = make_trainer(tmp_path / "compiled", compile=True, **settings).run()
     assert compiled.best_val_loss == pytest.approx(eager.best_val_loss, abs=1e-4)
+
+
+def test_a_trainer_leaves_torch_global_random_state_alone(tmp_path: Path) -> None:
+    """Python users keep their own random streams: building and running a trainer neither
+    seeds nor draws from torch's global generator, and a trainer's results do not depend on
+    what was drawn, or which other trainer was built, before it runs."""
+    dropout = dataclasses.replace(MODEL, dropout=0.1)
+    tokenizer = CharTokenizer.from_text(TEXT)
+    dataset = CharDataset.from_text(TEXT, tokenizer)
+
+    def trainer(out: str, seed: int) -> Trainer:
+        cfg = dataclasses.replace(TRAIN, seed=seed, dtype="fp32")
+        return Trainer(dropout, cfg, dataset, tokenizer, tmp_path / out)
+
+    alone = trainer("alone", seed=1).run()
+    torch.manual_seed(123)
+    torch.rand(7)
+    expected = torch.rand(4)  # the caller's stream, had no trainer been built or run
+
+    torch.manual_seed(123)
+    first, second = trainer("first", seed=1), trainer("second", seed=2)
+    torch.rand(7)
+    result = first.run()
+    second.run()
+    assert torch.equal(torch.rand(4), expected)
+    assert result.best_val_loss == alone.best_val_loss
+    for name, weight in alone.model.state_dict().items():
+        assert torch.equal(result.model.state_dict()[name], weight), name
+
+
+def test_tf32_is_on_only_inside_a_cuda_training_run() -> None:
+    matmul = torch.backends.cuda.matmul
+    before = matmul.allow_tf32
+    with tf32_matmuls(torch.device("cpu")):
+        assert matmul.allow_tf32 == before
+    with pytest.raises(RuntimeError), tf32_matmuls(torch.device("cuda")):
+        assert matmul.allow_tf32
+        raise RuntimeError("a failed step")
+    assert matmul.allow_tf32 == before

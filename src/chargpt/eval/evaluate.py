@@ -31,7 +31,7 @@ from torch.nn import functional as F
 from chargpt.data.dataset import CharDataset, JoinedTokens, Tokens
 from chargpt.errors import ChargptError
 from chargpt.generation.precision import autocast, forward_dtype
-from chargpt.model import LanguageModel
+from chargpt.model import LanguageModel, eval_mode
 from chargpt.runs.directory import Run
 from chargpt.training.estimate import estimate_loss, estimate_seed
 
@@ -100,23 +100,21 @@ def full_pass_loss(
     T = min(block_size, len(tokens) - 1)
     offsets = np.arange(T + 1)
     device = torch.device(device)
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
-    for b in range(0, len(starts), batch_size):
-        batch_starts = starts[b : b + batch_size]  # increasing
-        span = np.asarray(tokens[batch_starts[0] : batch_starts[-1] + T + 1])
-        windows = span[(batch_starts - batch_starts[0])[:, None] + offsets]  # (B, T+1)
-        windows = torch.from_numpy(windows.astype(np.int64)).to(device)
-        x, y = windows[:, :-1], windows[:, 1:]  # inputs and next-character targets, (B, T) each
-        with autocast(device, dtype):
-            logits = model.logits(x)  # (B, T, V)
-        losses = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none")
-        first = torch.from_numpy(first_scored[b : b + batch_size]).to(device)
-        scored = torch.arange(T, device=device)[None, :] >= first[:, None]  # (B, T)
-        total += losses.view_as(scored)[scored].sum().item()
-        count += int(scored.sum().item())
-    model.train(was_training)
+    with eval_mode(model):
+        for b in range(0, len(starts), batch_size):
+            batch_starts = starts[b : b + batch_size]  # increasing
+            span = np.asarray(tokens[batch_starts[0] : batch_starts[-1] + T + 1])
+            windows = span[(batch_starts - batch_starts[0])[:, None] + offsets]  # (B, T+1)
+            windows = torch.from_numpy(windows.astype(np.int64)).to(device)
+            x, y = windows[:, :-1], windows[:, 1:]  # inputs and next-character targets, (B, T)
+            with autocast(device, dtype):
+                logits = model.logits(x)  # (B, T, V)
+            losses = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none")
+            first = torch.from_numpy(first_scored[b : b + batch_size]).to(device)
+            scored = torch.arange(T, device=device)[None, :] >= first[:, None]  # (B, T)
+            total += losses.view_as(scored)[scored].sum().item()
+            count += int(scored.sum().item())
     return total / count, count
 
 

@@ -26,7 +26,7 @@ from chargpt.errors import ChargptError
 from chargpt.generation.decoders import make_decoder
 from chargpt.generation.precision import autocast, forward_dtype
 from chargpt.generation.sampling import Generators, sample_next
-from chargpt.model import LanguageModel
+from chargpt.model import LanguageModel, eval_mode
 from chargpt.model.quantize import quantized
 
 
@@ -154,12 +154,8 @@ def stream(
     with `chargpt.model.quantize.quantized` to sample from it many times)."""
     config = sample_config(config, **controls)
     model = quantized(model, config.quantize)  # the caller's model itself unless quantize asks
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         yield from sample_pieces(model, tokenizer, prompt, config)
-    finally:
-        model.train(was_training)
 
 
 def sample_pieces(

@@ -24,7 +24,7 @@ from torch.nn import functional as F
 from chargpt.data.tokenizer import CharTokenizer
 from chargpt.errors import ChargptError
 from chargpt.generation.generate import encode_prompt
-from chargpt.model import CausalSelfAttention, GPTLanguageModel, LanguageModel
+from chargpt.model import CausalSelfAttention, GPTLanguageModel, LanguageModel, eval_mode
 from chargpt.model.layers import RotaryAngles, rotate
 
 NO_ATTENTION = "a bigram model has no attention: each prediction reads only the character before"
@@ -108,12 +108,8 @@ def inspect_text(
         )
     device = next(model.parameters()).device
     idx = torch.tensor([ids], device=device)  # (1, T)
-    was_training = model.training
-    model.eval()  # the weights before dropout: dropout is off in eval mode
-    try:
+    with eval_mode(model):  # the weights before dropout: dropout is off in eval mode
         logits, attention = logits_and_attention(model, idx)
-    finally:
-        model.train(was_training)
     return Inspection(
         chars=[tokenizer.itos[i] for i in ids],
         attention=attention[:, :, 0].float().cpu(),  # (n_layer, n_head, T, T)

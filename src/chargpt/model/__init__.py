@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from chargpt.config import ModelConfig
-from chargpt.model.base import LanguageModel
+from chargpt.model.base import LanguageModel, eval_mode
 from chargpt.model.bigram import BigramLanguageModel
 from chargpt.model.gpt import (
     CausalSelfAttention,
@@ -24,6 +24,7 @@ __all__ = [
     "LanguageModel",
     "MultiHeadAttention",
     "build_model",
+    "eval_mode",
 ]
 
 

@@ -3,9 +3,28 @@ counts."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from typing import TypeVar
+
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+M = TypeVar("M", bound=nn.Module)
+
+
+@contextlib.contextmanager
+def eval_mode(model: M) -> Iterator[M]:
+    """`model` in eval mode (no dropout) inside the block; afterwards, also when the block
+    raises, each of its modules is back in the mode it was in."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 class LanguageModel(nn.Module):

@@ -33,10 +33,10 @@ from safetensors.torch import save_file
 
 from chargpt import __version__
 from chargpt.config import ModelConfig, TrainConfig, from_dict
-from chargpt.errors import ChargptError
 from chargpt.data.files import atomic_write, atomic_write_text
-from chargpt.model import LanguageModel, build_model
 from chargpt.data.tokenizer import CharTokenizer
+from chargpt.errors import ChargptError
+from chargpt.model import LanguageModel, build_model
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -82,11 +82,16 @@ def save_run(
 
 
 def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's weights as contiguous CPU tensors, ready for safetensors. safetensors refuses
-    tensors that share memory (tied embeddings): each name after the first gets its own copy,
-    and loading copies the same values into the one shared parameter."""
+    """The model's weights as contiguous CPU tensors, ready for safetensors."""
+    return cpu_tensors(model.state_dict())
+
+
+def cpu_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU copies of `tensors`, ready for safetensors. safetensors refuses tensors
+    that share memory (tied embeddings): each name after the first gets its own copy, and
+    loading copies the same values into the one shared parameter."""
     state, seen = {}, set()
-    for name, value in model.state_dict().items():
+    for name, value in tensors.items():
         tensor = value.detach().to("cpu").contiguous()
         storage = tensor.untyped_storage().data_ptr()
         state[name] = tensor.clone() if storage in seen else tensor

@@ -1,2 +1,3 @@
 """Lab part i: the training loop (`trainer`) with its loss estimate (`estimate`), optimisers and
-schedule (`optim`), resumable state (`state`, `resume`) and several processes (`distributed`)."""
+schedule (`optim`), resumable state (`state`, `resume`), training time (`clock`), how a run ends
+(`outcome`) and several processes (`distributed`)."""

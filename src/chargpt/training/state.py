@@ -1,23 +1,26 @@
 """The resumable training state, `last.safetensors` in a run directory.
 
 One file holds everything `train --resume` needs to go on exactly as if training had never
-stopped: the weights (and their moving average, with `ema_decay`), the optimiser's state
-(AdamW's moments, Muon's momentum) and every random stream training draws from, as tensors,
-with the trainer's scalars (step, best val loss, schedule, configs) as JSON in the same file's
-header, so that one rename replaces all of it at once.
+stopped (a `Trainer.state_dict()`): the weights (and their moving average, with `ema_decay`),
+the optimiser's state (AdamW's moments, Muon's momentum) and every random stream training draws
+from, as tensors, with the trainer's scalars (step, best val loss, schedule, configs) as JSON in
+the same file's header, so that one rename replaces all of it at once.
 
-The random streams are the generator of each micro-batch stream and, for each process, torch's
-global generators (dropout): on the CPU, and on the process's GPU. Python's and numpy's global
-generators are left alone: training never draws from them, and a host application's own use of
-them must not be reset by a resume.
+The random streams are the generator of each micro-batch stream and, for each process, the
+streams its dropout draws from (torch's global generators while a step runs): the CPU's, and
+its GPU's when it trains on one. A trainer keeps them apart from the global generators the rest
+of the program uses (`RandomStreams`), and Python's and numpy's generators are left alone:
+training never draws from them, and a host application's own use of them must not be reset by a
+resume.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors.torch import save_file
@@ -28,19 +31,14 @@ from chargpt.errors import ChargptError
 from chargpt.runs.directory import (
     FORMAT_VERSION,
     LAST,
-    cpu_state,
+    cpu_tensors,
     header_json,
-    load_weights,
     read_safetensors,
 )
 from chargpt.training.distributed import World, all_gather
 
-if TYPE_CHECKING:
-    from chargpt.training.trainer import Trainer
-
+T = TypeVar("T")
 STATE_KEY = "trainer_state"  # last.safetensors header entry: JSON of the trainer's scalars
-
-
 # the trainer's counters, and their types
 COUNTERS = {
     "step": int,
@@ -51,50 +49,84 @@ COUNTERS = {
 }
 
 
-def save_trainer_state(trainer: Trainer, rng_tensors: dict[str, torch.Tensor]) -> None:
-    """Write the trainer's whole resumable state (with every process's random states, from
-    `gather_rng_states`) as one file, so that it is replaced in one rename."""
-    optimizer, groups = optimizer_tensors(trainer.optimizer)
-    state = {name: getattr(trainer, name) for name in COUNTERS}
-    state.update(
-        model=dataclasses.asdict(trainer.model_config),
-        train=dataclasses.asdict(trainer.cfg),
-        scheduler=trainer.scheduler.state_dict(),
-        optimizer_groups=groups,
-    )
-    tensors = {**model_tensors(trainer.model), **optimizer, **rng_tensors}
-    if trainer.ema is not None:
-        tensors.update({f"ema.{k}": v for k, v in cpu_state(trainer.ema).items()})
-    header = {"format": "pt", STATE_KEY: json.dumps({"format_version": FORMAT_VERSION, **state})}
-    atomic_write(trainer.out_dir / LAST, lambda tmp: save_file(tensors, str(tmp), header))
+class RandomStreams:
+    """Every random stream one training process draws from: a generator per micro-batch stream
+    it draws (`batches`, seeded `seed + stream`) and the streams of its dropout (`dropout`, the
+    CPU's and its accelerator's), which are torch's global generators while a step runs
+    (`drawing_dropout`) and kept apart from the rest of the program's otherwise."""
+
+    def __init__(self, seed: int, streams: range, rank: int, device: torch.device):
+        self.seed, self.rank, self.device = seed, rank, device
+        self.batches = {stream: torch.Generator().manual_seed(seed + stream) for stream in streams}
+        # each process drops out its own units
+        self.dropout = {"torch": torch.Generator().manual_seed(seed + rank).get_state()}
+        if device.type != "cpu":
+            accelerator = torch.Generator(device=device).manual_seed(seed + rank)
+            self.dropout[device.type] = accelerator.get_state()
+
+    def initialise(self, build: Callable[[], T]) -> T:
+        """`build()` (the initial weights) with the CPU's generator seeded `seed`, the same for
+        every process; the first process's dropout goes on from that stream."""
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(self.seed)
+            built = build()
+            if self.rank == 0:
+                self.dropout["torch"] = torch.get_rng_state()
+        return built
+
+    @contextlib.contextmanager
+    def drawing_dropout(self) -> Iterator[None]:
+        """Run with torch's global generators set to the dropout streams, which go on from where
+        the block left them; the caller's generators are as they were before, whatever happens."""
+        module = torch.get_device_module(self.device) if self.device.type != "cpu" else None
+        caller = torch.get_rng_state(), module.get_rng_state(self.device) if module else None
+        try:
+            torch.set_rng_state(self.dropout["torch"])
+            if module is not None:
+                module.set_rng_state(self.dropout[self.device.type], self.device)
+            yield
+            self.dropout["torch"] = torch.get_rng_state()
+            if module is not None:
+                self.dropout[self.device.type] = module.get_rng_state(self.device)
+        finally:
+            torch.set_rng_state(caller[0])
+            if module is not None:
+                module.set_rng_state(caller[1], self.device)
+
+    def state_dict(self) -> dict[str, Any]:
+        batches = {stream: generator.get_state() for stream, generator in self.batches.items()}
+        return {"batches": batches, **self.dropout}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Dropout streams missing from `state` (a process the saved run did not have, or one
+        that trained on the CPU only) stay as seeded."""
+        for stream, generator in self.batches.items():
+            generator.set_state(state["batches"][stream])
+        self.dropout.update({k: v for k, v in state.items() if k in self.dropout})
 
 
-def restore_trainer_state(
-    trainer: Trainer, tensors: dict[str, torch.Tensor], state: dict[str, Any]
-) -> None:
-    """Put a saved state into `trainer`: weights, AdamW moments, schedule, counters and this
-    process's random streams."""
-    path = trainer.out_dir / LAST
-    load_weights(trainer.model, model_state_dict(tensors), path)
-    try:
-        trainer.optimizer.load_state_dict(optimizer_state_dict(tensors, state["optimizer_groups"]))
-        if trainer.ema is not None:
-            prefix = "ema."
-            ema = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
-            trainer.ema.load_state_dict(ema)
-        trainer.scheduler.load_state_dict(state["scheduler"])
-        set_rng_states(tensors, trainer.batch_generators, trainer.device, trainer.world.rank)
-        for name, kind in COUNTERS.items():
-            setattr(trainer, name, kind(state[name]))
-    except (KeyError, ValueError, TypeError, RuntimeError) as err:
-        raise ChargptError(
-            f"{path} is incomplete or does not match this run ({type(err).__name__}: "
-            f"{err}): it cannot be resumed; start a new run"
-        ) from None
+def save_trainer_state(path: Path, state: dict[str, Any], world: World) -> None:
+    """Write a `Trainer.state_dict()` with every process's random streams as one file, replaced
+    in one rename. Every process calls it (the streams are gathered); the main one writes."""
+    optimizer = {
+        f"optimizer.{index}.{name}": torch.as_tensor(value).detach().to("cpu").contiguous()
+        for index, moments in state["optimizer"]["state"].items()
+        for name, value in moments.items()
+    }
+    tensors = {**prefixed("model.", state["model"]), **optimizer, **gather_rngs(state, world)}
+    if state["ema"] is not None:
+        tensors.update(prefixed("ema.", state["ema"]))
+    scalars = {name: state[name] for name in COUNTERS}
+    scalars.update(model=state["model_config"], train=state["train_config"])
+    scalars.update(scheduler=state["scheduler"])
+    scalars.update(optimizer_groups=state["optimizer"]["param_groups"])
+    header = {"format": "pt", STATE_KEY: json.dumps({"format_version": FORMAT_VERSION, **scalars})}
+    if world.is_main:
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), header))
 
 
 def load_trainer_state(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Tensors and scalars of `last.safetensors`, for `train --resume`."""
+    """Tensors and scalars of `last.safetensors`, for `train --resume` (and `Trainer.restore`)."""
     path = Path(run_dir) / LAST
     if not path.is_file():
         raise ChargptError(
@@ -112,70 +144,63 @@ def load_trainer_state(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str
     return tensors, state
 
 
-def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {f"model.{k}": v for k, v in cpu_state(model).items()}
+def trainer_state_dict(
+    tensors: dict[str, torch.Tensor], scalars: dict[str, Any], rank: int
+) -> dict[str, Any]:
+    """Undo `save_trainer_state` for process `rank`: a `Trainer.state_dict()`. A process the
+    saved run did not have gets no dropout streams (it keeps those it was seeded with)."""
+    optimizer: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in unprefixed("optimizer.", tensors).items():
+        index, name = key.split(".", 1)
+        optimizer.setdefault(int(index), {})[name] = value
+    ema = unprefixed("ema.", tensors)
+    state = {name: kind(scalars[name]) for name, kind in COUNTERS.items()}
+    state.update(
+        model_config=scalars["model"],
+        train_config=scalars["train"],
+        model=unprefixed("model.", tensors),
+        ema=ema or None,
+        optimizer={"state": optimizer, "param_groups": scalars["optimizer_groups"]},
+        scheduler=scalars["scheduler"],
+        rng={"batches": {int(k): v for k, v in unprefixed("rng.batches.", tensors).items()}},
+    )
+    if rank == 0 and "rng.torch" in tensors:  # saved before each process's streams were kept
+        state["rng"]["torch"] = tensors["rng.torch"]
+    state["rng"].update(unprefixed(f"rng.rank{rank}.", tensors))
+    return state
 
 
-def model_state_dict(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Undo `model_tensors`."""
-    return {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+@contextlib.contextmanager
+def refused_if_mismatched(path: Path) -> Iterator[None]:
+    """Loading the state of `path` into a trainer fails with a one-line error if it is
+    incomplete or does not fit the trainer's model or optimiser."""
+    try:
+        yield
+    except (KeyError, ValueError, TypeError, RuntimeError) as err:
+        lines = str(err).strip().splitlines() or [""]
+        raise ChargptError(
+            f"{path} is incomplete or does not match config.json and this run "
+            f"({type(err).__name__}: {lines[-1].strip()}): it cannot be resumed; start a new run"
+        ) from None
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
-    """AdamW's per-parameter moments as named tensors, and its param groups (plain JSON)."""
-    state = optimizer.state_dict()
-    tensors = {
-        f"optimizer.{index}.{name}": torch.as_tensor(value).detach().to("cpu").contiguous()
-        for index, moments in state["state"].items()
-        for name, value in moments.items()
-    }
-    return tensors, state["param_groups"]
-
-
-def optimizer_state_dict(tensors: dict[str, torch.Tensor], groups: list) -> dict[str, Any]:
-    """Undo `optimizer_tensors`."""
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            _, index, name = key.split(".", 2)
-            state.setdefault(int(index), {})[name] = value
-    return {"state": state, "param_groups": groups}
-
-
-def process_rng_states(device: torch.device) -> dict[str, torch.Tensor]:
-    """This process's global torch generators: the CPU's, and its GPU's when it trains on one."""
-    states = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        states["cuda"] = torch.cuda.get_rng_state(device)
-    return states
-
-
-def gather_rng_states(
-    batch_generators: dict[int, torch.Generator], device: torch.device, world: World
-) -> dict[str, torch.Tensor]:
+def gather_rngs(state: dict[str, Any], world: World) -> dict[str, torch.Tensor]:
     """Every random stream of every process, by name. Every process must call it (it gathers)."""
-    mine = torch.stack([g.get_state() for g in batch_generators.values()])
+    rng = dict(state["rng"])
+    mine = torch.stack(list(rng.pop("batches").values()))
     batch_states = torch.cat(all_gather(mine, world))  # streams in order 0..grad_accum-1
-    tensors = {f"rng.batches.{k}": state for k, state in enumerate(batch_states)}
-    for name, state in process_rng_states(device).items():
-        for rank, rank_state in enumerate(all_gather(state, world)):
-            tensors[f"rng.rank{rank}.{name}"] = rank_state
+    tensors = {f"rng.batches.{k}": stream for k, stream in enumerate(batch_states)}
+    for name, stream in rng.items():
+        for rank, rank_stream in enumerate(all_gather(stream, world)):
+            tensors[f"rng.rank{rank}.{name}"] = rank_stream
     return tensors
 
 
-def set_rng_states(
-    tensors: dict[str, torch.Tensor],
-    batch_generators: dict[int, torch.Generator],
-    device: torch.device,
-    rank: int,
-) -> None:
-    """Undo `gather_rng_states` for this process: its batch streams and its own generators.
-    A process the saved run did not have keeps the generators it was seeded with."""
-    for stream, generator in batch_generators.items():
-        generator.set_state(tensors[f"rng.batches.{stream}"])
-    if rank == 0 and "rng.torch" in tensors:  # saved before each process's states were kept
-        torch.set_rng_state(tensors["rng.torch"])
-    if f"rng.rank{rank}.torch" in tensors:
-        torch.set_rng_state(tensors[f"rng.rank{rank}.torch"])
-    if device.type == "cuda" and f"rng.rank{rank}.cuda" in tensors:  # none if saved on a CPU
-        torch.cuda.set_rng_state(tensors[f"rng.rank{rank}.cuda"], device)
+def prefixed(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU tensors ready for safetensors, named `prefix` + name."""
+    return {prefix + name: tensor for name, tensor in cpu_tensors(state).items()}
+
+
+def unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Undo `prefixed`."""
+    return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
