@@ -34,6 +34,7 @@ from chargpt.generation.precision import resolve_device
 from chargpt.model.quantize import quantized
 from chargpt.runs.directory import check_new_run_dir, load_run, read_run_config, removed_if_failed
 from chargpt.training.distributed import backend
+from chargpt.training.finetune import finetune_run
 from chargpt.training.resume import resume_run
 from chargpt.training.trainer import Trainer
 from chargpt.viz.plot import plot_run
@@ -50,9 +51,15 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"resuming {args.resume} at step {trainer.step}", file=sys.stderr)
         return train_and_report(trainer)
     preset = args.preset or "auto"
+    data = args.data or "shakespeare"
+    if changes.get("init_from"):
+        with removed_if_failed(args.out):
+            trainer = finetune_run(
+                changes.pop("init_from"), data, args.out, args.encoding_errors, preset, **changes
+            )
+            return train_and_report(trainer)
     model_config, train_config = build_configs(preset, torch.cuda.is_available(), changes)
     resolve_device(train_config.device)
-    data = args.data or "shakespeare"
     dataset, tokenizer, digest = load_corpus(data, args.encoding_errors)
     dataset.check_block_size(model_config.block_size)
     with removed_if_failed(args.out):
@@ -75,6 +82,8 @@ def train_and_report(trainer: Trainer) -> int:
     processes = (
         f", {trainer.world.size} processes ({backend()})" if trainer.world.distributed else ""
     )
+    if trainer.cfg.init_from and not trainer.step:
+        report(f"fine-tuning {trainer.cfg.init_from} (the weights `chargpt sample` loads)")
     report(
         f"training {trainer.model_config.model} ({trainer.model.num_parameters():,} parameters) "
         f"on {trainer.data_name}: {len(dataset.train):,} train / {len(dataset.val):,} val "

@@ -127,6 +127,13 @@ class TrainConfig:
     )
     compile: bool = option(False, "torch.compile the model")
     sample_chars: int = option(200, "characters sampled at each evaluation (0: none)")
+    init_from: str = option(
+        "", "fine-tune this run directory's saved weights, in its shape (empty: from scratch)"
+    )
+    on_unknown: Literal["add", "skip", "error"] = option(
+        "add", "with init_from: data characters the run never saw are added, skipped or an error"
+    )
+    tensorboard: bool = option(False, "also write TensorBoard event files into the run directory")
 
     def validate(self) -> None:
         for name in ("batch_size", "max_iters", "eval_interval", "eval_iters", "log_interval"):

@@ -106,7 +106,8 @@ def resume_run(
     train_config.validate()
     resolve_device(train_config.device)
     data = data or config.get("data") or "shakespeare"
-    dataset, _, digest = load_corpus(data, encoding_errors, tokenizer)
+    # a fine-tuned run reads its data in its joined vocabulary, without the skipped characters
+    dataset, _, digest = load_corpus(data, encoding_errors, tokenizer, train_config.on_unknown)
     if config.get("data_sha256") and digest != config["data_sha256"]:
         raise ChargptError(
             f"corpus {str(data)!r} is not the text {run_dir} was trained on (its SHA-256 "

@@ -45,6 +45,7 @@ from chargpt.training.state import (
     save_trainer_state,
     trainer_state_dict,
 )
+from chargpt.training.tensorboard import TensorBoardLog
 from chargpt.viz.plot import plot_after_training
 
 
@@ -62,6 +63,7 @@ class Trainer:
         out_dir: str | Path,
         data_name: str = "",
         data_sha256: str = "",
+        init_weights: dict[str, torch.Tensor] | None = None,
     ):
         self.model_config = model_config
         self.dataset = dataset
@@ -83,6 +85,8 @@ class Trainer:
         self.random = RandomStreams(cfg.seed, streams, self.world.rank, self.device)
         build = partial(build_model, model_config, tokenizer.vocab_size)
         self.model = self.random.initialise(build).to(self.device)  # the same everywhere
+        if init_weights is not None:  # fine-tuning: a trained run's (chargpt.training.finetune)
+            self.model.load_state_dict(init_weights)
         average = get_ema_multi_avg_fn(cfg.ema_decay)
         self.ema = AveragedModel(self.model, multi_avg_fn=average) if cfg.ema_decay else None
         self.tokens_per_step = cfg.batch_size * cfg.grad_accum * model_config.block_size
@@ -99,6 +103,7 @@ class Trainer:
         self.last_eval_step = -1  # a resumed run does not estimate the losses of its step again
         self.saved_step = -1  # the step of last.safetensors on disk
         self.stop_signal: int | None = None
+        self.tensorboard = TensorBoardLog()  # `run` opens it with --tensorboard
 
     def close(self) -> None:
         """Under torchrun, leave the process group. The DDP wrapper goes first: freed as the
@@ -119,8 +124,10 @@ class Trainer:
         quiet = None if self.world.is_main else True  # one progress bar, not one a process
         bar = tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True, disable=quiet)
         losses: list[torch.Tensor] = []  # this process's step losses since the last report
+        logs_to = self.out_dir if self.cfg.tensorboard and self.world.is_main else None
+        self.tensorboard = TensorBoardLog(logs_to, self.saved_step)  # saved: a resumed run
         self.clock.start()
-        with stop_on_signals(self.request_stop), tf32_matmuls(self.device):
+        with stop_on_signals(self.request_stop), tf32_matmuls(self.device), self.tensorboard:
             while True:
                 # estimate the losses every eval_interval steps and at the end; keep the best
                 if self.due_for_eval():
@@ -220,7 +227,9 @@ class Trainer:
         losses.clear()
         if not math.isfinite(value):
             raise self.diverged("training loss", value)
-        bar.set_postfix(loss=f"{value:.4f}", tok_s=f"{self.clock.tokens_per_second():,.0f}")
+        tokens_per_s = self.clock.tokens_per_second()
+        bar.set_postfix(loss=f"{value:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+        self.tensorboard.training(self.step, value, self.scheduler.get_last_lr(), tokens_per_s)
 
     def diverged(self, what: str, value: float) -> TrainingDiverged:
         cfg = self.cfg
@@ -245,6 +254,7 @@ class Trainer:
             record.update(lr=self.scheduler.get_last_lr()[0], tokens_per_s=tokens_per_s)
             record.update(elapsed=self.train_time, tokens=self.step * self.tokens_per_step)
             append_metrics(self.out_dir, record)
+            self.tensorboard.evaluation(self.step, losses, text)
             estimate = f"train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
             bar.write(f"step {self.step}: {estimate}")
         self.last_eval_step = self.step
