@@ -109,6 +109,18 @@ def test_two_processes_agree_on_the_end_of_a_time_budget(tmp_path):
     assert last["elapsed"] > 1.5  # rank 0's own clock; the agreed one (the largest) reached 2
 
 
+def test_two_processes_fine_tune_as_one_process_accumulating_two(tmp_path):
+    """`--init-from` under torchrun: every process starts from the run's weights, resized to
+    the joined vocabulary the same way."""
+    run, ddp, single = tmp_path / "run", tmp_path / "ddp", tmp_path / "single"
+    finish(chargpt("train", "--out", str(run), *TINY))
+    tune = [*TINY, "--init-from", str(run), "--data", "cartas", "--warmup-iters", "2"]
+    finish(chargpt("train", "--out", str(ddp), *tune, launcher=TWO_PROCESSES))
+    finish(chargpt("train", "--out", str(single), *tune, "--grad-accum", "2"))
+    assert max_weight_difference(ddp, single) < TOLERANCE
+    assert load_run(ddp).tokenizer.vocab_size == load_run(run).tokenizer.vocab_size + 11
+
+
 def test_every_process_group_maps_cpu_to_gloo_and_cuda_to_nccl(monkeypatch):
     """Loss totals, the stop flag and random states are CPU tensors, also when the gradients
     are on GPUs: the one process group sends each to the backend of its device."""

@@ -75,10 +75,13 @@ def test_skip_drops_new_characters_and_wrong_sizes_are_refused(run, tmp_path, ca
     assert "--n-embd 64 (the run has 32)" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     skip = ["--on-unknown", "skip", "--dropout", "0.1", "--attention", "reference"]
-    assert main(["train", "--out", str(tmp_path / "c"), *flags, *skip]) == 0
+    timed = ["--max-time", "1s", "--eval-interval", "1000"]  # a time budget, as for any run
+    assert main(["train", "--out", str(tmp_path / "c"), *flags, *skip, *timed]) == 0
     tuned = load_run(tmp_path / "c")
     assert tuned.tokenizer == load_run(run).tokenizer
     assert (tuned.model_config.dropout, tuned.model_config.attention) == (0.1, "reference")
+    last = json.loads((tmp_path / "c" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert tuned.train_config.max_time == "1s" and last["step"] > 0 and last["elapsed"] >= 1
 
 
 def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
