@@ -82,6 +82,11 @@ def test_skip_drops_new_characters_and_wrong_sizes_are_refused(run, tmp_path, ca
     assert (tuned.model_config.dropout, tuned.model_config.attention) == (0.1, "reference")
     last = json.loads((tmp_path / "c" / "metrics.jsonl").read_text().splitlines()[-1])
     assert tuned.train_config.max_time == "1s" and last["step"] > 0 and last["elapsed"] >= 1
+    capsys.readouterr()
+    assert main(["eval", "--run", str(tmp_path / "c"), "--json"]) == 0  # skips them too
+    text = load_text("cartas")
+    kept = sum(ch in tuned.tokenizer.stoi for ch in text[int(0.9 * len(text)) :])
+    assert json.loads(capsys.readouterr().out)["characters"] == kept
 
 
 def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:

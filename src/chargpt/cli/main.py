@@ -146,7 +146,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     run = load_run(args.run, device)
     run = dataclasses.replace(run, model=quantized(run.model, args.quantize))
     data = args.data or run.meta.get("data") or "shakespeare"
-    dataset, _, _ = load_corpus(data, args.encoding_errors, run.tokenizer)
+    on_unknown = run.train_config.on_unknown  # a run fine-tuned with skip drops the same
+    dataset, _, _ = load_corpus(data, args.encoding_errors, run.tokenizer, on_unknown)
     result = evaluate_run(
         run, dataset, device, args.batch_size, args.eval_iters, args.stride, args.max_chars
     )
