@@ -72,9 +72,10 @@ class AttentionCache(Protocol):
 
 class SlotKVCache:
     """One decoder block's keys and values for `slots` independent sequences, each at its own
-    length: slot s holds positions 0..lengths[s]-1. A step appends the next T positions of every
-    slot at once, and attention reads all `capacity` positions of each slot through a mask, so
-    every step has the same shapes whatever the slots hold."""
+    length. Before each step the caller `select`s what it reads: a span of slots, how many
+    positions each holds, and how many keys to read; the step appends the next T positions of
+    every slot in the span, and attention reads their first `keys` positions through a mask that
+    hides each slot's positions past its own (`keys` must cover every position that counts)."""
 
     def __init__(
         self,
@@ -87,8 +88,12 @@ class SlotKVCache:
     ):
         self.k = torch.zeros(slots, n_head, capacity, head_size, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
-        # (slots,) positions filled in each slot, set by the caller before each step
-        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
+        self.select(slice(0, slots), torch.zeros(slots, dtype=torch.long, device=device), capacity)
+
+    def select(self, rows: slice, lengths: torch.Tensor, keys: int) -> None:
+        """Make the next step run slots `rows`, whose (R,) `lengths` are the positions each
+        holds, over their first `keys` positions."""
+        self.rows, self.lengths, self.keys = rows, lengths, keys
 
     def row(self, slot: int) -> KVCache:
         """Slot `slot` alone, as an empty `KVCache` that stores into this one (for a prefill)."""
@@ -97,19 +102,20 @@ class SlotKVCache:
         return cache
 
     def positions(self, T: int, device: torch.device) -> torch.Tensor:
-        """(slots, T): each slot's next T ids follow its own cached ones."""
+        """(R, T): each selected slot's next T ids follow its own cached ones."""
         return self.lengths[:, None] + torch.arange(T, device=device)
 
     def query_mask(self, T: int, device: torch.device) -> torch.Tensor:
-        """(slots, 1, T, capacity): the new query at position p sees the keys at positions <= p."""
-        keys = torch.arange(self.k.shape[2], device=device)  # (capacity,)
+        """(R, 1, T, keys): the new query at position p sees the keys at positions <= p."""
+        keys = torch.arange(self.keys, device=device)  # (keys,)
         return (keys <= self.positions(T, device)[:, :, None])[:, None]
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store (slots, n_head, T, hs) keys and values at each slot's next T positions; return
-        all of every slot's, (slots, n_head, capacity, hs) each (`query_mask` hides the rest)."""
-        pos = self.positions(k.shape[2], k.device)  # (slots, T)
-        rows = torch.arange(k.shape[0], device=k.device)[:, None]  # (slots, 1)
-        self.k[rows, :, pos] = k.transpose(1, 2)  # indexed as (slots, T, n_head, hs)
-        self.v[rows, :, pos] = v.transpose(1, 2)
-        return self.k, self.v
+        """Store (R, n_head, T, hs) keys and values at each selected slot's next T positions;
+        return the first `keys` positions of each, (R, n_head, keys, hs) each (views)."""
+        pos = self.positions(k.shape[2], k.device)  # (R, T)
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]  # (R, 1)
+        keys, values = self.k[self.rows], self.v[self.rows]  # (R, n_head, capacity, hs): views
+        keys[rows, :, pos] = k.transpose(1, 2)  # indexed as (R, T, n_head, hs)
+        values[rows, :, pos] = v.transpose(1, 2)
+        return keys[:, :, : self.keys], values[:, :, : self.keys]
