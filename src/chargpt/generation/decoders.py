@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
-from chargpt.model.cache import KVCache, SlotKVCache
+from chargpt.model.cache import KVCache, SlotKVCache, SlotStep
 
 if TYPE_CHECKING:
     from chargpt.model.base import LanguageModel
@@ -230,8 +230,9 @@ class SlotDecoder:
         ids = torch.tensor([[next_ids.get(slot, 0)] for slot in span], device=device)  # (R, 1)
         last = self.window.block_size - 1
         lengths = torch.tensor([min(self.lengths[slot], last) for slot in span], device=device)
+        step = SlotStep(rows, lengths, keys)
         for cache in self.caches:
-            cache.select(rows, lengths, keys)
+            cache.select(step)
         logits = self.model.logits(ids, self.caches)[:, -1]  # (R, V)
         stepped = list(next_ids)
         self.logits[stepped] = logits[[slot - rows.start for slot in stepped]].to(self.logits.dtype)

@@ -70,12 +70,25 @@ class AttentionCache(Protocol):
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
+class SlotStep:
+    """What one batched decode step reads and writes, shared by every block's `SlotKVCache`: a
+    span of slots, the position of each one's new id (after its cached ones), and how many of
+    each slot's positions attention reads (`keys`: every position that counts must be below)."""
+
+    def __init__(self, rows: slice, lengths: torch.Tensor, keys: int):
+        self.rows, self.keys = rows, keys
+        self.positions = lengths[:, None]  # (R, 1)
+        self.index = torch.arange(len(lengths), device=lengths.device)[:, None]  # (R, 1)
+        key_positions = torch.arange(keys, device=lengths.device)  # (keys,)
+        # (R, 1, 1, keys): the new query at position p sees the keys at positions <= p
+        self.mask = (key_positions <= self.positions[:, :, None])[:, None]
+
+
 class SlotKVCache:
     """One decoder block's keys and values for `slots` independent sequences, each at its own
-    length. Before each step the caller `select`s what it reads: a span of slots, how many
-    positions each holds, and how many keys to read; the step appends the next T positions of
-    every slot in the span, and attention reads their first `keys` positions through a mask that
-    hides each slot's positions past its own (`keys` must cover every position that counts)."""
+    length: slot s holds positions 0..length-1 of its sequence. Each step appends one position
+    to every slot of a span and reads the first `keys` positions of each through a mask that
+    hides each slot's positions past its own; the caller `select`s the `SlotStep` first."""
 
     def __init__(
         self,
@@ -88,12 +101,12 @@ class SlotKVCache:
     ):
         self.k = torch.zeros(slots, n_head, capacity, head_size, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
-        self.select(slice(0, slots), torch.zeros(slots, dtype=torch.long, device=device), capacity)
+        empty = torch.zeros(slots, dtype=torch.long, device=device)
+        self.step = SlotStep(slice(0, slots), empty, capacity)  # until the first `select`
 
-    def select(self, rows: slice, lengths: torch.Tensor, keys: int) -> None:
-        """Make the next step run slots `rows`, whose (R,) `lengths` are the positions each
-        holds, over their first `keys` positions."""
-        self.rows, self.lengths, self.keys = rows, lengths, keys
+    def select(self, step: SlotStep) -> None:
+        """Make the next forward pass run `step`."""
+        self.step = step
 
     def row(self, slot: int) -> KVCache:
         """Slot `slot` alone, as an empty `KVCache` that stores into this one (for a prefill)."""
@@ -102,20 +115,20 @@ class SlotKVCache:
         return cache
 
     def positions(self, T: int, device: torch.device) -> torch.Tensor:
-        """(R, T): each selected slot's next T ids follow its own cached ones."""
-        return self.lengths[:, None] + torch.arange(T, device=device)
+        """(R, 1): each selected slot's new id follows its own cached ones."""
+        if T != 1:
+            raise ValueError(f"a SlotKVCache step takes one position per slot, not {T}")
+        return self.step.positions
 
     def query_mask(self, T: int, device: torch.device) -> torch.Tensor:
-        """(R, 1, T, keys): the new query at position p sees the keys at positions <= p."""
-        keys = torch.arange(self.keys, device=device)  # (keys,)
-        return (keys <= self.positions(T, device)[:, :, None])[:, None]
+        """(R, 1, 1, keys): each new query sees its own slot's keys up to its position."""
+        return self.step.mask
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store (R, n_head, T, hs) keys and values at each selected slot's next T positions;
+        """Store (R, n_head, 1, hs) keys and values at each selected slot's new position;
         return the first `keys` positions of each, (R, n_head, keys, hs) each (views)."""
-        pos = self.positions(k.shape[2], k.device)  # (R, T)
-        rows = torch.arange(k.shape[0], device=k.device)[:, None]  # (R, 1)
-        keys, values = self.k[self.rows], self.v[self.rows]  # (R, n_head, capacity, hs): views
-        keys[rows, :, pos] = k.transpose(1, 2)  # indexed as (R, T, n_head, hs)
-        values[rows, :, pos] = v.transpose(1, 2)
-        return keys[:, :, : self.keys], values[:, :, : self.keys]
+        step = self.step
+        keys, values = self.k[step.rows], self.v[step.rows]  # (R, n_head, capacity, hs): views
+        keys[step.index, :, step.positions] = k.transpose(1, 2)  # indexed as (R, 1, n_head, hs)
+        values[step.index, :, step.positions] = v.transpose(1, 2)
+        return keys[:, :, : step.keys], values[:, :, : step.keys]
