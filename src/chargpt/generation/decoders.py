@@ -216,7 +216,8 @@ class SlotDecoder:
         position, rounded up to a multiple of KEY_BUCKET (so that few shapes ever run)."""
         if self.deterministic:
             return slice(0, len(self.lengths)), self.window.block_size
-        longest = max(self.lengths[slot] for slot in next_ids) + 1  # < block_size + 1: has room
+        # keys the newest position sees: at most block_size, as every stepping slot has room
+        longest = max(self.lengths[slot] for slot in next_ids) + 1
         keys = min(self.window.block_size, -(-longest // KEY_BUCKET) * KEY_BUCKET)
         return slice(min(next_ids), max(next_ids) + 1), keys
 
