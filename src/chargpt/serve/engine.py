@@ -12,10 +12,10 @@ The scheduler thread repeats one iteration:
 3. decode: one forward pass gives every continuing sequence its next logits.
 
 Requests join and leave between iterations. The fused GPT decodes all running sequences in one
-pass (`chargpt.generation.decoders.SlotDecoder`: each sequence at its own position; a step runs
-the span of busy slots over the keys they need, or with `deterministic` all slots over all keys,
-so that a sequence's numbers never depend on the others). A sequence takes the lowest free slot,
-which keeps the busy slots together at the low end. Bigram and `reference`-attention runs get
+pass (`chargpt.generation.decoders.SlotDecoder`: each sequence at its own position). A step runs
+the span of busy slots over the keys they need; a sequence takes the lowest free slot, which
+keeps that span short. With `deterministic`, every step runs all slots over all keys instead, so
+that a sequence's numbers never depend on the others. Bigram and `reference`-attention runs get
 the lab's decoder per sequence.
 """
 
