@@ -63,13 +63,13 @@ class GeneralStepDecoder(CachedDecoder):
     position runs through the general `logits(idx, caches)` (positions, mask, transposes)."""
 
     def append(self, idx_next: torch.Tensor) -> None:
-        self.idx = torch.cat([self.idx, idx_next], dim=1)[:, -self.block_size :]
-        if self.caches[0].length < self.block_size:
+        self.idx = self.window.context(torch.cat([self.idx, idx_next], dim=1))
+        if self.window.has_room(self.caches[0].length):
             self.logits = self.model.logits(idx_next, self.caches)[:, -1, :]
         elif self.exact:
             self.logits = self.model.logits(self.idx)[:, -1, :]
         else:
-            self.idx = self.idx[:, -self.keep :]
+            self.idx = self.window.restart(self.idx)
             self.prefill()
 
 
@@ -81,7 +81,7 @@ class CompiledStepDecoder(CachedDecoder):
         super().__init__(model, idx, exact=False, keep=keep)
 
     def append(self, idx_next: torch.Tensor) -> None:
-        if self.caches[0].length < self.block_size:
+        if self.window.has_room(self.caches[0].length):
             self.stepped.append(idx_next)
             self.logits = self.compiled_step(idx_next, self.caches)
         else:

@@ -1,28 +1,34 @@
 """`chargpt serve` under load: aggregate characters/s and time to first character at 1, 4, 16
-and 64 concurrent streaming clients, beside `chargpt sample` run one request after another.
+and 64 concurrent streaming clients, beside `chargpt sample` run one request after another, for
+the server as it runs by default, with --quantize int8 and with --deterministic, in one run.
 
-    python benchmarks/serve.py              # the lab model size (about 5-10 minutes on 2 cores)
+    python benchmarks/serve.py              # the lab model size (about 5 minutes on 2 cores)
     python benchmarks/serve.py --smoke      # a tiny model and little work: checks that it runs
     python benchmarks/serve.py --agreement  # served logits against `chargpt sample`'s (seconds)
 
 The model is the lab's size (6 layers, 384 wide, 6 heads, block 256, vocabulary 65) with random
 weights, saved as a run in a temporary directory and served by `chargpt serve` in a subprocess
-(on 127.0.0.1, a free port). Each client streams its requests one after another (temperature 1,
-its own seed, no stop string, so every request produces exactly --max-tokens characters), from a
-prompt cut from the bundled Shakespeare. The clients run in this process, on the same CPU as
-the server: on a small machine their share of it is part of what is measured.
+(on 127.0.0.1, a free port), once per --variants entry: `default` (no flag), `int8`
+(--quantize int8) and `deterministic` (--deterministic: fixed step shapes). Each client streams
+its requests one after another (temperature 1, its own seed, no stop string, so every request
+produces exactly --max-tokens characters), from a prompt cut from the bundled Shakespeare. The
+clients run in this process, on the same CPU as the server: on a small machine their share of it
+is part of what is measured.
 
 The sequential baseline is `chargpt sample`'s work done in this process (the same model loaded
-from the run, `chargpt.generation.generate.stream`, the same prompts and lengths), one request at
-a time; its rate is per character, so it is measured on --baseline-requests requests and
-compared with every row. "x 1 client" compares each row with the server's own single-stream
-rate. The server and the baseline use --threads PyTorch threads (default 1, see --help).
+from the run, `chargpt.generation.generate.stream`, the same prompts and lengths, the variant's
+--quantize), one request at a time; its rate is per character, so it is measured on
+--baseline-requests requests and compared with every row. "x 1 client" compares each row with
+the server's own single-stream rate. The server and the baseline use --threads PyTorch threads
+(default 1, see --help). The last table puts the variants side by side: 1 client against
+`chargpt sample` (goal: 0.8x or more) and 16 clients against sequential `chargpt sample` (goal:
+8x or more).
 
 --agreement measures how far the server's numbers are from `chargpt sample`'s: three sequences
-at different positions share batched steps (`SlotDecoder`, 16 slots) past block_size, beside each
-decoded alone (the batch-of-one `CachedDecoder` that `chargpt sample` uses), in fp32 and in bf16
-autocast; it prints the largest difference of a logit and of a probability. The model is the lab
-size with random weights, or a trained run's with --run RUN.
+at different positions share batched steps (`SlotDecoder`, 16 slots, lean and fixed shapes) past
+block_size, beside each decoded alone (the batch-of-one `CachedDecoder` that `chargpt sample`
+uses), in fp32 and in bf16 autocast; it prints the largest difference of a logit and of a
+probability. The model is the lab size with random weights, or a trained run's with --run RUN.
 """
 
 from __future__ import annotations
@@ -53,6 +59,13 @@ from chargpt.runs.directory import load_run, save_run
 ROOT = Path(__file__).resolve().parents[1]
 LAB = ModelConfig(dropout=0.0)  # 6 x 384, 6 heads, block 256
 SMOKE = ModelConfig(block_size=32, n_embd=32, n_head=2, n_layer=2, dropout=0.0)
+# each server variant's flags for `chargpt serve`; --quantize also applies to its baseline
+VARIANTS = {
+    "default": [],
+    "int8": ["--quantize", "int8"],
+    "deterministic": ["--deterministic"],
+}
+GOALS = {1: 0.8, 16: 8.0}  # clients: the least rate, as a multiple of sequential `chargpt sample`
 
 
 def parse_args() -> argparse.Namespace:
@@ -70,7 +83,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch")
     parser.add_argument("--dtype", default="auto", help="the server's and the baseline's dtype")
     parser.add_argument(
-        "--quantize", default="none", help="the server's and the baseline's --quantize (int8)"
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"servers to measure, each beside its own baseline: any of {', '.join(VARIANTS)}",
     )
     parser.add_argument(
         "--threads",
@@ -81,8 +96,11 @@ def parse_args() -> argparse.Namespace:
     )
     args = parser.parse_args()
     if args.smoke:
-        args.levels, args.max_tokens, args.baseline_requests = "1,4", 20, 2
+        args.levels, args.max_tokens, args.baseline_requests = "1,16", 20, 2
         args.requests_per_client = 1
+    unknown = set(args.variants.split(",")) - VARIANTS.keys()
+    if unknown:
+        parser.error(f"unknown --variants {', '.join(sorted(unknown))}: use {', '.join(VARIANTS)}")
     return args
 
 
@@ -101,13 +119,18 @@ def prompts(count: int, length: int) -> list[str]:
     return [text[i * step : i * step + length] for i in range(count)]
 
 
+def quantize_of(variant: str) -> str:
+    flags = VARIANTS[variant]
+    return flags[flags.index("--quantize") + 1] if "--quantize" in flags else "none"
+
+
 def start_server(
-    run_dir: Path, args: argparse.Namespace, log: Path
+    run_dir: Path, args: argparse.Namespace, variant: str, log: Path
 ) -> tuple[subprocess.Popen, str]:
     command = [
         sys.executable, "-m", "chargpt", "serve", "--run", str(run_dir), "--port", "0",
         "--max-batch", str(args.max_batch), "--max-queue", "1024", "--dtype", args.dtype,
-        "--threads", str(args.threads), "--quantize", args.quantize,
+        "--threads", str(args.threads), *VARIANTS[variant],
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
@@ -161,7 +184,7 @@ async def load(url: str, model: str, clients: int, texts: list[str], args) -> di
     return {"chars": chars, "seconds": elapsed, "ttfts": ttfts}
 
 
-def sequential(run_dir: Path, texts: list[str], args) -> dict:
+def sequential(run_dir: Path, texts: list[str], args, quantize: str) -> dict:
     """`chargpt sample`'s work, one request after another, in this process."""
     run = load_run(run_dir)
     ttfts, chars = [], 0
@@ -169,7 +192,7 @@ def sequential(run_dir: Path, texts: list[str], args) -> dict:
     for i, prompt in enumerate(texts):
         begun, first = time.perf_counter(), None
         for piece in stream(run.model, run.tokenizer, prompt, max_new_tokens=args.max_tokens,
-                            seed=i, dtype=args.dtype, quantize=args.quantize):  # fmt: skip
+                            seed=i, dtype=args.dtype, quantize=quantize):  # fmt: skip
             if first is None:
                 first = time.perf_counter() - begun
             chars += len(piece.text)
@@ -196,12 +219,14 @@ def row(what: str, result: dict, base: float, single: float | None) -> str:
 
 
 @torch.inference_mode()
-def agreement(model: GPTLanguageModel, dtype: torch.dtype, steps: int = 300) -> tuple[float, float]:
+def agreement(
+    model: GPTLanguageModel, dtype: torch.dtype, deterministic: bool, steps: int = 300
+) -> tuple[float, float]:
     """Largest |logit| and |probability| differences, batched slots against decoding alone."""
     generator = torch.Generator().manual_seed(1)
     texts = [torch.randint(65, (n + steps,), generator=generator).tolist() for n in (3, 17, 40)]
     prompts = [text[: len(text) - steps] for text in texts]
-    batched = SlotDecoder(model, 16, dtype=dtype)
+    batched = SlotDecoder(model, 16, dtype=dtype, deterministic=deterministic)
     alone = [make_decoder(model, torch.tensor([prompt])) for prompt in prompts]
     logit, prob = 0.0, 0.0
     with autocast(torch.device("cpu"), dtype):
@@ -229,10 +254,59 @@ def print_agreement(config: ModelConfig, run_dir: Path | None) -> None:
         model = load_run(run_dir).model  # type: ignore[assignment]
     c = model.config
     print(f"{run_dir or 'random weights'}: {c.n_layer} x {c.n_embd}, block {c.block_size}\n")
-    print("| dtype | max logit difference | max probability difference |\n|---|---:|---:|")
+    print("| dtype | step shapes | max logit difference | max probability difference |")
+    print("|---|---|---:|---:|")
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        logit, prob = agreement(model, dtype)
-        print(f"| {name} | {logit:.1e} | {prob:.1e} |")
+        for deterministic in (False, True):
+            logit, prob = agreement(model, dtype, deterministic)
+            shapes = "fixed (--deterministic)" if deterministic else "lean (default)"
+            print(f"| {name} | {shapes} | {logit:.1e} | {prob:.1e} |")
+
+
+def measure(run_dir: Path, texts: list[str], args, variant: str, log: Path) -> dict[int, dict]:
+    """The variant's rows: its sequential baseline (key 0) and each level of clients."""
+    base = sequential(run_dir, texts[: args.baseline_requests], args, quantize_of(variant))
+    rows = {0: base}
+    process, url = start_server(run_dir, args, variant, log)
+    try:
+        asyncio.run(load(url, run_dir.name, 1, texts[:1], args))  # warm-up, not shown
+        print(f"\n## server: {variant} ({' '.join(VARIANTS[variant]) or 'no flag'})\n")
+        print("| clients | requests | characters | chars/s | TTFT p50 ms | TTFT p99 ms "
+              "| x sequential | x 1 client |")  # fmt: skip
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        quantize = quantize_of(variant)
+        flag = "" if quantize == "none" else f" --quantize {quantize}"
+        print(row(f"sequential `chargpt sample{flag}`", base, rate(base), None))
+        for clients in [int(n) for n in args.levels.split(",")]:
+            count = clients * args.requests_per_client
+            rows[clients] = asyncio.run(load(url, run_dir.name, clients, texts[:count], args))
+            single = rate(rows[1]) if 1 in rows else None
+            print(row(str(clients), rows[clients], rate(base), single), flush=True)
+    finally:
+        process.terminate()
+        process.wait(30)
+    return rows
+
+
+def print_summary(results: dict[str, dict[int, dict]]) -> None:
+    """The variants side by side against their `chargpt sample` baselines, with the goals."""
+    print("\n## side by side\n")
+    header = "| server | `chargpt sample` chars/s |"
+    for clients, goal in GOALS.items():
+        clients_label = f"{clients} client" + "s" * (clients > 1)
+        header += f" {clients_label} chars/s | x sample (goal {goal:g}x) |"
+    print(header + "\n|---|---:|" + "---:|---:|" * len(GOALS))
+    for variant, rows in results.items():
+        base = rate(rows[0])
+        line = f"| {variant} | {base:,.1f} |"
+        for clients, goal in GOALS.items():
+            if clients not in rows:
+                line += " | |"
+                continue
+            ratio = rate(rows[clients]) / base
+            mark = "met" if ratio >= goal else "not met"
+            line += f" {rate(rows[clients]):,.1f} | {ratio:.2f}x ({mark}) |"
+        print(line)
 
 
 def main() -> None:
@@ -247,32 +321,19 @@ def main() -> None:
     config = SMOKE if args.smoke else LAB
     if args.agreement:
         return print_agreement(config, args.run)
+    print(
+        f"model {config.n_layer} x {config.n_embd}, block {config.block_size}; "
+        f"{args.max_tokens} characters per request from {args.prompt_chars}-character "
+        f"prompts; server --max-batch {args.max_batch}, --dtype {args.dtype}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = save_model(Path(tmp), config)
         texts = prompts(max(levels) * args.requests_per_client, args.prompt_chars)
-        base = sequential(run_dir, texts[: args.baseline_requests], args)
-        process, url = start_server(run_dir, args, Path(tmp) / "serve.log")
-        try:
-            asyncio.run(load(url, run_dir.name, 1, texts[:1], args))  # warm-up, not shown
-            print(
-                f"model {config.n_layer} x {config.n_embd}, block {config.block_size}; "
-                f"{args.max_tokens} characters per request from {args.prompt_chars}-character "
-                f"prompts; server --max-batch {args.max_batch}, --dtype {args.dtype}, "
-                f"--quantize {args.quantize}\n"
-            )
-            print("| clients | requests | characters | chars/s | TTFT p50 ms | TTFT p99 ms "
-                  "| x sequential | x 1 client |")  # fmt: skip
-            print("|---|---:|---:|---:|---:|---:|---:|---:|")
-            print(row("sequential `chargpt sample`", base, rate(base), None))
-            single = None
-            for clients in levels:
-                count = clients * args.requests_per_client
-                result = asyncio.run(load(url, run_dir.name, clients, texts[:count], args))
-                single = single or (rate(result) if clients == 1 else None)
-                print(row(str(clients), result, rate(base), single), flush=True)
-        finally:
-            process.terminate()
-            process.wait(30)
+        results = {
+            variant: measure(run_dir, texts, args, variant, Path(tmp) / f"{variant}.log")
+            for variant in args.variants.split(",")
+        }
+    print_summary(results)
 
 
 if __name__ == "__main__":

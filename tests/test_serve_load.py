@@ -1,5 +1,5 @@
-"""Continuous batching under load: at temperature 0 a request's text does not depend on what
-else is in the batch, whether 32 streams run at once or one at a time."""
+"""Continuous batching under load: with --deterministic, at temperature 0 a request's text does
+not depend on what else is in the batch, whether 32 streams run at once or one at a time."""
 
 from __future__ import annotations
 
@@ -36,7 +36,10 @@ async def together_then_alone(url: str, texts: list[str]) -> tuple[list[str], li
 def test_32_concurrent_greedy_streams_equal_the_same_requests_one_at_a_time(tmp_path):
     texts = prompts(32)
     assert len(set(texts)) == 32 and max(map(len, texts)) > BLOCK
-    with serving(make_run(tmp_path), max_batch=16, dtype="fp32") as served:  # 16 run, 16 wait
+    run_dir = make_run(tmp_path)
+    # 32 streams for 16 slots: 16 run, 16 wait
+    with serving(run_dir, max_batch=16, dtype="fp32", deterministic=True) as served:
+        assert served.app.state.engine.backend.decoder.deterministic
         together, alone = asyncio.run(asyncio.wait_for(together_then_alone(served.v1, texts), 60))
         batch_sizes = served.app.state.metrics.batch_size.collect()[0].samples
     assert together == alone

@@ -1,6 +1,7 @@
 """Batched decoding with per-sequence positions (`SlotDecoder`, what `chargpt serve` runs): each
-slot computes what a single-sequence `CachedDecoder` computes, and its numbers do not depend on
-what the other slots hold."""
+slot computes what a single-sequence `CachedDecoder` computes; the lean step (active slots, keys
+in buckets) computes what the fixed-shape step computes, through few shapes; and with fixed
+shapes (`deterministic`) a slot's numbers do not depend on what the other slots hold."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import pytest
 import torch
 from model_support import BLOCK, TOKENIZER, tiny_gpt
 
-from chargpt.generation.decoders import SlotDecoder, make_decoder
+from chargpt.config import ModelConfig
+from chargpt.generation.decoders import KEY_BUCKET, SlotDecoder, make_decoder
+from chargpt.model.gpt import GPTLanguageModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -30,18 +33,17 @@ def single_sequence_logits(model, prompt: list[int], continuation: list[int]) ->
     return out
 
 
-@torch.inference_mode()
-def test_every_slot_equals_its_own_single_sequence_decode():
-    """Four sequences at different positions share the steps; one joins late, one leaves early,
-    all run past block_size (window restarts), and each row matches decoding it alone."""
-    model = tiny_gpt()
-    prompt_lengths = {0: 1, 1: 5, 2: 11, 3: BLOCK + 3}  # slot 3's prompt is cropped to its end
+def mixed_schedule(model, block: int, deterministic: bool) -> dict[int, list[torch.Tensor]]:
+    """Four sequences at different positions share the steps; one joins late, one leaves early
+    (a hole in the span of busy slots), all run past block_size (window restarts). Each slot's
+    logits before each of its ids and after the last."""
+    prompt_lengths = {0: 1, 1: 5, 2: 11, 3: block + 3}  # slot 3's prompt is cropped to its end
     joins = {0: 0, 1: 0, 2: 7, 3: 0}  # step at which each slot starts
-    steps = 3 * BLOCK
+    steps = 3 * block
     leaves = {1: 20}  # slot 1 is freed after 20 ids
     prompts = {s: random_ids(n, seed=s) for s, n in prompt_lengths.items()}
     continuations = {s: random_ids(steps, seed=10 + s) for s in prompts}
-    decoder = SlotDecoder(model, slots=5)  # slot 4 stays idle
+    decoder = SlotDecoder(model, slots=5, deterministic=deterministic)  # slot 4 stays idle
     seen: dict[int, list[torch.Tensor]] = {s: [] for s in prompts}
     for step in range(steps + 1):
         for slot, join in joins.items():
@@ -59,20 +61,71 @@ def test_every_slot_equals_its_own_single_sequence_decode():
         decoder.append(next_ids)
         for slot in next_ids:
             seen[slot].append(decoder.logits[slot].clone())
-    for slot, logits in seen.items():
+    return {slot: (prompts[slot], continuations[slot], logits) for slot, logits in seen.items()}
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@torch.inference_mode()
+def test_every_slot_equals_its_own_single_sequence_decode(deterministic):
+    model = tiny_gpt()
+    for prompt, continuation, logits in mixed_schedule(model, BLOCK, deterministic).values():
         n = len(logits) - 1
-        expected = single_sequence_logits(model, prompts[slot], continuations[slot][:n])
+        expected = single_sequence_logits(model, prompt, continuation[:n])
         assert n > BLOCK  # every slot ran past block_size
         torch.testing.assert_close(torch.stack(logits), torch.stack(expected), atol=1e-5, rtol=0)
 
 
+def gpt_of_block(block: int) -> GPTLanguageModel:
+    """A small GPT whose block holds several key buckets."""
+    config = ModelConfig(block_size=block, n_embd=32, n_head=4, n_layer=2, dropout=0.0)
+    torch.manual_seed(0)
+    return GPTLanguageModel(config, TOKENIZER.vocab_size).eval()
+
+
 @torch.inference_mode()
-def test_a_slots_logits_do_not_depend_on_the_other_slots_bit_for_bit():
+def test_the_lean_step_gives_the_fixed_shape_steps_logits():
+    """Busy slots only, over keys in buckets: the same numbers as all slots over all keys."""
+    block = 3 * KEY_BUCKET
+    model = gpt_of_block(block)
+    lean, fixed = (mixed_schedule(model, block, deterministic=d) for d in (False, True))
+    for slot, (_, _, logits) in lean.items():
+        torch.testing.assert_close(
+            torch.stack(logits), torch.stack(fixed[slot][2]), atol=1e-5, rtol=0
+        )
+
+
+@torch.inference_mode()
+def test_lean_steps_run_few_shapes_that_cover_every_stepping_key():
+    block, slots = 4 * KEY_BUCKET, 4
+    decoder = SlotDecoder(gpt_of_block(block), slots=slots)
+    shapes = set()
+    step_shape = decoder.step_shape
+
+    def checked_step_shape(next_ids: dict[int, int]) -> tuple[slice, int]:
+        rows, keys = step_shape(next_ids)
+        busy = range(min(next_ids), max(next_ids) + 1)
+        assert (rows.start, rows.stop) == (busy.start, busy.stop)  # no slot outside runs
+        longest = max(decoder.lengths[slot] for slot in next_ids)  # the last new position
+        assert longest < keys <= longest + KEY_BUCKET and keys % KEY_BUCKET == 0
+        shapes.add((len(busy), keys))
+        return rows, keys
+
+    decoder.step_shape = checked_step_shape  # type: ignore[method-assign]
+    for slot in range(slots):  # one sequence, then two, three, four, at different lengths
+        decoder.start(slot, random_ids(1 + 9 * slot, seed=slot))
+        for step in range(block + KEY_BUCKET):
+            decoder.append({s: (step + s) % TOKENIZER.vocab_size for s in range(slot + 1)})
+    assert {keys for _, keys in shapes} == set(range(KEY_BUCKET, block + 1, KEY_BUCKET))
+    assert len(shapes) <= slots * block // KEY_BUCKET  # at most a bucket per number of rows
+
+
+@torch.inference_mode()
+def test_deterministic_slots_logits_do_not_depend_on_the_other_slots_bit_for_bit():
     model = tiny_gpt()
     prompt, continuation = random_ids(4, seed=1), random_ids(2 * BLOCK, seed=2)
 
     def run(neighbours: dict[int, list[int]]) -> torch.Tensor:
-        decoder = SlotDecoder(model, slots=4)
+        decoder = SlotDecoder(model, slots=4, deterministic=True)
         for slot, ids in neighbours.items():
             decoder.start(slot, ids)
         decoder.start(0, prompt)

@@ -234,6 +234,12 @@ class ServeConfig:
         "(empty: no key)",
     )
     max_batch: int = option(16, "sequences decoded together, one character each per step")
+    deterministic: bool = option(
+        False,
+        "every step runs all --max-batch slots over all block_size keys, so that a sequence's "
+        "numbers never depend on the batch (alone == batched, bit for bit), at the cost of "
+        "speed when few sequences run (see docs/serving.md)",
+    )
     max_queue: int = option(64, "sequences waiting for a place in the batch; more get 429")
     max_tokens_limit: int = option(
         4096, "characters one request may ask for in all (prompts x n x max_tokens)"

@@ -70,11 +70,25 @@ class AttentionCache(Protocol):
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
+class SlotStep:
+    """What one batched decode step reads and writes, shared by every block's `SlotKVCache`: a
+    span of slots, the position of each one's new id (after its cached ones), and how many of
+    each slot's positions attention reads (`keys`: every position that counts must be below)."""
+
+    def __init__(self, rows: slice, lengths: torch.Tensor, keys: int):
+        self.rows, self.keys = rows, keys
+        self.positions = lengths[:, None]  # (R, 1)
+        self.index = torch.arange(len(lengths), device=lengths.device)[:, None]  # (R, 1)
+        key_positions = torch.arange(keys, device=lengths.device)  # (keys,)
+        # (R, 1, 1, keys): the new query at position p sees the keys at positions <= p
+        self.mask = (key_positions <= self.positions[:, :, None])[:, None]
+
+
 class SlotKVCache:
     """One decoder block's keys and values for `slots` independent sequences, each at its own
-    length: slot s holds positions 0..lengths[s]-1. A step appends the next T positions of every
-    slot at once, and attention reads all `capacity` positions of each slot through a mask, so
-    every step has the same shapes whatever the slots hold."""
+    length: slot s holds positions 0..length-1 of its sequence. Each step appends one position
+    to every slot of a span and reads the first `keys` positions of each through a mask that
+    hides each slot's positions past its own; the caller `select`s the `SlotStep` first."""
 
     def __init__(
         self,
@@ -87,8 +101,12 @@ class SlotKVCache:
     ):
         self.k = torch.zeros(slots, n_head, capacity, head_size, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
-        # (slots,) positions filled in each slot, set by the caller before each step
-        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
+        empty = torch.zeros(slots, dtype=torch.long, device=device)
+        self.step = SlotStep(slice(0, slots), empty, capacity)  # until the first `select`
+
+    def select(self, step: SlotStep) -> None:
+        """Make the next forward pass run `step`."""
+        self.step = step
 
     def row(self, slot: int) -> KVCache:
         """Slot `slot` alone, as an empty `KVCache` that stores into this one (for a prefill)."""
@@ -97,19 +115,20 @@ class SlotKVCache:
         return cache
 
     def positions(self, T: int, device: torch.device) -> torch.Tensor:
-        """(slots, T): each slot's next T ids follow its own cached ones."""
-        return self.lengths[:, None] + torch.arange(T, device=device)
+        """(R, 1): each selected slot's new id follows its own cached ones."""
+        if T != 1:
+            raise ValueError(f"a SlotKVCache step takes one position per slot, not {T}")
+        return self.step.positions
 
     def query_mask(self, T: int, device: torch.device) -> torch.Tensor:
-        """(slots, 1, T, capacity): the new query at position p sees the keys at positions <= p."""
-        keys = torch.arange(self.k.shape[2], device=device)  # (capacity,)
-        return (keys <= self.positions(T, device)[:, :, None])[:, None]
+        """(R, 1, 1, keys): each new query sees its own slot's keys up to its position."""
+        return self.step.mask
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store (slots, n_head, T, hs) keys and values at each slot's next T positions; return
-        all of every slot's, (slots, n_head, capacity, hs) each (`query_mask` hides the rest)."""
-        pos = self.positions(k.shape[2], k.device)  # (slots, T)
-        rows = torch.arange(k.shape[0], device=k.device)[:, None]  # (slots, 1)
-        self.k[rows, :, pos] = k.transpose(1, 2)  # indexed as (slots, T, n_head, hs)
-        self.v[rows, :, pos] = v.transpose(1, 2)
-        return self.k, self.v
+        """Store (R, n_head, 1, hs) keys and values at each selected slot's new position;
+        return the first `keys` positions of each, (R, n_head, keys, hs) each (views)."""
+        step = self.step
+        keys, values = self.k[step.rows], self.v[step.rows]  # (R, n_head, capacity, hs): views
+        keys[step.index, :, step.positions] = k.transpose(1, 2)  # indexed as (R, 1, n_head, hs)
+        values[step.index, :, step.positions] = v.transpose(1, 2)
+        return keys[:, :, : step.keys], values[:, :, : step.keys]

@@ -61,7 +61,13 @@ def create_app(run: Run, run_dir: Path, settings: ServeConfig) -> FastAPI:
     app.state.created = int((Path(run_dir) / WEIGHTS).stat().st_mtime)
     dtype = forward_dtype(run.model, settings.dtype, next(run.model.parameters()).device)
     app.state.engine = Engine(
-        run.model, run.tokenizer, settings.max_batch, settings.max_queue, metrics, dtype
+        run.model,
+        run.tokenizer,
+        settings.max_batch,
+        settings.max_queue,
+        metrics,
+        dtype,
+        deterministic=settings.deterministic,
     )
     install_error_handlers(app)
     routers = api_routers()

@@ -4,17 +4,30 @@ runs the lab's decoder per sequence (one forward pass each per step), as `chargp
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 import torch
 
 from chargpt.generation.decoders import Decoder, SlotDecoder, make_decoder
 from chargpt.model import LanguageModel
 
+if TYPE_CHECKING:
+    from chargpt.model.gpt import GPTLanguageModel
+
 
 class SlotBackend:
     """The fused GPT: every running sequence in one `SlotDecoder` pass per step."""
 
-    def __init__(self, model: LanguageModel, slots: int, window_keep: float, dtype: torch.dtype):
-        self.decoder = SlotDecoder(model, slots, window_keep, dtype)  # type: ignore[arg-type]
+    def __init__(
+        self,
+        model: LanguageModel,
+        slots: int,
+        window_keep: float,
+        dtype: torch.dtype,
+        deterministic: bool,
+    ):
+        gpt = cast("GPTLanguageModel", model)  # `make_backend` checked: it has a KV cache
+        self.decoder = SlotDecoder(gpt, slots, window_keep, dtype, deterministic)
 
     def start(self, slot: int, ids: list[int]) -> None:
         self.decoder.start(slot, ids)
@@ -54,9 +67,14 @@ class LoopBackend:
 
 
 def make_backend(
-    model: LanguageModel, slots: int, window_keep: float, dtype: torch.dtype
+    model: LanguageModel,
+    slots: int,
+    window_keep: float,
+    dtype: torch.dtype,
+    deterministic: bool = False,
 ) -> SlotBackend | LoopBackend:
-    """Batched slots where the model has a KV cache (the fused GPT), the lab's loop otherwise."""
+    """Batched slots where the model has a KV cache (the fused GPT), the lab's loop otherwise
+    (one sequence per pass: deterministic anyway)."""
     if getattr(model, "supports_kv_cache", False):
-        return SlotBackend(model, slots, window_keep, dtype)
+        return SlotBackend(model, slots, window_keep, dtype, deterministic)
     return LoopBackend(model, window_keep)

@@ -11,15 +11,18 @@ The scheduler thread repeats one iteration:
    slot;
 3. decode: one forward pass gives every continuing sequence its next logits.
 
-Requests join and leave between iterations. The fused GPT decodes all slots in one pass
-(`chargpt.generation.decoders.SlotDecoder`: each sequence at its own position, and its numbers
-independent of the others); bigram and `reference`-attention runs get the lab's decoder per
-sequence.
+Requests join and leave between iterations. The fused GPT decodes all running sequences in one
+pass (`chargpt.generation.decoders.SlotDecoder`: each sequence at its own position). A step runs
+the span of busy slots over the keys they need; a sequence takes the lowest free slot, which
+keeps that span short. With `deterministic`, every step runs all slots over all keys instead, so
+that a sequence's numbers never depend on the others. Bigram and `reference`-attention runs get
+the lab's decoder per sequence.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import threading
 import time
@@ -82,14 +85,15 @@ class Engine:
         max_queue: int,
         metrics: ServeMetrics,
         dtype: torch.dtype = torch.float32,
+        deterministic: bool = False,
     ):
         self.model, self.tokenizer, self.metrics = model.eval(), tokenizer, metrics
         self.max_queue = max_queue
         self.device = next(model.parameters()).device
-        self.dtype = dtype  # autocast's, as `chargpt.model.quantize.forward_dtype` picks it
+        self.dtype = dtype  # autocast's and the cache's, as `forward_dtype` picks it
         defaults = SampleConfig()  # the window rule of `chargpt sample`
-        self.backend = make_backend(model, max_batch, defaults.window_keep, dtype)
-        self.free_slots = list(range(max_batch))[::-1]
+        self.backend = make_backend(model, max_batch, defaults.window_keep, dtype, deterministic)
+        self.free_slots = list(range(max_batch))  # a heap: the lowest free slot first
         self.running: dict[int, Sequence] = {}  # slot -> sequence
         self.queue: deque[Sequence] = deque()  # the scheduler's own
         self.queued = 0  # len(self.queue), readable from any thread
@@ -213,7 +217,7 @@ class Engine:
         if job.config.max_new_tokens == 0:
             seq.submission.post(Finish(seq.choice, "length", 0))
             return 1
-        seq.slot = self.free_slots.pop()
+        seq.slot = heapq.heappop(self.free_slots)
         self.running[seq.slot] = seq
         self.backend.start(seq.slot, prompt.ids)
         return min(len(prompt.ids), self.model.context_length)
@@ -270,7 +274,7 @@ class Engine:
     def release(self, seq: Sequence) -> None:
         del self.running[seq.slot]
         self.backend.free(seq.slot)
-        self.free_slots.append(seq.slot)
+        heapq.heappush(self.free_slots, seq.slot)
 
     def fail(self, seq: Sequence, message: str) -> None:
         if seq.slot in self.running and self.running[seq.slot] is seq:
