@@ -127,9 +127,7 @@ class TrainConfig:
     )
     compile: bool = option(False, "torch.compile the model")
     sample_chars: int = option(200, "characters sampled at each evaluation (0: none)")
-    init_from: str = option(
-        "", "fine-tune this run directory's saved weights, in its shape (empty: from scratch)"
-    )
+    init_from: str = option("", "fine-tune this run's saved weights, in its shape (empty: off)")
     on_unknown: Literal["add", "skip", "error"] = option(
         "add", "with init_from: data characters the run never saw are added, skipped or an error"
     )
