@@ -36,6 +36,7 @@ _API = {
     "stream": "chargpt.generation.generate",
     "Trainer": "chargpt.training.trainer",
     "resume_run": "chargpt.training.resume",
+    "finetune_run": "chargpt.training.finetune",
 }
 
 __all__ = [
@@ -49,6 +50,7 @@ __all__ = [
     "TrainConfig",
     "Trainer",
     "__version__",
+    "finetune_run",
     "generate",
     "load_corpus",
     "load_run",
@@ -64,6 +66,7 @@ if TYPE_CHECKING:
     from chargpt.model.bigram import BigramLanguageModel
     from chargpt.model.gpt import GPTLanguageModel
     from chargpt.runs.directory import Run, load_run
+    from chargpt.training.finetune import finetune_run
     from chargpt.training.resume import resume_run
     from chargpt.training.trainer import Trainer
 
