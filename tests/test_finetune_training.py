@@ -4,6 +4,7 @@ never saw), and `--tensorboard` event files read back with TensorBoard's own rea
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,11 @@ def test_tensorboard_event_files_read_back_and_a_resumed_run_appends(tmp_path):
     assert [s.step for s in samples] == [0, 2, 4, 6]
     assert samples[0].tensor_proto.string_val[0].strip()  # the sample's text
     assert (out / "loss.png").is_file()  # metrics.jsonl and loss.png stay
+
+
+def test_tensorboard_without_its_package_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
+    flags = ["--preset", "tiny", "--max-iters", "2", "--warmup-iters", "0", "--tensorboard"]
+    assert main(["train", "--out", str(tmp_path / "run"), *flags]) == 2
+    assert "pip install 'chargpt[tensorboard]'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

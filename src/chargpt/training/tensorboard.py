@@ -28,10 +28,9 @@ class TensorBoardLog:
             return
         try:
             from torch.utils.tensorboard import SummaryWriter
-        except ImportError as err:
+        except ImportError:
             raise ChargptError(
-                f"--tensorboard needs the tensorboard extra ({err.name} is missing): "
-                "pip install 'chargpt[tensorboard]'"
+                "--tensorboard needs the tensorboard package: pip install 'chargpt[tensorboard]'"
             ) from None
         # a resumed session hides what an earlier one logged after the saved step
         purge_step = saved_step + 1 if saved_step >= 0 else None
