@@ -16,7 +16,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from chargpt.data.tokenizer import UnknownCharactersError, smallest_uint_dtype
+from chargpt.data.tokenizer import UnknownCharactersError, listed, smallest_uint_dtype
 
 CODE_POINTS = 0x110000  # U+0000 to U+10FFFF
 ASCII = bytes(range(128))
@@ -44,9 +44,9 @@ class Vocabulary:
 
     def add_utf8(self, chunks: Iterable[bytes]) -> tuple[int, bytes]:
         """Add the characters of UTF-8 `chunks` without decoding the ASCII ones; returns the
-        number of characters and the last byte. The input is NOT validated (encoding it decodes
-        every chunk, strictly): a multi-byte character cut short raises UnicodeDecodeError here,
-        other invalid input may add characters it does not hold."""
+        number of characters and the last byte. The input is NOT validated here (pass 2, which
+        encodes it, decodes every chunk strictly): a multi-byte character cut short raises
+        UnicodeDecodeError, other invalid input may add characters it does not hold."""
         decoder = codecs.getincrementaldecoder("utf-8")("strict")  # for multi-byte characters
         n_chars, last = 0, b""
         for chunk in chunks:
@@ -83,9 +83,8 @@ class IdTable:
         """Token ids of code points; a character outside the vocabulary raises an error."""
         ids = np.take(self.table, points)
         if len(ids) and ids.max() == self.unknown:
-            unknown = np.unique(points[ids == self.unknown])
-            shown = ", ".join(repr(chr(c)) for c in unknown[:20])
+            unknown = [chr(c) for c in np.unique(points[ids == self.unknown])]
             raise UnknownCharactersError(
-                f"{len(unknown)} character(s) not in the vocabulary: {shown}"
+                f"{len(unknown)} character(s) not in the vocabulary: {listed(unknown)}"
             )
         return ids.astype(self.dtype, copy=False)
