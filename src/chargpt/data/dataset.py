@@ -143,7 +143,9 @@ def in_vocabulary(
     missing = [ch for ch in source.chars if ch not in target.stoi]
     if missing and not skip:
         raise UnknownCharactersError(
-            f"the data has {len(missing)} character(s) not in the vocabulary: {listed(missing)}"
+            f"the data has {len(missing)} character(s) not in the vocabulary: {listed(missing)}: "
+            "pass data made of the run's characters, or fine-tune the run on this data "
+            "(chargpt train --init-from RUN)"
         )
     table = id_table(source, target)
     splits = {}
