@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
+from chargpt.cli.main import main
 from chargpt.errors import ChargptError
 from chargpt.runs.directory import LAST, load_run
 from chargpt.training.distributed import World, backend, init_world, micro_batch_streams
@@ -113,7 +114,7 @@ def test_two_processes_fine_tune_as_one_process_accumulating_two(tmp_path):
     """`--init-from` under torchrun: every process starts from the run's weights, resized to
     the joined vocabulary the same way."""
     run, ddp, single = tmp_path / "run", tmp_path / "ddp", tmp_path / "single"
-    finish(chargpt("train", "--out", str(run), *TINY))
+    assert main(["train", "--out", str(run), *TINY]) == 0  # in this process: one start-up less
     tune = [*TINY, "--init-from", str(run), "--data", "cartas", "--warmup-iters", "2"]
     finish(chargpt("train", "--out", str(ddp), *tune, launcher=TWO_PROCESSES))
     finish(chargpt("train", "--out", str(single), *tune, "--grad-accum", "2"))
