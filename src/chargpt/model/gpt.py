@@ -10,7 +10,7 @@ matrix per block), so a checkpoint loads into either. Both support every recipe 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -232,6 +232,10 @@ class DecoderBlock(nn.Module):
         return x + self.ffwd(self.ln2(x))
 
 
+# runs decoder block i on x in one way or another: (i, block, x, rope) -> x, (B, T, C)
+RunBlock = Callable[[int, DecoderBlock, torch.Tensor, RotaryAngles | None], torch.Tensor]
+
+
 class GPTLanguageModel(LanguageModel):
     """Lab part h: token + position embeddings, decoder blocks, final LayerNorm, LM head."""
 
@@ -283,24 +287,30 @@ class GPTLanguageModel(LanguageModel):
         positions that follow those already cached, and their keys and values join the caches;
         with `SlotKVCache`s, each row follows its own cached positions."""
         B, T = idx.shape
-        if caches is None and T > self.config.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
         if caches is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
             pos = torch.arange(T, device=idx.device)  # (T,)
-        else:
-            pos = caches[0].positions(T, idx.device)  # (T,), or (B, T): a position per row
-        x, rope = self.embed(idx, pos)  # (B, T, C)
-        for i, block in enumerate(self.blocks):
-            x = block(x, None if caches is None else caches[i], rope)  # (B, T, C)
-        x = self.ln_f(x)  # (B, T, C)
-        return self.lm_head(x)  # (B, T, vocab_size)
+            return self.run_blocks(idx, pos, lambda i, block, x, rope: block(x, rope=rope))
+        pos = caches[0].positions(T, idx.device)  # (T,), or (B, T): a position per row
+        return self.run_blocks(idx, pos, lambda i, block, x, rope: block(x, caches[i], rope))
 
     def step(self, idx: torch.Tensor, caches: Sequence[KVCache]) -> torch.Tensor:
         """`logits(idx, caches)[:, -1]` for one new id per row, all rows at the same position:
         generation's decode step, in fewer operations (no mask, no head transposes).
         (B, 1) -> (B, vocab_size)."""
         position = torch.full((1,), caches[0].length, device=idx.device)  # (1,): the new one's
-        x, rope = self.embed(idx, position)  # (B, 1, C)
-        for block, cache in zip(self.blocks, caches, strict=True):
-            x = block.step(x, cache, rope)  # (B, 1, C)
-        return self.lm_head(self.ln_f(x))[:, 0]  # (B, vocab_size)
+        logits = self.run_blocks(
+            idx, position, lambda i, block, x, rope: block.step(x, caches[i], rope)
+        )
+        return logits[:, 0]  # (B, vocab_size)
+
+    def run_blocks(self, idx: torch.Tensor, pos: torch.Tensor, run_block: RunBlock) -> torch.Tensor:
+        """The forward pass, written once for `logits`, `step` and inspection (which reads each
+        block's attention on the way): (B, T) ids at positions `pos` -> (B, T, V) logits.
+        `run_block(i, block, x, rope)` runs decoder block i on x, (B, T, C) -> (B, T, C)."""
+        x, rope = self.embed(idx, pos)  # (B, T, C)
+        for i, block in enumerate(self.blocks):
+            x = run_block(i, block, x, rope)  # (B, T, C)
+        x = self.ln_f(x)  # final layer norm: (B, T, C)
+        return self.lm_head(x)  # (B, T, vocab_size)
