@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 
 from chargpt.cli.parser import build_parser
-from chargpt.config import ModelConfig, TrainConfig
+from chargpt.config import LoadConfig, ModelConfig, TrainConfig
 from chargpt.config.presets import PRESETS, build_configs
 from chargpt.config.sources import given_fields, load_toml
 from chargpt.errors import ChargptError
@@ -84,6 +84,28 @@ def test_every_field_has_a_cli_flag_and_flags_override():
     for cls in (ModelConfig, TrainConfig):
         for field in dataclasses.fields(cls):
             assert "--" + field.name.replace("_", "-") in help_text
+
+
+@pytest.mark.parametrize(
+    ("command", "name"),
+    [
+        ("sample", "device"),
+        ("eval", "device"),
+        ("attention", "device"),
+        ("train", "encoding_errors"),
+        ("eval", "encoding_errors"),
+        ("compare", "encoding_errors"),
+        ("prepare", "encoding_errors"),
+    ],
+)
+def test_load_flags_are_made_from_load_config(command, name):
+    """--device and --encoding-errors: LoadConfig's help, choices and default in every command."""
+    parser = build_parser()._subparsers._group_actions[0].choices[command]
+    action = next(a for a in parser._actions if a.dest == name)
+    field = next(f for f in dataclasses.fields(LoadConfig) if f.name == name)
+    assert action.default == field.default and action.help.startswith(field.metadata["help"])
+    if name == "encoding_errors":
+        assert tuple(action.choices) == ("strict", "replace", "ignore")
 
 
 def test_help_gives_each_presets_default():

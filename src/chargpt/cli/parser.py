@@ -1,5 +1,5 @@
 """The `chargpt` command line: its commands, flags and help texts (what each command does is in
-chargpt.cli.main). The training flags are made from the config dataclasses."""
+chargpt.cli.main). The options' flags are made from the config dataclasses."""
 
 from __future__ import annotations
 
@@ -9,13 +9,14 @@ from typing import NoReturn
 
 from chargpt.config import (
     QUANTIZE_HELP,
+    LoadConfig,
     ModelConfig,
     SampleConfig,
     ServeConfig,
     TrainConfig,
 )
 from chargpt.config.presets import PRESET_NAMES, PRESETS
-from chargpt.config.sources import add_dataclass_arguments
+from chargpt.config.sources import add_dataclass_arguments, add_plain_options
 from chargpt.model.quantize import METHODS as QUANTIZE_METHODS
 from chargpt.training.resume import RESUMABLE_OPTIONS
 
@@ -30,12 +31,7 @@ def add_data_arguments(parser: argparse.ArgumentParser, default: str | None) -> 
         "bundled corpus "
         f"(default: {default or 'the data the run was trained on'})",
     )
-    parser.add_argument(
-        "--encoding-errors",
-        choices=("strict", "replace", "ignore"),
-        default="strict",
-        help="what to do with bytes that are not UTF-8",
-    )
+    add_plain_options(parser, LoadConfig, "encoding_errors")
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -79,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     prompt = sample.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", default="", help="text to continue (default: a newline)")
     prompt.add_argument("--prompt-file", type=Path, help="read the prompt from this file")
-    sample.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    add_plain_options(sample, LoadConfig, "device")
     add_dataclass_arguments(sample, SampleConfig)
 
     evaluate = commands.add_parser("eval", help="validation loss, bits per character, perplexity")
@@ -111,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="full pass: score only the first MAX_CHARS validation characters (default: all)",
     )
-    evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    add_plain_options(evaluate, LoadConfig, "device")
     evaluate.add_argument(
         "--quantize",
         default="none",
@@ -141,12 +137,7 @@ def add_prepare_parser(commands: argparse._SubParsersAction) -> None:
     prepare.add_argument(
         "--glob", default="*.txt", help="which files to take from directories (default: *.txt)"
     )
-    prepare.add_argument(
-        "--encoding-errors",
-        choices=("strict", "replace", "ignore"),
-        default="strict",
-        help="what to do with bytes that are not UTF-8",
-    )
+    add_plain_options(prepare, LoadConfig, "encoding_errors")
 
 
 def add_compare_and_plot_parsers(commands: argparse._SubParsersAction) -> None:
@@ -209,7 +200,7 @@ def add_attention_parser(commands: argparse._SubParsersAction) -> None:
         default="error",
         help="characters the model never saw: error lists them, skip drops them",
     )
-    attention.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    add_plain_options(attention, LoadConfig, "device")
 
 
 def add_serve_parser(commands: argparse._SubParsersAction) -> None:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from chargpt.config.options import ModelConfig, TrainConfig, from_dict
+from chargpt.config.options import ModelConfig, TrainConfig
+from chargpt.config.sources import from_dict
 from chargpt.errors import ChargptError
 
 # Presets override the dataclass defaults; `auto` resolves to `lab` on a GPU and `cpu` otherwise.
