@@ -111,6 +111,37 @@ def test_quantized_copies_and_leaves_the_callers_model_alone():
     assert not any(isinstance(m, nn.Linear) for m in int8.modules())
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_an_int8_model_counts_all_its_parameters(tie):
+    """Int8Linear kept its weights in buffers: num_parameters (and /v1/models) saw ~1%. Every
+    weight and bias counts, scales do not; a tied LM head's int8 copy is a matrix of its own."""
+    config = dataclasses.replace(tiny_gpt().config, tie_embeddings=tie)
+    model = GPTLanguageModel(config, TOKENIZER.vocab_size)
+    C, V, L = config.n_embd, TOKENIZER.vocab_size, config.n_layer
+    block = 3 * C * C + (C * C + C) + (C * 4 * C + 4 * C) + (4 * C * C + C) + 2 * 2 * C
+    fp32 = V * C + BLOCK * C + L * block + 2 * C + (0 if tie else V * C) + V
+    assert model.num_parameters() == fp32
+    assert quantized(model, "int8").num_parameters() == fp32 + (V * C if tie else 0)
+
+
+def test_int8_state_dicts_of_both_attention_paths_agree_and_load():
+    """state_dict() of an int8 `reference` model raised KeyError. Per-row scales make the heads'
+    int8 rows those of the fused matrix: both paths give one state dict, and it loads into each."""
+    fused = tiny_gpt("fused")
+    reference = GPTLanguageModel(dataclasses.replace(fused.config, attention="reference"), 12)
+    reference.load_state_dict(fused.state_dict())
+    int8_fused, int8_reference = quantized(fused, "int8"), quantized(reference.eval(), "int8")
+    state = int8_reference.state_dict()
+    assert state.keys() == int8_fused.state_dict().keys()
+    assert all(torch.equal(v, int8_fused.state_dict()[k]) for k, v in state.items())
+    assert state["blocks.0.sa.qkv.weight_int8"].dtype == torch.int8
+    other = quantized(tiny_gpt("reference", seed=1), "int8")
+    other.load_state_dict(int8_fused.state_dict())
+    idx = random_ids(2, BLOCK, 0)
+    with torch.no_grad():
+        torch.testing.assert_close(other.logits(idx), int8_fused.logits(idx))
+
+
 def test_an_int8_model_runs_in_fp32_whatever_the_dtype_setting():
     model = tiny_gpt()
     cpu = torch.device("cpu")

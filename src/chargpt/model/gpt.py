@@ -94,23 +94,29 @@ class MultiHeadAttention(nn.Module):
 
 
 def _heads_to_qkv(module: MultiHeadAttention, state_dict: dict, prefix: str, _meta) -> None:
-    """State-dict hook: replace per-head key/query/value weights by the fused (3C, C) matrix."""
-    parts = {name: [] for name in ("query", "key", "value")}
-    for i in range(len(module.heads)):
-        for name in parts:
-            parts[name].append(state_dict.pop(f"{prefix}heads.{i}.{name}.weight"))
-    state_dict[f"{prefix}qkv.weight"] = torch.cat([torch.cat(parts[n]) for n in parts])
+    """State-dict hook: replace the heads' query/key/value tensors by the fused `qkv` ones, e.g.
+    the (3C, C) weight. Every tensor of a projection has its output rows first (nn.Linear's
+    weight; an int8 layer's weight and scales, chargpt.model.quantize): they stack on dim 0."""
+    fused: dict[str, list[torch.Tensor]] = {}  # "weight" (or int8 names) -> [query 0, ..., value n]
+    for name in ("query", "key", "value"):
+        for i in range(len(module.heads)):
+            head = f"{prefix}heads.{i}.{name}."
+            for key in [key for key in state_dict if key.startswith(head)]:
+                fused.setdefault(key.removeprefix(head), []).append(state_dict.pop(key))
+    for tensor_name, parts in fused.items():
+        state_dict[f"{prefix}qkv.{tensor_name}"] = torch.cat(parts)
 
 
 def _qkv_to_heads(module: MultiHeadAttention, state_dict: dict, prefix: str, *_args) -> None:
-    """Load hook: split a fused (3C, C) `qkv` matrix into each head's query/key/value weights."""
-    qkv = state_dict.pop(f"{prefix}qkv.weight", None)
-    if qkv is None:
-        return  # missing key: load_state_dict reports the per-head weights as missing
+    """Load hook: split each fused `qkv` tensor (e.g. the (3C, C) weight) into each head's
+    query/key/value ones. Without any, load_state_dict reports the heads' tensors as missing."""
     n_head = len(module.heads)
-    for name, part in zip(("query", "key", "value"), qkv.chunk(3), strict=True):
-        for i, head_weight in enumerate(part.chunk(n_head)):
-            state_dict[f"{prefix}heads.{i}.{name}.weight"] = head_weight
+    for key in [key for key in state_dict if key.startswith(f"{prefix}qkv.")]:
+        tensor_name = key.removeprefix(f"{prefix}qkv.")
+        qkv = state_dict.pop(key)
+        for name, part in zip(("query", "key", "value"), qkv.chunk(3), strict=True):
+            for i, head_part in enumerate(part.chunk(n_head)):
+                state_dict[f"{prefix}heads.{i}.{name}.{tensor_name}"] = head_part
 
 
 class CausalSelfAttention(nn.Module):
