@@ -62,6 +62,8 @@ def test_later_layers_override_earlier_ones():
         ({"lr_decay_iters": 4}, r"warmup_iters \(5\) exceeds lr_decay_iters \(4\)"),
         ({"log_interval": 0}, "log_interval must be a positive integer"),
         ({"grad_accum": -1}, "grad_accum must not be negative"),
+        ({"seed": 2**64}, r"seed must be an integer in 0\.\.9223372036854775807, got 1844"),
+        ({"seed": -1}, r"seed must be an integer in 0\.\.9223372036854775807"),
     ],
 )
 def test_impossible_settings_fail_with_one_line(override, message):

@@ -196,6 +196,7 @@ def error_of(response: httpx.Response, status: int) -> dict:
         ({"model": MODEL, "prompt": [1, 2]}, 400, "prompt", "token-id"),
         ({"model": MODEL, "prompt": "A", "wat": 1}, 400, "wat", "Unrecognized"),
         ({"model": MODEL, "prompt": "A", "best_of": 3}, 400, "best_of", "not supported"),
+        ({"model": MODEL, "prompt": "A", "n": 2, "seed": 2**64 - 2}, 400, "seed", "less than"),
         ({"model": MODEL, "prompt": "caf\u00e9 \u2014"}, 400, "prompt", "'é', '—'"),
         ({"model": MODEL, "prompt": "A", "max_tokens": 601}, 400, "max_tokens", "601"),
         ({"model": MODEL, "prompt": "A", "n": 4, "max_tokens": 200}, 400, "max_tokens", "800"),

@@ -6,6 +6,7 @@ command-line flags (`sources`).
 """
 
 from chargpt.config.options import (
+    MAX_SEED,
     QUANTIZE_HELP,
     LoadConfig,
     ModelConfig,
@@ -21,6 +22,7 @@ from chargpt.config.presets import build_configs
 from chargpt.config.sources import from_dict
 
 __all__ = [
+    "MAX_SEED",
     "QUANTIZE_HELP",
     "LoadConfig",
     "ModelConfig",

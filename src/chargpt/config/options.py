@@ -14,6 +14,8 @@ def option(default: Any, help: str, **choices: Any) -> Any:
 
 
 Quantize = Literal["none", "int8"]  # the weight formats of chargpt.model.quantize
+# the largest seed: int64's, as OpenAI's API; sample i's `seed + i` still fits torch's uint64
+MAX_SEED = 2**63 - 1
 DEVICE_HELP = "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps"
 QUANTIZE_HELP = (
     "none: the weights as trained; int8: int8 weights, faster on the CPU (quantized in memory "
@@ -142,6 +144,8 @@ class TrainConfig:
             raise ChargptError(f"muon_lr must be a positive number, got {self.muon_lr}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ChargptError(f"ema_decay must be in [0, 1) (0: off), got {self.ema_decay}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ChargptError(f"seed must be an integer in 0..{MAX_SEED}, got {self.seed}")
         if self.max_time:
             parse_duration(self.max_time)
         if not 0.0 < self.beta2 < 1.0:
@@ -208,8 +212,10 @@ class SampleConfig:
         if "" in self.stop:
             raise ChargptError("a stop string must not be empty")
         positive("num_samples", self.num_samples)
-        if self.seed < -1:
-            raise ChargptError(f"seed must be a non-negative integer (or -1), got {self.seed}")
+        if not -1 <= self.seed <= MAX_SEED:
+            raise ChargptError(
+                f"seed must be an integer in 0..{MAX_SEED} (or -1: a random one), got {self.seed}"
+            )
         if not 0.0 < self.window_keep < 1.0:
             raise ChargptError(f"window_keep must be in (0, 1), got {self.window_keep}")
 
