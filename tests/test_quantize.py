@@ -50,6 +50,21 @@ def test_int8_linear_is_within_its_rounding_bound(shape):
     assert (error > 0).any()  # it did round
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_int8_linear_turns_non_finite_inputs_into_nan(bad):
+    """A row with inf or NaN is all NaN, whatever int8 value the CPU casts NaN to (undefined in
+    C++: 0 on this test's machine, where the old code gave NaN too; -128 where the cast saturates,
+    where an inf input came out as a row of ±inf). The other rows are untouched."""
+    torch.manual_seed(0)
+    int8 = Int8Linear(nn.Linear(8, 4))
+    x = torch.randn(3, 8)
+    x[1, 5] = bad
+    with torch.no_grad():
+        y = int8(x)
+        assert y[1].isnan().all()
+        torch.testing.assert_close(y[[0, 2]], int8(x[[0, 2]]))
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_int8_logits_stay_close_to_fp32(seed):
     """Bounds with a margin of about 2x over what three seeds measured: each int8 product is

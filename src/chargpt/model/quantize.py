@@ -52,6 +52,8 @@ class Int8Linear(nn.Module):
         rows = x.reshape(-1, self.in_features).float()  # (N, in)
         # each row's own scale: its largest magnitude becomes 127
         row_scale = rows.abs().amax(dim=1, keepdim=True).clamp_min_(TINY) / INT8_MAX  # (N, 1)
+        # a row holding inf or NaN has no scale: NaN makes all its outputs NaN, not garbage ints
+        row_scale = torch.where(row_scale.isfinite(), row_scale, torch.nan)
         rows_int8 = (rows / row_scale).round_().to(torch.int8)  # (N, in)
         # exact int32 sums of int8 products, scaled back per row and per output: (N, out);
         # (in, out) as the transpose of the contiguous (out, in) is the layout that
