@@ -59,7 +59,7 @@ def test_later_layers_override_earlier_ones():
         ({"n_embdd": 3}, r"unknown option\(s\) n_embdd"),
         ({"min_lr": 0.1}, r"min_lr \(0.1\) exceeds learning_rate \(0.01\): pass a --min-lr"),
         ({"warmup_iters": 61}, r"warmup_iters \(61\) exceeds max_iters \(60\)"),
-        ({"lr_decay_iters": 4}, r"warmup_iters \(5\) exceeds lr_decay_iters \(4\)"),
+        ({"warmup_iters": 5, "lr_decay_iters": 4}, r"warmup_iters \(5\) exceeds lr_decay_iters"),
         ({"log_interval": 0}, "log_interval must be a positive integer"),
         ({"grad_accum": -1}, "grad_accum must not be negative"),
         ({"seed": 2**64}, r"seed must be an integer in 0\.\.9223372036854775807, got 1844"),
@@ -143,3 +143,26 @@ def test_a_step_count_given_replaces_a_presets_time_budget():
     _, both = build_configs("cpu", False, {"max_iters": 900}, {"max_time": "1m"})
     assert (by_time.max_time, by_steps.max_time, by_steps.max_iters) == ("270s", "", 900)
     assert both.max_time == "1m"
+
+
+@pytest.mark.parametrize(
+    ("preset", "given", "warmup"),
+    [
+        ("cpu", {"max_iters": 50}, 5),  # the preset's 100 steps: a tenth of a 50-step run
+        ("cpu", {"max_iters": 3}, 0),
+        ("cpu", {"max_iters": 5000}, 100),  # a long run keeps the preset's warmup
+        ("cpu", {}, 100),  # a time budget: its steps are unknown, the warmup stays
+        ("cpu", {"max_iters": 900, "lr_decay_iters": 300}, 30),  # the decay's steps
+        ("tiny", {"max_iters": 20}, 2),
+        ("lab", {"max_iters": 10}, 0),
+        ("cpu", {"max_iters": 50, "warmup_iters": 50}, 50),  # given: kept as it is
+    ],
+)
+def test_a_presets_warmup_fits_a_short_run(preset, given, warmup):
+    _, train = build_configs(preset, False, given)
+    assert train.warmup_iters == warmup
+
+
+def test_a_warmup_given_longer_than_the_run_is_still_an_error():
+    with pytest.raises(ChargptError, match=r"warmup_iters \(100\) exceeds max_iters \(50\)"):
+        build_configs("cpu", False, {"max_iters": 50}, {"warmup_iters": 100})

@@ -16,6 +16,8 @@ def option(default: Any, help: str, **choices: Any) -> Any:
 Quantize = Literal["none", "int8"]  # the weight formats of chargpt.model.quantize
 # the largest seed: int64's, as OpenAI's API; sample i's `seed + i` still fits torch's uint64
 MAX_SEED = 2**63 - 1
+# a preset's warmup is at most this fraction of a step-count run (so `--max-iters 50` works)
+PRESET_WARMUP_FRACTION = 0.1
 DEVICE_HELP = "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps"
 QUANTIZE_HELP = (
     "none: the weights as trained; int8: int8 weights, faster on the CPU (quantized in memory "
@@ -95,7 +97,11 @@ class TrainConfig:
     )
     learning_rate: float = option(3e-4, "peak AdamW learning rate")
     min_lr: float = option(3e-4, "learning rate at the end of cosine decay")
-    warmup_iters: int = option(0, "steps of linear warmup from 0 to learning_rate")
+    warmup_iters: int = option(
+        0,
+        "steps of linear warmup from 0 to learning_rate (when not given: the preset's, cut to "
+        f"{PRESET_WARMUP_FRACTION:.0%} of a shorter --max-iters)",
+    )
     lr_schedule: Literal["constant", "cosine"] = option(
         "constant", "constant, or cosine decay from learning_rate to min_lr after warmup"
     )

@@ -78,7 +78,7 @@ def add_field_argument(
 ) -> None:
     """`--flag-name` for the field `f`, typed (and with choices) by its type hint."""
     flag = "--" + f.name.replace("_", "-")
-    help_text = f"{f.metadata['help']} ({default_help})"
+    help_text = f"{f.metadata['help']} ({default_help})".replace("%", "%%")  # argparse formats %
     if hint is bool:
         parser.add_argument(
             flag, action=argparse.BooleanOptionalAction, default=default, help=help_text
