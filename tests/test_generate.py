@@ -21,14 +21,7 @@ from chargpt.model import BigramLanguageModel, GPTLanguageModel
 from chargpt.model.cache import KVCache
 from chargpt.runs.directory import save_run
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from a second thread, and on a shared CPU they lose a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

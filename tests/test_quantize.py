@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from model_support import BLOCK, TOKENIZER, tiny_gpt
+from model_support import BLOCK, TOKENIZER, gpt_pair, tiny_gpt
 from torch import nn
 from torch.nn import functional as F
 
@@ -142,10 +142,8 @@ def test_an_int8_model_counts_all_its_parameters(tie):
 def test_int8_state_dicts_of_both_attention_paths_agree_and_load():
     """state_dict() of an int8 `reference` model raised KeyError. Per-row scales make the heads'
     int8 rows those of the fused matrix: both paths give one state dict, and it loads into each."""
-    fused = tiny_gpt("fused")
-    reference = GPTLanguageModel(dataclasses.replace(fused.config, attention="reference"), 12)
-    reference.load_state_dict(fused.state_dict())
-    int8_fused, int8_reference = quantized(fused, "int8"), quantized(reference.eval(), "int8")
+    fused, reference = gpt_pair(tiny_gpt().config)
+    int8_fused, int8_reference = quantized(fused, "int8"), quantized(reference, "int8")
     state = int8_reference.state_dict()
     assert state.keys() == int8_fused.state_dict().keys()
     assert all(torch.equal(v, int8_fused.state_dict()[k]) for k, v in state.items())
