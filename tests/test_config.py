@@ -152,7 +152,9 @@ def test_a_step_count_given_replaces_a_presets_time_budget():
         ("cpu", {"max_iters": 3}, 0),
         ("cpu", {"max_iters": 5000}, 100),  # a long run keeps the preset's warmup
         ("cpu", {}, 100),  # a time budget: its steps are unknown, the warmup stays
-        ("cpu", {"max_iters": 900, "lr_decay_iters": 300}, 30),  # the decay's steps
+        ("cpu", {"max_iters": 900, "lr_decay_iters": 300}, 30),  # the schedule's steps
+        ("tiny", {"max_iters": 6, "lr_decay_iters": 12}, 1),  # the same when resumed to 12
+        ("cpu", {"max_iters": 50, "lr_decay_iters": 2000}, 50),  # never longer than the run
         ("tiny", {"max_iters": 20}, 2),
         ("lab", {"max_iters": 10}, 0),
         ("cpu", {"max_iters": 50, "warmup_iters": 50}, 50),  # given: kept as it is

@@ -100,7 +100,7 @@ class TrainConfig:
     warmup_iters: int = option(
         0,
         "steps of linear warmup from 0 to learning_rate (when not given: the preset's, cut to "
-        f"{PRESET_WARMUP_FRACTION:.0%} of a shorter --max-iters)",
+        f"{PRESET_WARMUP_FRACTION:.0%} of the schedule's steps in a shorter run)",
     )
     lr_schedule: Literal["constant", "cosine"] = option(
         "constant", "constant, or cosine decay from learning_rate to min_lr after warmup"

@@ -117,9 +117,10 @@ def build_configs(
 
 def fitted_warmup(train: TrainConfig) -> int:
     """`train`'s warmup, at most PRESET_WARMUP_FRACTION of the steps its schedule covers
-    (max_iters, or lr_decay_iters when sooner). A time budget's step count is unknown until the
+    (lr_decay_iters, fixed when the run starts so that a resumed run follows the same schedule,
+    else max_iters) and no longer than the run. A time budget's step count is unknown until the
     run ends: its warmup stays as it is."""
     if train.max_time:
         return train.warmup_iters
-    steps = min((n for n in (train.max_iters, train.lr_decay_iters) if n > 0), default=0)
-    return min(train.warmup_iters, int(PRESET_WARMUP_FRACTION * steps))
+    steps = train.lr_decay_iters or train.max_iters
+    return min(train.warmup_iters, int(PRESET_WARMUP_FRACTION * steps), train.max_iters)
