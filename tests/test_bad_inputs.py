@@ -202,8 +202,18 @@ CASES = [
     Case("eval of no characters", ["eval", "--run", "run", "--max-chars", "0"], "--max-chars"),
     Case("sample seed too large", ["sample", "--run", "run", "--seed", str(2**64)], "seed must"),
     Case(
-        "compare sample seed too large",
-        ["compare", "--out", "cmp", "--data", "corpus.txt", "--sample-seed", str(2**64)],
+        "more samples than fit in memory",
+        ["sample", "--run", "run", "--num-samples", str(2**50), "--seed", "1"],
+        "out of memory",
+    ),
+    Case("a batch larger than memory", ["eval", "--run", "run", "--batch-size", str(2**50)], "out"),
+    Case(
+        "a count past 64 bits", ["sample", "--run", "run", "--num-samples", str(2**64)], "at most"
+    ),
+    Case("a size past 64 bits", ["eval", "--run", "run", "--batch-size", str(2**64)], "at most"),
+    Case(
+        "compare sample seed negative",
+        ["compare", "--out", "cmp", "--data", "corpus.txt", "--sample-seed", "-5"],
         "--sample-seed must",
     ),
     Case(

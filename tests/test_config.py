@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 
 from chargpt.cli.parser import build_parser
-from chargpt.config import LoadConfig, ModelConfig, TrainConfig
+from chargpt.config import MAX_SEED, LoadConfig, ModelConfig, TrainConfig
 from chargpt.config.presets import PRESETS, build_configs
 from chargpt.config.sources import given_fields, load_toml
 from chargpt.errors import ChargptError
@@ -62,7 +62,8 @@ def test_later_layers_override_earlier_ones():
         ({"warmup_iters": 5, "lr_decay_iters": 4}, r"warmup_iters \(5\) exceeds lr_decay_iters"),
         ({"log_interval": 0}, "log_interval must be a positive integer"),
         ({"grad_accum": -1}, "grad_accum must not be negative"),
-        ({"seed": 2**64}, r"seed must be an integer in 0\.\.9223372036854775807, got 1844"),
+        ({"seed": 2**64}, r"seed must be at most 9223372036854775807, got 1844"),
+        ({"batch_size": 2**64}, r"batch_size must be at most 9223372036854775807"),
         ({"seed": -1}, r"seed must be an integer in 0\.\.9223372036854775807"),
     ],
 )
@@ -168,3 +169,9 @@ def test_a_presets_warmup_fits_a_short_run(preset, given, warmup):
 def test_a_warmup_given_longer_than_the_run_is_still_an_error():
     with pytest.raises(ChargptError, match=r"warmup_iters \(100\) exceeds max_iters \(50\)"):
         build_configs("cpu", False, {"max_iters": 50}, {"warmup_iters": 100})
+
+
+def test_a_seed_past_the_bound_is_refused_by_the_config_itself():
+    """A TrainConfig made in Python (no from_dict) checks its seed too: seed + k must fit."""
+    with pytest.raises(ChargptError, match=r"seed must be an integer in 0\.\.9223372036854775807"):
+        TrainConfig(seed=MAX_SEED + 1).validate()

@@ -299,3 +299,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"chargpt {args.command}: interrupted", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as err:
+        if not out_of_memory(err):
+            raise
+        print(
+            f"chargpt {args.command}: error: out of memory: choose smaller sizes "
+            "(--batch-size, --num-samples, --block-size, --n-embd)",
+            file=sys.stderr,
+        )
+        return 2
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """Whether `err` says that memory ran out: Python's, the GPU's, or PyTorch's CPU allocator
+    (a RuntimeError of its own)."""
+    if isinstance(err, MemoryError | torch.OutOfMemoryError):
+        return True
+    return "can't allocate memory" in str(err)

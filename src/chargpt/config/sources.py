@@ -102,6 +102,9 @@ def given_fields(args: argparse.Namespace, *classes: type) -> dict[str, Any]:
 T = typing.TypeVar("T")
 
 
+INT64_MAX = 2**63 - 1
+
+
 def from_dict(cls: type[T], values: dict[str, Any]) -> T:
     """Build a config dataclass from plain values, checking each value's type and choices."""
     hints = typing.get_type_hints(cls)
@@ -129,4 +132,6 @@ def coerce(name: str, hint: Any, value: Any) -> Any:
         raise ChargptError(f"{name} must be true or false, got {value!r}")
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise ChargptError(f"{name} must be of type {hint.__name__}, got {value!r}")
+    if hint is int and value > INT64_MAX:  # torch takes no larger size, count or seed
+        raise ChargptError(f"{name} must be at most {INT64_MAX}, got {value}")
     return value
