@@ -1,6 +1,9 @@
-"""A small GPT whose logits are as decisive as a trained model's, shared by the decoding tests."""
+"""Small GPTs shared by the model and decoding tests: one whose logits are as decisive as a trained
+model's, and a fused/reference pair holding the same weights."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -24,3 +27,14 @@ def tiny_gpt(attention: str = "fused", *, seed: int = 0) -> GPTLanguageModel:
             if p.dim() >= 2:
                 p.normal_(0.0, 0.3)
     return model.eval()
+
+
+def gpt_pair(
+    config: ModelConfig, vocab_size: int = TOKENIZER.vocab_size
+) -> tuple[GPTLanguageModel, GPTLanguageModel]:
+    """A fused model and a reference model holding the same (initial) weights, in eval mode."""
+    torch.manual_seed(0)
+    fused = GPTLanguageModel(dataclasses.replace(config, attention="fused"), vocab_size)
+    reference = GPTLanguageModel(dataclasses.replace(config, attention="reference"), vocab_size)
+    reference.load_state_dict(fused.state_dict())
+    return fused.eval(), reference.eval()

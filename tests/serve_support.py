@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from chargpt.config import ModelConfig, ServeConfig, TrainConfig
 from chargpt.data.corpus import load_text
 from chargpt.data.tokenizer import CharTokenizer
 from chargpt.model import build_model
+from chargpt.model.quantize import quantized
 from chargpt.runs.directory import load_run, save_run
 from chargpt.serve.app import create_app
 from chargpt.serve.server import bind
@@ -78,8 +79,11 @@ class Served:
 
 @contextlib.contextmanager
 def serving(run_dir: Path, **settings: Any) -> Iterator[Served]:
-    """uvicorn in a thread of this process, serving `run_dir` on a free port of 127.0.0.1."""
-    app = create_app(load_run(run_dir), run_dir, ServeConfig(**settings))
+    """uvicorn in a thread of this process, serving `run_dir` on a free port of 127.0.0.1
+    (quantized as `chargpt serve` does, when `settings` say so)."""
+    config = ServeConfig(**settings)
+    run = load_run(run_dir)
+    app = create_app(replace(run, model=quantized(run.model, config.quantize)), run_dir, config)
     listener = bind("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)

@@ -164,6 +164,7 @@ CASES = [
     Case("unknown choice", [*TRAIN, "--lr-schedule", "linear"], "invalid choice"),
     Case("unknown preset", [*TRAIN, "--preset", "huge"], "invalid choice"),
     Case("unknown device", [*TRAIN, "--device", "tpu"], "unknown device"),
+    Case("training seed too large", [*TRAIN, "--seed", str(2**64)], "seed must be"),
     Case("neither --out nor --resume", ["train", "--data", "corpus.txt"], "--resume"),
     Case(
         "TOML config is not valid TOML",
@@ -199,6 +200,22 @@ CASES = [
     ),
     Case("model.safetensors is truncated", ["eval", "--run", "run"], "corrupt", truncate(WEIGHTS)),
     Case("eval of no characters", ["eval", "--run", "run", "--max-chars", "0"], "--max-chars"),
+    Case("sample seed too large", ["sample", "--run", "run", "--seed", str(2**64)], "seed must"),
+    Case(
+        "more samples than fit in memory",
+        ["sample", "--run", "run", "--num-samples", str(2**50), "--seed", "1"],
+        "out of memory",
+    ),
+    Case("a batch larger than memory", ["eval", "--run", "run", "--batch-size", str(2**50)], "out"),
+    Case(
+        "a count past 64 bits", ["sample", "--run", "run", "--num-samples", str(2**64)], "at most"
+    ),
+    Case("a size past 64 bits", ["eval", "--run", "run", "--batch-size", str(2**64)], "at most"),
+    Case(
+        "compare sample seed negative",
+        ["compare", "--out", "cmp", "--data", "corpus.txt", "--sample-seed", "-5"],
+        "--sample-seed must",
+    ),
     Case(
         "int8 weights with bf16 autocast",
         ["sample", "--run", "run", "--quantize", "int8", "--dtype", "bf16"],

@@ -121,3 +121,16 @@ def test_a_closed_pipe_ends_sampling_quietly(tiny_run):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 141
     assert "Traceback" not in err and "Exception ignored" not in err
+
+
+def test_a_short_run_with_the_default_preset_just_works(tmp_path):
+    """`chargpt train --max-iters 50` stopped on the cpu preset's 100 warmup steps: a preset's
+    warmup now fits the run (a tenth of it), here with small sizes to stay fast."""
+    out, corpus = tmp_path / "short", tmp_path / "corpus.txt"
+    corpus.write_text("to be, or not to be, that is the question.\n" * 30, encoding="utf-8")
+    small = ["--data", str(corpus), "--n-layer", "1", "--n-embd", "16", "--block-size", "16"]
+    small += ["--batch-size", "4"]
+    flags = ["--device", "cpu", "--max-iters", "10", "--eval-iters", "1", "--sample-chars", "0"]
+    assert main(["train", "--out", str(out), *small, *flags]) == 0  # auto: the cpu preset
+    train = json.loads((out / "config.json").read_text())["train"]
+    assert (train["optimizer"], train["max_iters"], train["warmup_iters"]) == ("muon", 10, 1)

@@ -118,6 +118,17 @@ def test_compare_rejects_bad_options_before_training(tmp_path, capsys, flags, me
     assert not (tmp_path / "cmp" / "gpt").exists()
 
 
+def test_a_step_budget_works_with_the_default_preset(tmp_path):
+    """`chargpt compare --budget-iters 60` stopped on the cpu preset's 100 warmup steps."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(CORPUS, encoding="utf-8")
+    args = ["compare", "--out", str(tmp_path / "cmp"), "--data", str(corpus), "--budget-iters", "6"]
+    small = "--block-size 8 --n-embd 16 --n-layer 1 --batch-size 8 --eval-iters 2 --device cpu"
+    assert main([*args, "--sample-length", "5", "--sample-chars", "0", *small.split()]) == 0
+    train = json.loads((tmp_path / "cmp" / "gpt" / "config.json").read_text())["train"]
+    assert (train["optimizer"], train["max_iters"], train["warmup_iters"]) == ("muon", 6, 0)
+
+
 def tiny_dataset() -> tuple[CharDataset, CharTokenizer]:
     tokenizer = CharTokenizer.from_text(CORPUS)
     return CharDataset.from_text(CORPUS, tokenizer), tokenizer

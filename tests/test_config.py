@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 
 from chargpt.cli.parser import build_parser
-from chargpt.config import ModelConfig, TrainConfig
+from chargpt.config import MAX_SEED, LoadConfig, ModelConfig, TrainConfig
 from chargpt.config.presets import PRESETS, build_configs
 from chargpt.config.sources import given_fields, load_toml
 from chargpt.errors import ChargptError
@@ -59,9 +59,12 @@ def test_later_layers_override_earlier_ones():
         ({"n_embdd": 3}, r"unknown option\(s\) n_embdd"),
         ({"min_lr": 0.1}, r"min_lr \(0.1\) exceeds learning_rate \(0.01\): pass a --min-lr"),
         ({"warmup_iters": 61}, r"warmup_iters \(61\) exceeds max_iters \(60\)"),
-        ({"lr_decay_iters": 4}, r"warmup_iters \(5\) exceeds lr_decay_iters \(4\)"),
+        ({"warmup_iters": 5, "lr_decay_iters": 4}, r"warmup_iters \(5\) exceeds lr_decay_iters"),
         ({"log_interval": 0}, "log_interval must be a positive integer"),
         ({"grad_accum": -1}, "grad_accum must not be negative"),
+        ({"seed": 2**64}, r"seed must be at most 9223372036854775807, got 1844"),
+        ({"batch_size": 2**64}, r"batch_size must be at most 9223372036854775807"),
+        ({"seed": -1}, r"seed must be an integer in 0\.\.9223372036854775807"),
     ],
 )
 def test_impossible_settings_fail_with_one_line(override, message):
@@ -84,6 +87,28 @@ def test_every_field_has_a_cli_flag_and_flags_override():
     for cls in (ModelConfig, TrainConfig):
         for field in dataclasses.fields(cls):
             assert "--" + field.name.replace("_", "-") in help_text
+
+
+@pytest.mark.parametrize(
+    ("command", "name"),
+    [
+        ("sample", "device"),
+        ("eval", "device"),
+        ("attention", "device"),
+        ("train", "encoding_errors"),
+        ("eval", "encoding_errors"),
+        ("compare", "encoding_errors"),
+        ("prepare", "encoding_errors"),
+    ],
+)
+def test_load_flags_are_made_from_load_config(command, name):
+    """--device and --encoding-errors: LoadConfig's help, choices and default in every command."""
+    parser = build_parser()._subparsers._group_actions[0].choices[command]
+    action = next(a for a in parser._actions if a.dest == name)
+    field = next(f for f in dataclasses.fields(LoadConfig) if f.name == name)
+    assert action.default == field.default and action.help.startswith(field.metadata["help"])
+    if name == "encoding_errors":
+        assert tuple(action.choices) == ("strict", "replace", "ignore")
 
 
 def test_help_gives_each_presets_default():
@@ -119,3 +144,34 @@ def test_a_step_count_given_replaces_a_presets_time_budget():
     _, both = build_configs("cpu", False, {"max_iters": 900}, {"max_time": "1m"})
     assert (by_time.max_time, by_steps.max_time, by_steps.max_iters) == ("270s", "", 900)
     assert both.max_time == "1m"
+
+
+@pytest.mark.parametrize(
+    ("preset", "given", "warmup"),
+    [
+        ("cpu", {"max_iters": 50}, 5),  # the preset's 100 steps: a tenth of a 50-step run
+        ("cpu", {"max_iters": 3}, 0),
+        ("cpu", {"max_iters": 5000}, 100),  # a long run keeps the preset's warmup
+        ("cpu", {}, 100),  # a time budget: its steps are unknown, the warmup stays
+        ("cpu", {"max_iters": 900, "lr_decay_iters": 300}, 30),  # the schedule's steps
+        ("tiny", {"max_iters": 6, "lr_decay_iters": 12}, 1),  # the same when resumed to 12
+        ("cpu", {"max_iters": 50, "lr_decay_iters": 2000}, 50),  # never longer than the run
+        ("tiny", {"max_iters": 20}, 2),
+        ("lab", {"max_iters": 10}, 0),
+        ("cpu", {"max_iters": 50, "warmup_iters": 50}, 50),  # given: kept as it is
+    ],
+)
+def test_a_presets_warmup_fits_a_short_run(preset, given, warmup):
+    _, train = build_configs(preset, False, given)
+    assert train.warmup_iters == warmup
+
+
+def test_a_warmup_given_longer_than_the_run_is_still_an_error():
+    with pytest.raises(ChargptError, match=r"warmup_iters \(100\) exceeds max_iters \(50\)"):
+        build_configs("cpu", False, {"max_iters": 50}, {"warmup_iters": 100})
+
+
+def test_a_seed_past_the_bound_is_refused_by_the_config_itself():
+    """A TrainConfig made in Python (no from_dict) checks its seed too: seed + k must fit."""
+    with pytest.raises(ChargptError, match=r"seed must be an integer in 0\.\.9223372036854775807"):
+        TrainConfig(seed=MAX_SEED + 1).validate()

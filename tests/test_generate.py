@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from model_support import BLOCK, TOKENIZER, tiny_gpt
 
 from chargpt.cli.main import main
-from chargpt.config import ModelConfig, TrainConfig
+from chargpt.config import MAX_SEED, ModelConfig, TrainConfig
 from chargpt.errors import ChargptError
 from chargpt.generation.decoders import Decoder, make_decoder
 from chargpt.generation.generate import StopFilter, generate, generate_ids, stream
@@ -21,14 +21,7 @@ from chargpt.model import BigramLanguageModel, GPTLanguageModel
 from chargpt.model.cache import KVCache
 from chargpt.runs.directory import save_run
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from a second thread, and on a shared CPU they lose a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -284,12 +277,21 @@ def test_unknown_prompt_characters_are_listed_or_skipped(model):
         (dict(window_keep=1.0), "window_keep"),
         (dict(tempurature=1.0), "unknown SampleConfig option"),
         (dict(top_k="5"), "top_k must be of type int"),
+        (dict(seed=-2), "seed must be an integer in 0..9223372036854775807"),
+        (dict(seed=2**64 - 2, num_samples=2), "seed must be"),  # seed + 1 overflowed a 500
     ],
 )
 def test_invalid_controls_are_one_line_errors(model, controls, message):
     with pytest.raises(ChargptError, match=message) as err:
         generate(model, TOKENIZER, "a", **controls)
     assert "\n" not in str(err.value)
+
+
+def test_the_largest_seed_samples_every_choice(model):
+    """MAX_SEED + i of the later samples still fits torch's generators: the bound leaves room."""
+    texts = generate(model, TOKENIZER, "a", max_new_tokens=5, seed=MAX_SEED, num_samples=3)
+    assert len(texts) == 3
+    assert texts[0] == generate(model, TOKENIZER, "a", max_new_tokens=5, seed=MAX_SEED)[0]
 
 
 # --- the command ---
@@ -319,7 +321,14 @@ def test_sample_command_batches_and_reports_a_random_seed(run_dir, capsys):
 
 
 @pytest.mark.parametrize(
-    "flags", [["--temperature", "-1"], ["--top-p", "2"], ["--prompt", "ABC"], ["--top-k", "-3"]]
+    "flags",
+    [
+        ["--temperature", "-1"],
+        ["--top-p", "2"],
+        ["--prompt", "ABC"],
+        ["--top-k", "-3"],
+        ["--seed", str(2**64 - 1), "--num-samples", "2"],  # was a traceback from manual_seed
+    ],
 )
 def test_sample_command_bad_input_is_one_line(run_dir, capsys, flags):
     assert main(["sample", "--run", str(run_dir), *flags]) == 2

@@ -3,20 +3,12 @@ import math
 
 import pytest
 import torch
+from model_support import gpt_pair
 
 from chargpt.config import ModelConfig
 from chargpt.model import BigramLanguageModel, GPTLanguageModel, build_model
 
 VOCAB = 11
-
-
-def gpt_pair(config: ModelConfig) -> tuple[GPTLanguageModel, GPTLanguageModel]:
-    """A fused model and a reference model holding the same weights."""
-    torch.manual_seed(0)
-    fused = GPTLanguageModel(dataclasses.replace(config, attention="fused"), VOCAB).eval()
-    reference = GPTLanguageModel(dataclasses.replace(config, attention="reference"), VOCAB).eval()
-    reference.load_state_dict(fused.state_dict())
-    return fused, reference
 
 
 def test_shapes_and_initial_loss_near_uniform(tiny_config):
@@ -58,7 +50,7 @@ def test_causality_future_tokens_never_change_past_logits(tiny_config, attention
 
 
 def test_reference_and_fused_compute_the_same_function(tiny_config):
-    fused, reference = gpt_pair(tiny_config)
+    fused, reference = gpt_pair(tiny_config, VOCAB)
     idx = torch.randint(VOCAB, (4, tiny_config.block_size))
     assert torch.allclose(fused(idx)[0], reference(idx)[0], atol=1e-5, rtol=0)
     # and back: a reference model's weights load into the fused path
@@ -69,7 +61,7 @@ def test_reference_and_fused_compute_the_same_function(tiny_config):
 
 
 def test_both_paths_share_one_state_dict_layout(tiny_config):
-    fused, reference = gpt_pair(tiny_config)
+    fused, reference = gpt_pair(tiny_config, VOCAB)
     assert set(fused.state_dict()) == set(reference.state_dict())
     assert "blocks.0.sa.qkv.weight" in reference.state_dict()
     # head i's query weight is rows [i*hs, (i+1)*hs) of the fused matrix's query part
@@ -82,7 +74,7 @@ def test_both_paths_share_one_state_dict_layout(tiny_config):
 
 @pytest.mark.parametrize("T", [1, 2, 7, 16])
 def test_any_length_up_to_block_size(tiny_config, T):
-    fused, reference = gpt_pair(tiny_config)
+    fused, reference = gpt_pair(tiny_config, VOCAB)
     full = torch.randint(VOCAB, (2, 16))
     idx = full[:, :T]
     assert fused(idx)[0].shape == (2, T, VOCAB)

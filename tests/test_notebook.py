@@ -14,25 +14,19 @@ from pathlib import Path
 
 import pytest
 
+from chargpt.config.presets import PRESETS
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "laboratorio_gpt.ipynb"
 LAB_ASSERT = (
     'assert encode("hola, que tal?") == [46, 53, 50, 39, 6, 1, 55, 59, 43, 1, 58, 39, 50, 12]'
 )
 LAB_IDS = "[46, 53, 50, 39, 6, 1, 55, 59, 43, 1, 58, 39, 50, 12]"
-# the `tiny` preset's shape: the whole notebook in well under a minute on 2 cores
-TINY = dict(
-    n_embd=32,
-    n_head=2,
-    n_layer=2,
-    block_size=32,
-    batch_size=16,
-    max_iters=60,
-    eval_interval=20,
-    eval_iters=4,
-    learning_rate=1e-2,
-    device="cpu",
-)
+# the notebook's parameters at the `tiny` preset's values: the whole notebook in well under a
+# minute on 2 cores
+NAMES = ("n_embd", "n_head", "n_layer", "block_size", "batch_size", "max_iters", "eval_interval")
+TINY = {name: PRESETS["tiny"][name] for name in (*NAMES, "eval_iters", "learning_rate")}
+TINY["device"] = "cpu"
 
 
 def read_notebook() -> dict:

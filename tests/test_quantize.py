@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from model_support import BLOCK, TOKENIZER, tiny_gpt
+from model_support import BLOCK, TOKENIZER, gpt_pair, tiny_gpt
 from torch import nn
 from torch.nn import functional as F
 
@@ -48,6 +48,21 @@ def test_int8_linear_is_within_its_rounding_bound(shape):
     assert error.shape == bound.shape
     assert (error <= bound + 1e-5).all()
     assert (error > 0).any()  # it did round
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_int8_linear_turns_non_finite_inputs_into_nan(bad):
+    """A row with inf or NaN is all NaN, whatever int8 value the CPU casts NaN to (undefined in
+    C++: 0 on this test's machine, where the old code gave NaN too; -128 where the cast saturates,
+    where an inf input came out as a row of ±inf). The other rows are untouched."""
+    torch.manual_seed(0)
+    int8 = Int8Linear(nn.Linear(8, 4))
+    x = torch.randn(3, 8)
+    x[1, 5] = bad
+    with torch.no_grad():
+        y = int8(x)
+        assert y[1].isnan().all()
+        torch.testing.assert_close(y[[0, 2]], int8(x[[0, 2]]))
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -109,6 +124,35 @@ def test_quantized_copies_and_leaves_the_callers_model_alone():
     assert quantized(int8, "int8") is int8  # already int8: itself
     assert quantized(model, "none") is model
     assert not any(isinstance(m, nn.Linear) for m in int8.modules())
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_an_int8_model_counts_all_its_parameters(tie):
+    """Int8Linear kept its weights in buffers: num_parameters (and /v1/models) saw ~1%. Every
+    weight and bias counts, scales do not; a tied LM head's int8 copy is a matrix of its own."""
+    config = dataclasses.replace(tiny_gpt().config, tie_embeddings=tie)
+    model = GPTLanguageModel(config, TOKENIZER.vocab_size)
+    C, V, L = config.n_embd, TOKENIZER.vocab_size, config.n_layer
+    block = 3 * C * C + (C * C + C) + (C * 4 * C + 4 * C) + (4 * C * C + C) + 2 * 2 * C
+    fp32 = V * C + BLOCK * C + L * block + 2 * C + (0 if tie else V * C) + V
+    assert model.num_parameters() == fp32
+    assert quantized(model, "int8").num_parameters() == fp32 + (V * C if tie else 0)
+
+
+def test_int8_state_dicts_of_both_attention_paths_agree_and_load():
+    """state_dict() of an int8 `reference` model raised KeyError. Per-row scales make the heads'
+    int8 rows those of the fused matrix: both paths give one state dict, and it loads into each."""
+    fused, reference = gpt_pair(tiny_gpt().config)
+    int8_fused, int8_reference = quantized(fused, "int8"), quantized(reference, "int8")
+    state = int8_reference.state_dict()
+    assert state.keys() == int8_fused.state_dict().keys()
+    assert all(torch.equal(v, int8_fused.state_dict()[k]) for k, v in state.items())
+    assert state["blocks.0.sa.qkv.weight_int8"].dtype == torch.int8
+    other = quantized(tiny_gpt("reference", seed=1), "int8")
+    other.load_state_dict(int8_fused.state_dict())
+    idx = random_ids(2, BLOCK, 0)
+    with torch.no_grad():
+        torch.testing.assert_close(other.logits(idx), int8_fused.logits(idx))
 
 
 def test_an_int8_model_runs_in_fp32_whatever_the_dtype_setting():

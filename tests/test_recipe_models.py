@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+from model_support import gpt_pair
 
 from chargpt.config import ModelConfig, TrainConfig
 from chargpt.config.presets import PRESETS, build_configs
@@ -107,10 +108,7 @@ def test_rope_model_has_no_position_table_and_needs_even_head_size(tiny_config):
 @pytest.mark.parametrize("option", OPTIONS)
 def test_each_option_keeps_shapes_causality_and_fused_equals_reference(tiny_config, option):
     config = dataclasses.replace(tiny_config, **OPTIONS[option])
-    torch.manual_seed(0)
-    fused = GPTLanguageModel(dataclasses.replace(config, attention="fused"), VOCAB).eval()
-    reference = GPTLanguageModel(dataclasses.replace(config, attention="reference"), VOCAB).eval()
-    reference.load_state_dict(fused.state_dict())
+    fused, reference = gpt_pair(config, VOCAB)
     assert reference.state_dict().keys() == fused.state_dict().keys()
     idx = torch.randint(VOCAB, (2, config.block_size))
     logits = fused(idx)[0]

@@ -15,6 +15,7 @@ from serve_support import BLOCK, MODEL, eventually, make_run, serving
 
 from chargpt.eval.evaluate import full_pass_loss
 from chargpt.generation.generate import generate
+from chargpt.model.quantize import is_quantized
 from chargpt.runs.directory import load_run
 from chargpt.serve.backends import LoopBackend
 
@@ -54,6 +55,14 @@ def test_models_lists_the_run_with_its_figures(client, run):
     assert extra["parameters"] == run.model.num_parameters()
     assert extra["best_val_loss"] == pytest.approx(2.5)
     assert client.models.retrieve(MODEL).id == MODEL
+
+
+def test_models_counts_every_parameter_of_an_int8_model(run_dir, run):
+    """Under --quantize int8 it reported ~1% of them (the int8 weights were buffers)."""
+    with serving(run_dir, quantize="int8", **FP32) as served:
+        assert is_quantized(served.app.state.run.model)
+        (card,) = httpx.get(served.v1 + "/models", timeout=30).json()["data"]
+    assert card["parameters"] == run.model.num_parameters()
 
 
 def test_a_seeded_completion_is_chargpt_samples_text(client, run):
@@ -187,6 +196,7 @@ def error_of(response: httpx.Response, status: int) -> dict:
         ({"model": MODEL, "prompt": [1, 2]}, 400, "prompt", "token-id"),
         ({"model": MODEL, "prompt": "A", "wat": 1}, 400, "wat", "Unrecognized"),
         ({"model": MODEL, "prompt": "A", "best_of": 3}, 400, "best_of", "not supported"),
+        ({"model": MODEL, "prompt": "A", "n": 2, "seed": 2**64 - 2}, 400, "seed", "less than"),
         ({"model": MODEL, "prompt": "caf\u00e9 \u2014"}, 400, "prompt", "'é', '—'"),
         ({"model": MODEL, "prompt": "A", "max_tokens": 601}, 400, "max_tokens", "601"),
         ({"model": MODEL, "prompt": "A", "n": 4, "max_tokens": 200}, 400, "max_tokens", "800"),

@@ -16,6 +16,7 @@ import torch
 from chargpt.cli.parser import build_parser
 from chargpt.cli.shell import cmd_prepare, run_command
 from chargpt.config import (
+    MAX_SEED,
     ModelConfig,
     SampleConfig,
     ServeConfig,
@@ -164,6 +165,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     if args.sample_length < 0:
         raise ChargptError(f"--sample-length must not be negative, got {args.sample_length}")
+    if not 0 <= args.sample_seed <= MAX_SEED:
+        raise ChargptError(f"--sample-seed must be in 0..{MAX_SEED}, got {args.sample_seed}")
     flags = given_fields(args, ModelConfig, TrainConfig)
     device = resolve_device(flags.pop("device", "auto"))
     if "model" in flags:
@@ -278,4 +281,22 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_command(args, COMMANDS[args.command])
+    try:
+        return run_command(args, COMMANDS[args.command])
+    except (MemoryError, RuntimeError) as err:
+        if not out_of_memory(err):
+            raise
+        print(
+            f"chargpt {args.command}: error: out of memory: choose smaller sizes "
+            "(--batch-size, --num-samples, --block-size, --n-embd)",
+            file=sys.stderr,
+        )
+        return 2
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """Whether `err` says that memory ran out: Python's, the GPU's, or PyTorch's CPU allocator
+    (a RuntimeError of its own)."""
+    if isinstance(err, MemoryError | torch.OutOfMemoryError):
+        return True
+    return "can't allocate memory" in str(err)

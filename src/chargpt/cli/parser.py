@@ -1,5 +1,5 @@
 """The `chargpt` command line: its commands, flags and help texts (what each command does is in
-chargpt.cli.main). The training flags are made from the config dataclasses."""
+chargpt.cli.main). The options' flags are made from the config dataclasses."""
 
 from __future__ import annotations
 
@@ -9,13 +9,14 @@ from typing import NoReturn
 
 from chargpt.config import (
     QUANTIZE_HELP,
+    LoadConfig,
     ModelConfig,
     SampleConfig,
     ServeConfig,
     TrainConfig,
 )
 from chargpt.config.presets import PRESET_NAMES, PRESETS
-from chargpt.config.sources import add_dataclass_arguments
+from chargpt.config.sources import INT64_MAX, add_dataclass_arguments, add_plain_options
 
 DESCRIPTION = "Train, sample, evaluate and compare character-level GPT language models."
 
@@ -28,12 +29,15 @@ def add_data_arguments(parser: argparse.ArgumentParser, default: str | None) -> 
         "bundled corpus "
         f"(default: {default or 'the data the run was trained on'})",
     )
-    parser.add_argument(
-        "--encoding-errors",
-        choices=("strict", "replace", "ignore"),
-        default="strict",
-        help="what to do with bytes that are not UTF-8",
-    )
+    add_plain_options(parser, LoadConfig, "encoding_errors")
+
+
+def int64(text: str) -> int:
+    """argparse type: an integer that PyTorch can take as a size, a count or a seed."""
+    value = int(text)  # a ValueError is argparse's "invalid int64 value"
+    if value > INT64_MAX:
+        raise argparse.ArgumentTypeError(f"must be at most {INT64_MAX}, got {value}")
+    return value
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -81,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     prompt = sample.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", default="", help="text to continue (default: a newline)")
     prompt.add_argument("--prompt-file", type=Path, help="read the prompt from this file")
-    sample.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    add_plain_options(sample, LoadConfig, "device")
     add_dataclass_arguments(sample, SampleConfig)
 
     evaluate = commands.add_parser("eval", help="validation loss, bits per character, perplexity")
@@ -89,19 +93,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_arguments(evaluate, None)
     evaluate.add_argument(
         "--eval-iters",
-        type=int,
+        type=int64,
         default=None,
         help="batches to average (default: the run's eval_iters)",
     )
     evaluate.add_argument(
         "--batch-size",
-        type=int,
+        type=int64,
         default=None,
         help="windows per batch (default: the run's batch_size)",
     )
     evaluate.add_argument(
         "--stride",
-        type=int,
+        type=int64,
         default=None,
         help="full pass: characters each window adds, 1..block_size; every character is scored "
         "once with at least block_size - stride + 1 characters of context "
@@ -109,11 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument(
         "--max-chars",
-        type=int,
+        type=int64,
         default=None,
         help="full pass: score only the first MAX_CHARS validation characters (default: all)",
     )
-    evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    add_plain_options(evaluate, LoadConfig, "device")
     evaluate.add_argument(
         "--quantize",
         default="none",
@@ -143,12 +147,7 @@ def add_prepare_parser(commands: argparse._SubParsersAction) -> None:
     prepare.add_argument(
         "--glob", default="*.txt", help="which files to take from directories (default: *.txt)"
     )
-    prepare.add_argument(
-        "--encoding-errors",
-        choices=("strict", "replace", "ignore"),
-        default="strict",
-        help="what to do with bytes that are not UTF-8",
-    )
+    add_plain_options(prepare, LoadConfig, "encoding_errors")
 
 
 def add_compare_and_plot_parsers(commands: argparse._SubParsersAction) -> None:
@@ -159,7 +158,7 @@ def add_compare_and_plot_parsers(commands: argparse._SubParsersAction) -> None:
     compare.add_argument("--out", required=True, type=Path, help="directory for the report")
     add_data_arguments(compare, None)
     source = compare.add_mutually_exclusive_group()
-    source.add_argument("--budget-iters", type=int, help="training steps for each model")
+    source.add_argument("--budget-iters", type=int64, help="training steps for each model")
     source.add_argument(
         "--budget-seconds",
         type=float,
@@ -181,9 +180,9 @@ def add_compare_and_plot_parsers(commands: argparse._SubParsersAction) -> None:
     )
     compare.add_argument("--config", type=Path, help="TOML file of options (flags override it)")
     compare.add_argument("--prompt", default="\n", help="prompt of both samples (default: newline)")
-    compare.add_argument("--sample-length", type=int, default=400, help="characters per sample")
-    compare.add_argument("--sample-seed", type=int, default=1337, help="seed of both samples")
-    compare.add_argument("--stride", type=int, default=None, help="full-pass stride (see eval)")
+    compare.add_argument("--sample-length", type=int64, default=400, help="characters per sample")
+    compare.add_argument("--sample-seed", type=int64, default=1337, help="seed of both samples")
+    compare.add_argument("--stride", type=int64, default=None, help="full-pass stride (see eval)")
     add_dataclass_arguments(compare, ModelConfig, PRESETS)
     add_dataclass_arguments(compare, TrainConfig, PRESETS)
 
@@ -201,9 +200,9 @@ def add_attention_parser(commands: argparse._SubParsersAction) -> None:
         "--text", required=True, help="the text to read (at most the model's block_size)"
     )
     attention.add_argument("--out", required=True, type=Path, help="PNG file to write")
-    attention.add_argument("--layer", type=int, help="only this layer (from 0)")
+    attention.add_argument("--layer", type=int64, help="only this layer (from 0)")
     attention.add_argument(
-        "--head", type=int, help="only this head (from 0); with --layer: one head, large"
+        "--head", type=int64, help="only this head (from 0); with --layer: one head, large"
     )
     attention.add_argument(
         "--on-unknown",
@@ -211,7 +210,7 @@ def add_attention_parser(commands: argparse._SubParsersAction) -> None:
         default="error",
         help="characters the model never saw: error lists them, skip drops them",
     )
-    attention.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    add_plain_options(attention, LoadConfig, "device")
 
 
 def add_serve_parser(commands: argparse._SubParsersAction) -> None:

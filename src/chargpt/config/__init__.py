@@ -6,21 +6,25 @@ command-line flags (`sources`).
 """
 
 from chargpt.config.options import (
+    MAX_SEED,
     QUANTIZE_HELP,
+    LoadConfig,
     ModelConfig,
     Quantize,
     SampleConfig,
     ServeConfig,
     TrainConfig,
     check_quantize_dtype,
-    from_dict,
     option,
     parse_duration,
 )
 from chargpt.config.presets import build_configs
+from chargpt.config.sources import from_dict
 
 __all__ = [
+    "MAX_SEED",
     "QUANTIZE_HELP",
+    "LoadConfig",
     "ModelConfig",
     "Quantize",
     "SampleConfig",

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -16,6 +14,11 @@ def option(default: Any, help: str, **choices: Any) -> Any:
 
 
 Quantize = Literal["none", "int8"]  # the weight formats of chargpt.model.quantize
+# the largest seed: int64's, as OpenAI's API; sample i's `seed + i` still fits torch's uint64
+MAX_SEED = 2**63 - 1
+# a preset's warmup is at most this fraction of a step-count run (so `--max-iters 50` works)
+PRESET_WARMUP_FRACTION = 0.1
+DEVICE_HELP = "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps"
 QUANTIZE_HELP = (
     "none: the weights as trained; int8: int8 weights, faster on the CPU (quantized in memory "
     "after loading: the run keeps its fp32 weights)"
@@ -94,7 +97,11 @@ class TrainConfig:
     )
     learning_rate: float = option(3e-4, "peak AdamW learning rate")
     min_lr: float = option(3e-4, "learning rate at the end of cosine decay")
-    warmup_iters: int = option(0, "steps of linear warmup from 0 to learning_rate")
+    warmup_iters: int = option(
+        0,
+        "steps of linear warmup from 0 to learning_rate (when not given: the preset's, cut to "
+        f"{PRESET_WARMUP_FRACTION:.0%} of the schedule's steps in a shorter run)",
+    )
     lr_schedule: Literal["constant", "cosine"] = option(
         "constant", "constant, or cosine decay from learning_rate to min_lr after warmup"
     )
@@ -119,7 +126,7 @@ class TrainConfig:
     )
     grad_clip: float = option(0.0, "clip the gradient norm to this value (0: off)")
     seed: int = option(1337, "random seed for init, batches and dropout")
-    device: str = option("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    device: str = option("auto", DEVICE_HELP)
     dtype: Literal["auto", "fp32", "bf16"] = option(
         "auto",
         "training precision: bf16 autocast with fp32 weights, or fp32; auto picks bf16 "
@@ -148,6 +155,8 @@ class TrainConfig:
             raise ChargptError(f"muon_lr must be a positive number, got {self.muon_lr}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ChargptError(f"ema_decay must be in [0, 1) (0: off), got {self.ema_decay}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ChargptError(f"seed must be an integer in 0..{MAX_SEED}, got {self.seed}")
         if self.max_time:
             parse_duration(self.max_time)
         if not 0.0 < self.beta2 < 1.0:
@@ -214,10 +223,25 @@ class SampleConfig:
         if "" in self.stop:
             raise ChargptError("a stop string must not be empty")
         positive("num_samples", self.num_samples)
-        if self.seed < -1:
-            raise ChargptError(f"seed must be a non-negative integer (or -1), got {self.seed}")
+        if not -1 <= self.seed <= MAX_SEED:
+            raise ChargptError(
+                f"seed must be an integer in 0..{MAX_SEED} (or -1: a random one), got {self.seed}"
+            )
         if not 0.0 < self.window_keep < 1.0:
             raise ChargptError(f"window_keep must be in (0, 1), got {self.window_keep}")
+
+
+@dataclass
+class LoadConfig:
+    """Where a command puts the run it loads and how it reads text files: flags of the commands
+    that do (not saved with a run: training has TrainConfig.device)."""
+
+    device: str = option("auto", DEVICE_HELP)
+    encoding_errors: Literal["strict", "replace", "ignore"] = option(
+        "strict",
+        "bytes that are not UTF-8: strict stops at the first with an error, replace puts U+FFFD "
+        "in their place, ignore drops them",
+    )
 
 
 @dataclass
@@ -244,7 +268,7 @@ class ServeConfig:
     )
     max_prompt_chars: int = option(16384, "characters of a request's prompts together")
     max_body_bytes: int = option(1_048_576, "request body size in bytes; larger bodies get 413")
-    device: str = option("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    device: str = option("auto", DEVICE_HELP)
     threads: int = option(0, "PyTorch intra-op threads (0: PyTorch's default)")
     dtype: Literal["auto", "fp32", "bf16"] = option(
         "auto", "precision of the forward passes; auto picks bf16 on GPUs that run it, fp32 on CPUs"
@@ -294,36 +318,3 @@ def parse_duration(text: str) -> float:
 def positive(name: str, value: int) -> None:
     if value <= 0:
         raise ChargptError(f"{name} must be a positive integer, got {value}")
-
-
-T = typing.TypeVar("T")
-
-
-def from_dict(cls: type[T], values: dict[str, Any]) -> T:
-    """Build a config dataclass from plain values, checking each value's type and choices."""
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ChargptError(f"unknown {cls.__name__} option(s): {', '.join(unknown)}")
-    return cls(**{name: coerce(name, hints[name], value) for name, value in values.items()})
-
-
-def coerce(name: str, hint: Any, value: Any) -> Any:
-    """Check one value against its field's type (ints are accepted where floats are expected)."""
-    if typing.get_origin(hint) is Literal:
-        if value not in typing.get_args(hint):
-            choices = ", ".join(map(str, typing.get_args(hint)))
-            raise ChargptError(f"{name} must be one of {choices}, got {value!r}")
-        return value
-    if typing.get_origin(hint) is tuple:  # tuple[str, ...]: a repeatable text option
-        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
-            raise ChargptError(f"{name} must be a list of strings, got {value!r}")
-        return tuple(value)
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is bool and not isinstance(value, bool):
-        raise ChargptError(f"{name} must be true or false, got {value!r}")
-    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-        raise ChargptError(f"{name} must be of type {hint.__name__}, got {value!r}")
-    return value

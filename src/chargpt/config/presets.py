@@ -6,7 +6,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from chargpt.config.options import ModelConfig, TrainConfig, from_dict
+from chargpt.config.options import PRESET_WARMUP_FRACTION, ModelConfig, TrainConfig
+from chargpt.config.sources import from_dict
 from chargpt.errors import ChargptError
 
 # Presets override the dataclass defaults; `auto` resolves to `lab` on a GPU and `cpu` otherwise.
@@ -92,7 +93,8 @@ def build_configs(
     preset: str, has_gpu: bool, *overrides: dict[str, Any]
 ) -> tuple[ModelConfig, TrainConfig]:
     """Defaults, then the preset, then each override in turn (TOML file, then CLI flags).
-    A step count given (`max_iters`) replaces a preset's time budget (`max_time`).
+    A step count given (`max_iters`) replaces a preset's time budget (`max_time`), and a
+    preset's warmup is cut to fit a run of few steps (a warmup given is checked, not cut).
     `auto` is `lab` when training runs on a CUDA GPU: the device the overrides name, or for
     device auto, whether a CUDA GPU is available (`has_gpu`)."""
     given: dict[str, Any] = {}
@@ -106,6 +108,19 @@ def build_configs(
     model_values, train_values = split_overrides({**preset_values, **given})
     model = from_dict(ModelConfig, model_values)
     train = from_dict(TrainConfig, train_values)
+    if "warmup_iters" not in given:  # the preset's (or no) warmup: made to fit a short run
+        train = dataclasses.replace(train, warmup_iters=fitted_warmup(train))
     model.validate()
     train.validate()
     return model, train
+
+
+def fitted_warmup(train: TrainConfig) -> int:
+    """`train`'s warmup, at most PRESET_WARMUP_FRACTION of the steps its schedule covers
+    (lr_decay_iters, fixed when the run starts so that a resumed run follows the same schedule,
+    else max_iters) and no longer than the run. A time budget's step count is unknown until the
+    run ends: its warmup stays as it is."""
+    if train.max_time:
+        return train.warmup_iters
+    steps = train.lr_decay_iters or train.max_iters
+    return min(train.warmup_iters, int(PRESET_WARMUP_FRACTION * steps), train.max_iters)

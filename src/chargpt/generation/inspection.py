@@ -24,7 +24,13 @@ from torch.nn import functional as F
 from chargpt.data.tokenizer import CharTokenizer
 from chargpt.errors import ChargptError
 from chargpt.generation.generate import encode_prompt
-from chargpt.model import CausalSelfAttention, GPTLanguageModel, LanguageModel, eval_mode
+from chargpt.model import (
+    CausalSelfAttention,
+    DecoderBlock,
+    GPTLanguageModel,
+    LanguageModel,
+    eval_mode,
+)
 from chargpt.model.layers import RotaryAngles, rotate
 
 NO_ATTENTION = "a bigram model has no attention: each prediction reads only the character before"
@@ -130,18 +136,21 @@ def logits_and_attention(
     model: LanguageModel, idx: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T) ids -> (B, T, V) logits and (n_layer, n_head, B, T, T) attention weights. A GPT is
-    run block by block, as `GPTLanguageModel.logits` does, taking each block's weights from the
-    normalised input its attention reads; a bigram has none (n_layer 0)."""
+    run by `GPTLanguageModel.run_blocks`, as `logits` runs it, taking each block's weights from
+    the normalised input its attention reads; a bigram has none (n_layer 0)."""
     B, T = idx.shape
     if not isinstance(model, GPTLanguageModel):
         return model.logits(idx), torch.zeros(0, 0, B, T, T)
-    x, rope = model.embed(idx, torch.arange(T, device=idx.device))  # (B, T, C)
     layers = []
-    for block in model.blocks:
+
+    def run_and_watch(
+        _i: int, block: DecoderBlock, x: torch.Tensor, rope: RotaryAngles | None
+    ) -> torch.Tensor:
         layers.append(attention_weights(block.sa, block.ln1(x), rope))  # (n_head, B, T, T)
-        x = block(x, rope=rope)  # (B, T, C)
-    logits = model.lm_head(model.ln_f(x))  # (B, T, V)
-    return logits, torch.stack(layers)
+        return block(x, rope=rope)  # (B, T, C)
+
+    logits = model.run_blocks(idx, torch.arange(T, device=idx.device), run_and_watch)
+    return logits, torch.stack(layers)  # (B, T, V), (n_layer, n_head, B, T, T)
 
 
 def attention_weights(

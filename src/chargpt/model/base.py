@@ -71,4 +71,6 @@ class LanguageModel(nn.Module):
         return idx
 
     def num_parameters(self) -> int:
+        """The weights and biases the model computes with, a shared (tied) matrix once; an int8
+        model's frozen int8 ones too (chargpt.model.quantize), where a tied LM head is a copy."""
         return sum(p.numel() for p in self.parameters())

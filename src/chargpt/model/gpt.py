@@ -10,7 +10,7 @@ matrix per block), so a checkpoint loads into either. Both support every recipe 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -94,23 +94,29 @@ class MultiHeadAttention(nn.Module):
 
 
 def _heads_to_qkv(module: MultiHeadAttention, state_dict: dict, prefix: str, _meta) -> None:
-    """State-dict hook: replace per-head key/query/value weights by the fused (3C, C) matrix."""
-    parts = {name: [] for name in ("query", "key", "value")}
-    for i in range(len(module.heads)):
-        for name in parts:
-            parts[name].append(state_dict.pop(f"{prefix}heads.{i}.{name}.weight"))
-    state_dict[f"{prefix}qkv.weight"] = torch.cat([torch.cat(parts[n]) for n in parts])
+    """State-dict hook: replace the heads' query/key/value tensors by the fused `qkv` ones, e.g.
+    the (3C, C) weight. Every tensor of a projection has its output rows first (nn.Linear's
+    weight; an int8 layer's weight and scales, chargpt.model.quantize): they stack on dim 0."""
+    fused: dict[str, list[torch.Tensor]] = {}  # "weight" (or int8 names) -> [query 0, ..., value n]
+    for name in ("query", "key", "value"):
+        for i in range(len(module.heads)):
+            head = f"{prefix}heads.{i}.{name}."
+            for key in [key for key in state_dict if key.startswith(head)]:
+                fused.setdefault(key.removeprefix(head), []).append(state_dict.pop(key))
+    for tensor_name, parts in fused.items():
+        state_dict[f"{prefix}qkv.{tensor_name}"] = torch.cat(parts)
 
 
 def _qkv_to_heads(module: MultiHeadAttention, state_dict: dict, prefix: str, *_args) -> None:
-    """Load hook: split a fused (3C, C) `qkv` matrix into each head's query/key/value weights."""
-    qkv = state_dict.pop(f"{prefix}qkv.weight", None)
-    if qkv is None:
-        return  # missing key: load_state_dict reports the per-head weights as missing
+    """Load hook: split each fused `qkv` tensor (e.g. the (3C, C) weight) into each head's
+    query/key/value ones. Without any, load_state_dict reports the heads' tensors as missing."""
     n_head = len(module.heads)
-    for name, part in zip(("query", "key", "value"), qkv.chunk(3), strict=True):
-        for i, head_weight in enumerate(part.chunk(n_head)):
-            state_dict[f"{prefix}heads.{i}.{name}.weight"] = head_weight
+    for key in [key for key in state_dict if key.startswith(f"{prefix}qkv.")]:
+        tensor_name = key.removeprefix(f"{prefix}qkv.")
+        qkv = state_dict.pop(key)
+        for name, part in zip(("query", "key", "value"), qkv.chunk(3), strict=True):
+            for i, head_part in enumerate(part.chunk(n_head)):
+                state_dict[f"{prefix}heads.{i}.{name}.{tensor_name}"] = head_part
 
 
 class CausalSelfAttention(nn.Module):
@@ -232,6 +238,10 @@ class DecoderBlock(nn.Module):
         return x + self.ffwd(self.ln2(x))
 
 
+# runs decoder block i on x in one way or another: (i, block, x, rope) -> x, (B, T, C)
+RunBlock = Callable[[int, DecoderBlock, torch.Tensor, RotaryAngles | None], torch.Tensor]
+
+
 class GPTLanguageModel(LanguageModel):
     """Lab part h: token + position embeddings, decoder blocks, final LayerNorm, LM head."""
 
@@ -283,24 +293,30 @@ class GPTLanguageModel(LanguageModel):
         positions that follow those already cached, and their keys and values join the caches;
         with `SlotKVCache`s, each row follows its own cached positions."""
         B, T = idx.shape
-        if caches is None and T > self.config.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
         if caches is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
             pos = torch.arange(T, device=idx.device)  # (T,)
-        else:
-            pos = caches[0].positions(T, idx.device)  # (T,), or (B, T): a position per row
-        x, rope = self.embed(idx, pos)  # (B, T, C)
-        for i, block in enumerate(self.blocks):
-            x = block(x, None if caches is None else caches[i], rope)  # (B, T, C)
-        x = self.ln_f(x)  # (B, T, C)
-        return self.lm_head(x)  # (B, T, vocab_size)
+            return self.run_blocks(idx, pos, lambda i, block, x, rope: block(x, rope=rope))
+        pos = caches[0].positions(T, idx.device)  # (T,), or (B, T): a position per row
+        return self.run_blocks(idx, pos, lambda i, block, x, rope: block(x, caches[i], rope))
 
     def step(self, idx: torch.Tensor, caches: Sequence[KVCache]) -> torch.Tensor:
         """`logits(idx, caches)[:, -1]` for one new id per row, all rows at the same position:
         generation's decode step, in fewer operations (no mask, no head transposes).
         (B, 1) -> (B, vocab_size)."""
         position = torch.full((1,), caches[0].length, device=idx.device)  # (1,): the new one's
-        x, rope = self.embed(idx, position)  # (B, 1, C)
-        for block, cache in zip(self.blocks, caches, strict=True):
-            x = block.step(x, cache, rope)  # (B, 1, C)
-        return self.lm_head(self.ln_f(x))[:, 0]  # (B, vocab_size)
+        logits = self.run_blocks(
+            idx, position, lambda i, block, x, rope: block.step(x, caches[i], rope)
+        )
+        return logits[:, 0]  # (B, vocab_size)
+
+    def run_blocks(self, idx: torch.Tensor, pos: torch.Tensor, run_block: RunBlock) -> torch.Tensor:
+        """The forward pass, written once for `logits`, `step` and inspection (which reads each
+        block's attention on the way): (B, T) ids at positions `pos` -> (B, T, V) logits.
+        `run_block(i, block, x, rope)` runs decoder block i on x, (B, T, C) -> (B, T, C)."""
+        x, rope = self.embed(idx, pos)  # (B, T, C)
+        for i, block in enumerate(self.blocks):
+            x = run_block(i, block, x, rope)  # (B, T, C)
+        x = self.ln_f(x)  # final layer norm: (B, T, C)
+        return self.lm_head(x)  # (B, T, vocab_size)

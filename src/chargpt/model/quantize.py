@@ -38,13 +38,13 @@ class Int8Linear(nn.Module):
         super().__init__()
         weight = linear.weight.detach().float()  # (out, in)
         scale = weight.abs().amax(dim=1).clamp_min(TINY) / INT8_MAX  # (out,)
+        # the weights stay parameters (frozen): counted, listed and saved as nn.Linear's are,
+        # output rows first as in nn.Linear (the reference attention's state-dict hooks rely on it)
         weight_int8 = torch.round(weight / scale[:, None]).to(torch.int8)  # (out, in)
-        # (in, out) as the transpose of the contiguous (out, in): the layout that `torch._int_mm`
-        # reads fastest for a few rows (each output's weights side by side)
-        self.register_buffer("weight_int8_t", weight_int8.t())
+        self.weight_int8 = nn.Parameter(weight_int8, requires_grad=False)
         self.register_buffer("weight_scale", scale)
         bias = None if linear.bias is None else linear.bias.detach().float()
-        self.register_buffer("bias", bias)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -52,9 +52,13 @@ class Int8Linear(nn.Module):
         rows = x.reshape(-1, self.in_features).float()  # (N, in)
         # each row's own scale: its largest magnitude becomes 127
         row_scale = rows.abs().amax(dim=1, keepdim=True).clamp_min_(TINY) / INT8_MAX  # (N, 1)
+        # a row holding inf or NaN has no scale: NaN makes all its outputs NaN, not garbage ints
+        row_scale = torch.where(row_scale.isfinite(), row_scale, torch.nan)
         rows_int8 = (rows / row_scale).round_().to(torch.int8)  # (N, in)
-        # exact int32 sums of int8 products, scaled back per row and per output: (N, out)
-        y = torch._int_mm(rows_int8, self.weight_int8_t) * row_scale
+        # exact int32 sums of int8 products, scaled back per row and per output: (N, out);
+        # (in, out) as the transpose of the contiguous (out, in) is the layout that
+        # `torch._int_mm` reads fastest for a few rows (each output's weights side by side)
+        y = torch._int_mm(rows_int8, self.weight_int8.t()) * row_scale
         y.mul_(self.weight_scale)
         if self.bias is not None:
             y += self.bias

@@ -8,11 +8,11 @@ their defaults, help text and limits from it: `SampleConfig.validate` decides wh
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from chargpt.config import SampleConfig
+from chargpt.config import MAX_SEED, SampleConfig
 from chargpt.errors import ChargptError
 from chargpt.generation.generate import sample_config
 
@@ -55,7 +55,7 @@ class CompletionRequest(Strict):
     stop: str | list[str] | None = Field(
         None, description=f"up to {MAX_STOP_STRINGS} strings that end a choice (not returned)"
     )
-    seed: int | None = sample_field("seed", "random")
+    seed: Annotated[int, Field(ge=-1, le=MAX_SEED)] | None = sample_field("seed", "random")
     stream: bool | None = Field(None, description="server-sent events as text is generated")
     stream_options: StreamOptions | None = None
     logprobs: int | None = Field(
