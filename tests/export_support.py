@@ -19,9 +19,8 @@ TOKENIZER = CharTokenizer(tuple("\n abcdefghij"))
 
 def decisive_gpt(seed: int = 0, **options: Any) -> GPTLanguageModel:
     """A 2-layer GPT with the recipe `options` (ModelConfig fields), in eval mode."""
-    config = ModelConfig(
-        block_size=BLOCK, n_embd=32, n_head=4, n_layer=2, dropout=0.0, **options
-    )
+    shape = dict(block_size=BLOCK, n_embd=32, n_head=4, n_layer=2, dropout=0.0)
+    config = ModelConfig(**{**shape, **options})
     torch.manual_seed(seed)
     model = GPTLanguageModel(config, TOKENIZER.vocab_size)
     with torch.no_grad():

@@ -42,7 +42,7 @@ WAIT = 60  # seconds any one step may take on a busy 2-core machine
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    return decisive_run(tmp_path_factory.mktemp("export-web") / "run")
+    return decisive_run(tmp_path_factory.mktemp("export-web") / "run", mlp="relu2")
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from chargpt.config import SampleConfig
+from chargpt.data.tokenizer import CharTokenizer
 from chargpt.errors import ChargptError
 from chargpt.generation.generate import TextPiece
 from chargpt.runs.directory import Run, read_run_config, run_configs
@@ -85,20 +86,22 @@ def check_same_model(run_dir: Path, model, path: Path) -> None:
         )
 
 
-def onnxruntime_sampler(args: argparse.Namespace) -> tuple[object, Sampler]:
+def onnxruntime_sampler(
+    args: argparse.Namespace, config: SampleConfig
+) -> tuple[CharTokenizer, Sampler]:
     """The vocabulary and the sampling function of `chargpt sample --backend onnxruntime`."""
     with export_extra():
-        from chargpt.export.runtime import onnx_stream
+        from chargpt.export.runtime import check_fp32, onnx_stream
 
+        check_fp32(config.quantize, config.dtype)
         model = onnx_model(args)
     return model.tokenizer, lambda prompt, config: onnx_stream(model, prompt, config)
 
 
 def onnxruntime_run(args: argparse.Namespace, run: Run) -> Run:
     """`run` scored through onnxruntime (`chargpt eval --backend onnxruntime`), on the CPU."""
-    if args.quantize != "none":
-        raise ChargptError("the onnxruntime backend runs the fp32 graph: drop --quantize")
     with export_extra():
-        from chargpt.export.runtime import OnnxLanguageModel
+        from chargpt.export.runtime import OnnxLanguageModel, check_fp32
 
+        check_fp32(args.quantize)
         return dataclasses.replace(run, model=OnnxLanguageModel(onnx_model(args)))

@@ -118,7 +118,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     config.validate()
     prompt = read_prompt(args)
     if args.backend == "onnxruntime":
-        tokenizer, sampler = onnxruntime_sampler(args)
+        tokenizer, sampler = onnxruntime_sampler(args, config)
     else:
         run = load_run(args.run, resolve_device(args.device))
         model, tokenizer = quantized(run.model, config.quantize), run.tokenizer

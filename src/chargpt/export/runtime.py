@@ -114,16 +114,21 @@ class OnnxDecoder:
         self.prefill()  # exact: all block_size ids again, every time (the lab's meaning)
 
 
+def check_fp32(quantize: str, dtype: str = "auto") -> None:
+    """The graph is fp32: asking for int8 or bf16 is a mistake, not something to ignore."""
+    if quantize != "none" or dtype == "bf16":
+        raise ChargptError(
+            "the onnxruntime backend runs the fp32 graph: drop --quantize and --dtype bf16"
+        )
+
+
 def onnx_stream(
     model: OnnxModel, prompt: str = "", config: SampleConfig | None = None, **controls: Any
 ) -> Iterator[TextPiece]:
     """`chargpt.generation.generate.stream` on onnxruntime: the same controls (SampleConfig
     fields), the same seeds, stop strings and window rule. fp32 only: no quantize, no bf16."""
     config = sample_config(config, **controls)
-    if config.quantize != "none" or config.dtype == "bf16":
-        raise ChargptError(
-            "the onnxruntime backend runs the fp32 graph: drop --quantize and --dtype bf16"
-        )
+    check_fp32(config.quantize, config.dtype)
     tokenizer = model.tokenizer
     ids = encode_prompt(tokenizer, prompt, config.on_unknown)
     idx = torch.tensor([ids] * config.num_samples)  # (num_samples, T)
