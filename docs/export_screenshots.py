@@ -108,7 +108,7 @@ def main() -> None:
                     generate_on_the_page(driver, url)
                     if width < 600:  # the whole page, as tall as it is
                         full = driver.execute_script("return document.body.scrollHeight")
-                        driver.set_window_size(width, full + 100)
+                        driver.set_window_size(width, full + 200)
                     driver.save_screenshot(str(args.out / name))
                     if width >= 600:
                         stats = measure(driver, url)

@@ -205,7 +205,9 @@
     const order = [...next.probs.keys()].sort(
       (a, b) => next.probs[b] - next.probs[a] || model[b] - model[a] || a - b,
     );
-    const rows = order.slice(0, BARS).map((i) => barRow(meta.vocab[i], model[i], next.probs[i], i === next.id));
+    const shownIds = order.slice(0, BARS);
+    if (!shownIds.includes(next.id)) shownIds.push(next.id); // the drawn one, even if unlikely
+    const rows = shownIds.map((i) => barRow(meta.vocab[i], model[i], next.probs[i], i === next.id));
     $("bars").replaceChildren(...rows);
     $("bars-legend").hidden = false;
     $("position").textContent =
