@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import http.server
-import os
 import shutil
 import tempfile
 import threading
@@ -51,16 +50,10 @@ def site(run_dir, tmp_path_factory) -> Path:
     cached = CACHE / f"onnxruntime-web-{web.ORT_WEB_VERSION}"
     if not cached.is_dir() and shutil.which("npm") is None:
         pytest.skip("needs npm (or a filled test cache) for onnxruntime-web")
-    previous = os.environ.get("CHARGPT_CACHE_DIR")
-    os.environ["CHARGPT_CACHE_DIR"] = str(CACHE)
-    try:
-        out = tmp_path_factory.mktemp("site") / "site"
+    out = tmp_path_factory.mktemp("site") / "site"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CHARGPT_CACHE_DIR", str(CACHE))
         web.export_site(run_dir, out)
-    finally:
-        if previous is None:
-            del os.environ["CHARGPT_CACHE_DIR"]
-        else:
-            os.environ["CHARGPT_CACHE_DIR"] = previous
     return out
 
 
