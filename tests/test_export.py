@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -192,3 +193,13 @@ def test_the_web_export_says_where_to_get_onnxruntime_web(
     site.mkdir()
     assert "already exists" in one_line_error(capsys, argv)
     assert web.cache_dir() == tmp_path / "empty-cache"
+
+
+def test_without_the_export_extra_one_line_says_how_to_install_it(
+    run_and_graph, capsys, monkeypatch
+):
+    run, path = run_and_graph
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if it were not installed
+    monkeypatch.delitem(sys.modules, "chargpt.export.runtime")
+    argv = ["sample", "--run", str(run), "--backend", "onnxruntime", "--onnx", str(path)]
+    assert "pip install 'chargpt[export]'" in one_line_error(capsys, argv)
