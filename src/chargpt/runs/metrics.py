@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from chargpt.errors import ChargptError
 from chargpt.data.files import append_line, atomic_write_text
+from chargpt.errors import ChargptError
 
 METRICS = "metrics.jsonl"
 REQUIRED = ("step", "train_loss", "val_loss")
