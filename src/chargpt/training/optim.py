@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from chargpt.config import TrainConfig
+from chargpt.generation.precision import bf16_is_fast
 from chargpt.model import CausalSelfAttention, LanguageModel
 
 # Keller Jordan's quintic Newton-Schulz coefficients and step count, as torch.optim.Muon's
@@ -72,7 +73,8 @@ def configure_optimizer(
     """AdamW with weight decay on matrices and embeddings only, not on biases or norm gains;
     or, for `optimizer = muon`, Muon for the decoder blocks' matrices beside that AdamW. A fused
     `qkv` matrix is orthogonalised one head's query, key or value at a time, as the lab's
-    separate `Head` matrices are; in `ns_dtype` (by default bf16, as torch.optim.Muon)."""
+    separate `Head` matrices are; in `ns_dtype`, by default bf16 where bf16 matmuls are fast
+    on the model's device, else fp32."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     hidden = [p for name, p in named if name.startswith("blocks.") and p.dim() == 2]
     if cfg.optimizer != "muon":
@@ -90,7 +92,9 @@ def configure_optimizer(
         for module in model.modules()
         if isinstance(module, CausalSelfAttention)
     }
-    ns_dtype = ns_dtype or torch.bfloat16
+    if ns_dtype is None:
+        fast = bf16_is_fast(next(model.parameters()).device)
+        ns_dtype = torch.bfloat16 if fast else torch.float32
     muon = Muon(hidden, cfg.muon_lr, cfg.weight_decay, ns_dtype=ns_dtype, block_rows=head_rows)
     return Optimizers(adamw=adamw, muon=muon)
 
