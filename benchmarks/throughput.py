@@ -25,7 +25,7 @@ from chargpt.config.presets import build_configs
 from chargpt.data.corpus import load_text
 from chargpt.data.dataset import CharDataset
 from chargpt.data.tokenizer import CharTokenizer
-from chargpt.generation.precision import autocast, cpu_has_fast_bf16, resolve_device
+from chargpt.generation.precision import autocast, bf16_is_fast, resolve_device
 from chargpt.model import GPTLanguageModel
 from chargpt.training.optim import configure_optimizer
 
@@ -160,7 +160,7 @@ def main() -> None:
     if args.quick:
         args.batch_size, args.rounds, args.steps = args.batch_size or 2, 1, 1
     device = resolve_device(args.device)
-    fast_bf16 = device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())
+    fast_bf16 = device.type == "cuda" or bf16_is_fast(device)
     use_bf16 = args.bf16 == "always" or (args.bf16 == "auto" and fast_bf16)
     variants = [
         Variant("lab way: reference fp32", "reference", torch.float32),

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from test_resume import MODEL, TRAIN, assert_same_state
 
 from chargpt.config import TrainConfig, parse_duration
@@ -17,11 +18,11 @@ from chargpt.data.dataset import CharDataset
 from chargpt.data.tokenizer import CharTokenizer
 from chargpt.errors import ChargptError
 from chargpt.model import GPTLanguageModel
-from chargpt.runs.directory import load_run
+from chargpt.runs.directory import CONFIG, LAST, load_run, read_safetensors
 from chargpt.training.estimate import estimate_loss, estimate_seed
-from chargpt.training.optim import MuonWithAdamW, configure_optimizer
+from chargpt.training.optim import Muon, Optimizers, configure_optimizer
 from chargpt.training.resume import resume_run
-from chargpt.training.state import load_trainer_state
+from chargpt.training.state import STATE_KEY, load_trainer_state
 from chargpt.training.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -56,10 +57,10 @@ def make_trainer(corpus, out: Path, model=MODEL, **train_changes) -> tuple[Train
 def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     model = GPTLanguageModel(dataclasses.replace(MODEL, n_layer=2), vocab_size=11)
     optimizer = configure_optimizer(model, dataclasses.replace(TRAIN, optimizer="muon"))
-    assert isinstance(optimizer, MuonWithAdamW)
+    assert isinstance(optimizer, Optimizers)
     names = {id(p): name for name, p in model.named_parameters()}
-    muon = {names[id(p)] for g in optimizer.muon.param_groups for p in g["params"]}
-    adamw = {names[id(p)] for g in optimizer.adamw.param_groups for p in g["params"]}
+    muon = {names[id(p)] for g in optimizer.parts["muon"].param_groups for p in g["params"]}
+    adamw = {names[id(p)] for g in optimizer.parts["adamw"].param_groups for p in g["params"]}
     assert muon == {
         f"blocks.{i}.{name}.weight"
         for i in range(2)
@@ -71,11 +72,50 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     assert [g["lr"] for g in optimizer.param_groups] == [TRAIN.learning_rate] * 2 + [TRAIN.muon_lr]
 
 
-def test_muon_on_an_older_torch_is_a_one_line_error(monkeypatch):
-    monkeypatch.delattr(torch.optim, "Muon", raising=False)
-    model = GPTLanguageModel(MODEL, vocab_size=11)
-    with pytest.raises(ChargptError, match=r"needs torch >= 2\.9.*--optimizer adamw"):
-        configure_optimizer(model, dataclasses.replace(TRAIN, optimizer="muon"))
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch 2.9")
+@pytest.mark.parametrize("shape", [(16, 48), (48, 16), (24, 24)])
+def test_muon_updates_a_matrix_as_torch_muon_does(shape):
+    torch.manual_seed(0)
+    ours = torch.nn.Parameter(torch.randn(shape))
+    theirs = torch.nn.Parameter(ours.detach().clone())
+    optimizers = Muon([ours], lr=0.02, weight_decay=0.1), torch.optim.Muon([theirs], lr=0.02)
+    for _ in range(5):
+        gradient = torch.randn(shape)
+        ours.grad, theirs.grad = gradient.clone(), gradient.clone()
+        for optimizer in optimizers:
+            optimizer.step()
+    assert torch.equal(ours, theirs)
+    ours_state, their_state = (o.state_dict() for o in optimizers)
+    assert ours_state["param_groups"] == their_state["param_groups"]  # one saved state for both
+    assert torch.equal(
+        ours_state["state"][0]["momentum_buffer"], their_state["state"][0]["momentum_buffer"]
+    )
+
+
+def test_muon_trains_the_fused_and_the_reference_attention_alike(corpus):
+    """The fused path's qkv matrix is orthogonalised one head's query, key or value at a time,
+    as the reference path's separate Head matrices are: from the same weights, 20 Muon steps
+    on the same batches leave both paths with the same weights."""
+    dataset, tokenizer = corpus
+    config = dataclasses.replace(MODEL, dropout=0.0)
+    fused = GPTLanguageModel(config, tokenizer.vocab_size)
+    reference_config = dataclasses.replace(config, attention="reference")
+    reference = GPTLanguageModel(reference_config, tokenizer.vocab_size)
+    reference.load_state_dict(fused.state_dict())
+    muon = dataclasses.replace(TRAIN, optimizer="muon")
+    paths = [(m, configure_optimizer(m, muon, ns_dtype=torch.float32)) for m in (fused, reference)]
+    start = fused.state_dict()["blocks.0.sa.qkv.weight"].clone()
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        x, y = dataset.get_batch("train", TRAIN.batch_size, config.block_size, generator, "cpu")
+        for model, optimizer in paths:
+            optimizer.zero_grad()
+            model(x, y)[1].backward()
+            optimizer.step()
+    trained, expected = fused.state_dict(), reference.state_dict()
+    assert (trained["blocks.0.sa.qkv.weight"] - start).abs().max() > 0.05  # Muon moved it
+    for name, weight in expected.items():
+        torch.testing.assert_close(trained[name], weight, atol=1e-5, rtol=0, msg=name)
 
 
 @pytest.mark.parametrize(
@@ -151,11 +191,77 @@ def test_resuming_a_time_budget_run_continues_its_schedule(corpus, tmp_path, sha
     trainer.data_name = str(tmp_path / "corpus.txt")
     trainer.stop_at = 10
     trainer.run()
-    lr_at_stop = trainer.scheduler.get_last_lr()[0]
+    lr_at_stop = trainer.lr
     assert TRAIN.min_lr < lr_at_stop < TRAIN.learning_rate
     resumed = resume_run(tmp_path / "run")
     assert resumed.clock.elapsed == resumed.train_time == trainer.train_time < 2
-    assert resumed.scheduler.get_last_lr()[0] == lr_at_stop
+    assert resumed.lr == lr_at_stop
     result = resumed.run()
     assert result.steps > 10 and 2 <= resumed.train_time < 6
     assert lr_records(tmp_path / "run")[-1]["lr"] == pytest.approx(TRAIN.min_lr)
+
+
+def write_as_version_1(run: Path) -> None:
+    """Rewrite a run directory as format version 1 wrote it: one sequence of optimiser
+    parameters (AdamW's, then Muon's) and one list of groups, the LambdaLR's state, one
+    process's dropout stream as `rng.torch`, no lr_decay_iters in the saved options."""
+    tensors, header = read_safetensors(run / LAST)
+    scalars = json.loads(header[STATE_KEY])
+    groups = scalars["optimizer_groups"]
+    offset = sum(len(group["params"]) for group in groups["adamw"])
+    old = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, part, index, name = key.split(".", 3)
+            key = f"optimizer.{int(index) + (offset if part == 'muon' else 0)}.{name}"
+        old["rng.torch" if key == "rng.rank0.torch" else key] = value
+    muon_groups = [{**g, "params": [i + offset for i in g["params"]]} for g in groups["muon"]]
+    scalars["optimizer_groups"] = groups["adamw"] + muon_groups
+    scalars["scheduler"] = {"last_epoch": scalars["step"], "_step_count": scalars["step"] + 1}
+    del scalars["train"]["lr_decay_iters"]
+    scalars["format_version"] = 1
+    save_file(old, str(run / LAST), {"format": "pt", STATE_KEY: json.dumps(scalars)})
+    config = json.loads((run / CONFIG).read_text())
+    config["format_version"] = 1
+    (run / CONFIG).write_text(json.dumps(config))
+
+
+def test_a_run_saved_in_format_version_1_resumes_exactly(corpus, tmp_path, shakespeare):
+    (tmp_path / "corpus.txt").write_text(shakespeare[:20_000], encoding="utf-8")
+    changes = dict(optimizer="muon", ema_decay=0.9)
+    straight, straight_losses = make_trainer(corpus, tmp_path / "straight", **changes)
+    straight.run()
+    first, first_losses = make_trainer(corpus, tmp_path / "split", **changes)
+    first.data_name = str(tmp_path / "corpus.txt")
+    first.stop_at = 20
+    first.run()
+    write_as_version_1(tmp_path / "split")
+    second = resume_run(tmp_path / "split")
+    assert second.cfg.lr_decay_iters == TRAIN.max_iters  # the decay of a run without the option
+    second_losses, step = [], second.train_step
+
+    def recording_step() -> torch.Tensor:
+        loss = step()
+        second_losses.append(loss.item())
+        return loss
+
+    second.train_step = recording_step
+    second.run()
+    assert first_losses + second_losses == straight_losses  # exact float equality
+    assert_same_state(tmp_path / "straight", tmp_path / "split")  # written in today's format
+    assert load_run(tmp_path / "split").meta["step"] > 0
+
+
+@pytest.mark.parametrize(
+    ("version", "message"),
+    [(99, r"format version 99, newer than this chargpt .* reads: upgrade"), ("2", "invalid")],
+)
+def test_a_state_of_an_unknown_format_version_is_refused(corpus, tmp_path, version, message):
+    """last.safetensors and config.json go through one version check."""
+    trainer, _ = make_trainer(corpus, tmp_path, max_iters=1)
+    trainer.run()
+    tensors, header = read_safetensors(tmp_path / LAST)
+    scalars = json.loads(header[STATE_KEY]) | {"format_version": version}
+    save_file(tensors, str(tmp_path / LAST), {"format": "pt", STATE_KEY: json.dumps(scalars)})
+    with pytest.raises(ChargptError, match=f"{LAST} has (an )?{message}"):
+        load_trainer_state(tmp_path)

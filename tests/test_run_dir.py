@@ -6,7 +6,7 @@ import torch
 from chargpt.config import ModelConfig, TrainConfig
 from chargpt.data.tokenizer import CharTokenizer
 from chargpt.model import build_model
-from chargpt.runs.directory import load_run, save_run
+from chargpt.runs.directory import FORMAT_VERSION, load_run, save_run
 
 
 def test_run_directory_round_trips_to_identical_logits(tmp_path, tiny_config):
@@ -34,5 +34,5 @@ def test_config_json_is_plain_json_with_everything_needed(tmp_path):
     assert data["model"] == dataclasses.asdict(config)
     assert data["train"]["seed"] == 3
     assert data["tokenizer"] == {"type": "char", "chars": ["x", "y", "z"]}
-    assert data["format_version"] == 1 and "chargpt_version" in data
+    assert data["format_version"] == FORMAT_VERSION and "chargpt_version" in data
     assert load_run(tmp_path).model.token_embedding_table.weight.shape == (3, 3)

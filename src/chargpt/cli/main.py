@@ -10,9 +10,11 @@ import os
 import shlex
 import signal
 import sys
+from collections.abc import Iterator
 
 import torch
 
+from chargpt.cli.export_commands import cmd_export, onnxruntime_run, onnxruntime_sampler
 from chargpt.cli.parser import build_parser
 from chargpt.cli.shell import cmd_prepare, run_command
 from chargpt.config import (
@@ -30,7 +32,7 @@ from chargpt.errors import ChargptError
 from chargpt.eval import compare
 from chargpt.eval.counts import count_references
 from chargpt.eval.evaluate import evaluate_run
-from chargpt.generation.generate import encode_prompt, generate, resolve_seed, stream
+from chargpt.generation.generate import TextPiece, encode_prompt, resolve_seed, stream
 from chargpt.generation.precision import resolve_device
 from chargpt.model.quantize import quantized
 from chargpt.runs.directory import check_new_run_dir, load_run, read_run_config, removed_if_failed
@@ -123,29 +125,40 @@ def read_prompt(args: argparse.Namespace) -> str:
 def cmd_sample(args: argparse.Namespace) -> int:
     config = from_dict(SampleConfig, given_fields(args, SampleConfig))
     config.validate()
-    device = resolve_device(args.device)
-    run = load_run(args.run, device)
-    model = quantized(run.model, config.quantize)
     prompt = read_prompt(args)
-    shown = run.tokenizer.decode(encode_prompt(run.tokenizer, prompt, config.on_unknown))
+    if args.backend == "onnxruntime":
+        tokenizer, sampler = onnxruntime_sampler(args, config)
+    else:
+        run = load_run(args.run, resolve_device(args.device))
+        model, tokenizer = quantized(run.model, config.quantize), run.tokenizer
+
+        def sampler(prompt: str, config: SampleConfig) -> Iterator[TextPiece]:
+            return stream(model, tokenizer, prompt, config)
+
+    shown = tokenizer.decode(encode_prompt(tokenizer, prompt, config.on_unknown))
     if config.seed == -1:  # say which seed was drawn, so that a good sample can be had again
         config = dataclasses.replace(config, seed=resolve_seed(config.seed))
         print(f"seed {config.seed} (pass --seed {config.seed} to repeat)", file=sys.stderr)
     if config.num_samples == 1:  # one sample: print each character as soon as it exists
         print(shown, end="", flush=True)
-        for piece in stream(model, run.tokenizer, prompt, config):
+        for piece in sampler(prompt, config):
             print(piece.text, end="", flush=True)
         print()
         return 0
-    texts = generate(model, run.tokenizer, prompt, config)
+    texts = [""] * config.num_samples
+    for piece in sampler(prompt, config):
+        texts[piece.sample] += piece.text
     print(("\n" + "-" * 40 + "\n").join(shown + text for text in texts))
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    device = resolve_device(args.device)
+    device = torch.device("cpu") if args.backend == "onnxruntime" else resolve_device(args.device)
     run = load_run(args.run, device)
-    run = dataclasses.replace(run, model=quantized(run.model, args.quantize))
+    if args.backend == "onnxruntime":
+        run = onnxruntime_run(args, run)
+    else:
+        run = dataclasses.replace(run, model=quantized(run.model, args.quantize))
     data = args.data or run.meta.get("data") or "shakespeare"
     on_unknown = run.train_config.on_unknown  # a run fine-tuned with skip drops the same
     dataset, _, _ = load_corpus(data, args.encoding_errors, run.tokenizer, on_unknown)
@@ -276,6 +289,7 @@ COMMANDS = {
     "prepare": cmd_prepare,
     "attention": cmd_attention,
     "serve": cmd_serve,
+    "export": cmd_export,
 }
 
 

@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     prompt = sample.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", default="", help="text to continue (default: a newline)")
     prompt.add_argument("--prompt-file", type=Path, help="read the prompt from this file")
-    add_plain_options(sample, LoadConfig, "device")
+    add_plain_options(sample, LoadConfig, "device", "backend", "onnx")
     add_dataclass_arguments(sample, SampleConfig)
 
     evaluate = commands.add_parser("eval", help="validation loss, bits per character, perplexity")
@@ -125,10 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"{QUANTIZE_HELP} (default: none)",
     )
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    add_plain_options(evaluate, LoadConfig, "backend", "onnx")
     add_compare_and_plot_parsers(commands)
     add_prepare_parser(commands)
     add_attention_parser(commands)
     add_serve_parser(commands)
+    add_export_parser(commands)
     return parser
 
 
@@ -219,3 +221,28 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     )
     serve.add_argument("--run", required=True, type=Path, help="run directory")
     add_dataclass_arguments(serve, ServeConfig)
+
+
+def add_export_parser(commands: argparse._SubParsersAction) -> None:
+    export = commands.add_parser(
+        "export", help="the model as an ONNX file, or as a static web page that runs it"
+    )
+    export.add_argument("--run", required=True, type=Path, help="run directory")
+    export.add_argument(
+        "--format",
+        choices=("onnx", "web"),
+        default="onnx",
+        help="onnx: one .onnx file (prefill and decode step, KV cache as inputs and outputs); "
+        "web: a static folder for any web server, the model run by onnxruntime-web "
+        "(default: onnx)",
+    )
+    export.add_argument(
+        "--out", required=True, type=Path, help="the .onnx file, or the site folder to create"
+    )
+    export.add_argument(
+        "--ort-dir",
+        type=Path,
+        help="web: a folder with onnxruntime-web's ort.min.js and "
+        "ort-wasm-simd-threaded.jsep.{mjs,wasm} (its dist/ folder; default: fetch them once "
+        "with npm into the user cache)",
+    )

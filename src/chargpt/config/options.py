@@ -242,6 +242,16 @@ class LoadConfig:
         "bytes that are not UTF-8: strict stops at the first with an error, replace puts U+FFFD "
         "in their place, ignore drops them",
     )
+    backend: Literal["pytorch", "onnxruntime"] = option(
+        "pytorch",
+        "what runs the model: pytorch, or onnxruntime on the CPU (the export extra; the run's "
+        "ONNX export, see --onnx)",
+    )
+    onnx: str = option(
+        "",
+        "onnxruntime backend: this `chargpt export --format onnx` file of the run (empty: export "
+        "the run to a temporary file first)",
+    )
 
 
 @dataclass

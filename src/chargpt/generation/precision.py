@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import time
 from collections.abc import Iterator
 
 import torch
@@ -31,10 +33,47 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def cpu_has_fast_bf16() -> bool:
-    """bf16 matmuls are fast only on CPUs with AVX512-BF16 or AMX; elsewhere they are emulated
-    (measured on an AVX2-only EPYC: 0.3 GFLOP/s in bf16 against 150 in fp32)."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+def matmul_seconds(size: int = 256, repeats: int = 3) -> dict[torch.dtype, float]:
+    """The fastest of `repeats` (size x size) @ (size x size) products in fp32 and in bf16 on
+    one CPU thread (on a busy machine, threads that wait for each other would blur the
+    comparison), taken in turns after one untimed product each (which sets the kernel up)."""
+    pairs = {
+        dtype: (torch.randn(size, size, dtype=dtype),) * 2
+        for dtype in (torch.float32, torch.bfloat16)
+    }
+    times: dict[torch.dtype, list[float]] = {dtype: [] for dtype in pairs}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for a, b in pairs.values():
+            a @ b
+        for _ in range(repeats):
+            for dtype, (a, b) in pairs.items():
+                start = time.perf_counter()
+                a @ b
+                times[dtype].append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return {dtype: min(seconds) for dtype, seconds in times.items()}
+
+
+@functools.cache
+def cpu_bf16_speedup() -> float:
+    """How many times faster a bf16 matmul runs than an fp32 one on this CPU, measured once per
+    process (tens of milliseconds). CPUs with AVX512-BF16 or AMX run bf16 faster; others (AVX2
+    only, many ARM laptops, VMs that hide the instructions) emulate it, 10-100x slower. A
+    measurement, not CPU flags: an emulated machine and a real one choose alike."""
+    seconds = matmul_seconds()
+    return seconds[torch.float32] / seconds[torch.bfloat16]
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    """Whether bf16 matmuls are at least as fast as fp32 ones on `device` (for the autocast of
+    `--dtype auto` and Muon's orthogonalisation): on a GPU that supports bf16, or on a CPU
+    where `cpu_bf16_speedup` measures so."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_bf16_speedup() >= 1.0
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -43,11 +82,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         return torch.float32
     if name == "bf16":
         return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    if device.type == "cpu" and cpu_has_fast_bf16():
-        return torch.bfloat16
-    return torch.float32
+    return torch.bfloat16 if bf16_is_fast(device) else torch.float32
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:

@@ -38,7 +38,13 @@ from chargpt.data.tokenizer import CharTokenizer
 from chargpt.errors import ChargptError
 from chargpt.model import LanguageModel, build_model
 
-FORMAT_VERSION = 1
+# The version of the files a run directory holds (config.json and last.safetensors record it);
+# readers take every version up to this one (see `format_version`):
+# 1: the first; last.safetensors numbered AdamW's and Muon's parameters in one sequence and
+#    kept the LambdaLR schedule's state (chargpt.training.state reads it in today's layout).
+# 2: last.safetensors keeps each optimiser's state under its own name (optimizer.adamw.*,
+#    optimizer.muon.*) and no schedule state: the schedule follows from the step and the time.
+FORMAT_VERSION = 2
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 LAST = "last.safetensors"
@@ -147,15 +153,20 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
         missing += [f"model.{k}" for k in SHAPE_FIELDS if k not in config["model"]]
     if missing:
         raise ChargptError(f"{run_dir / CONFIG} lacks {', '.join(missing)}: retrain the run")
-    version = config["format_version"]
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise ChargptError(f"{run_dir / CONFIG} has an invalid format_version: retrain the run")
+    format_version(run_dir / CONFIG, config["format_version"])
+    return config
+
+
+def format_version(path: Path, version: object) -> int:
+    """`version`, the format version `path` records, checked: one this chargpt reads."""
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ChargptError(f"{path} has an invalid format_version ({version!r}): retrain the run")
     if version > FORMAT_VERSION:
         raise ChargptError(
-            f"{run_dir / CONFIG} has format version {config['format_version']}, newer than this "
-            f"chargpt ({__version__}) reads: upgrade chargpt"
+            f"{path} has format version {version}, newer than this chargpt ({__version__}) "
+            "reads: upgrade chargpt"
         )
-    return config
+    return version
 
 
 def load_run(

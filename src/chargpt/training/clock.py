@@ -27,22 +27,26 @@ class TrainingClock:
 
     def start(self) -> None:
         """Count training seconds (and steps, for the throughput) from now."""
-        self.window_start, self.window_steps = time.perf_counter(), 0
+        self.window_start = self.window_end = time.perf_counter()
+        self.window_steps = 0
 
     def stop(self) -> float:
-        """Add the seconds since `start` to `train_time`; returns their tokens per second."""
+        """Add the seconds from `start` to the end of the last step since to `train_time`;
+        returns their tokens per second."""
         tokens_per_s = self.tokens_per_second()
-        self.train_time += time.perf_counter() - self.window_start
+        self.train_time += self.window_end - self.window_start
         return tokens_per_s
 
     def tokens_per_second(self) -> float:
-        seconds = time.perf_counter() - self.window_start
+        seconds = self.window_end - self.window_start
         return self.window_steps * self.tokens_per_step / seconds if self.window_steps else 0.0
 
     def step_done(self, step: int) -> None:
-        """Count the step that just ended, and update `elapsed`."""
+        """Count the step that just ended, and update `elapsed` (in one process, it is then the
+        `train_time` that `stop` will add up, to the bit)."""
         self.window_steps += 1
-        now = self.train_time + time.perf_counter() - self.window_start
+        self.window_end = time.perf_counter()
+        now = self.train_time + (self.window_end - self.window_start)
         if not self.world.distributed:
             self.elapsed = now
         elif step % self.agree_every == 0:

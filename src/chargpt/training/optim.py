@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 from chargpt.config import TrainConfig
-from chargpt.errors import ChargptError
-from chargpt.model import LanguageModel
+from chargpt.generation.precision import bf16_is_fast
+from chargpt.model import CausalSelfAttention, LanguageModel
+
+# Keller Jordan's quintic Newton-Schulz coefficients and step count, as torch.optim.Muon's
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+NS_STEPS = 5
 
 
 def lr_multiplier(step: int, cfg: TrainConfig, progress: float | None = None) -> float:
@@ -28,9 +32,49 @@ def lr_multiplier(step: int, cfg: TrainConfig, progress: float | None = None) ->
     return (cfg.min_lr + cosine * (cfg.learning_rate - cfg.min_lr)) / cfg.learning_rate
 
 
-def configure_optimizer(model: LanguageModel, cfg: TrainConfig) -> torch.optim.Optimizer:
+class Optimizers:
+    """Optimisers stepped as one, each over its own parameters (AdamW, and with `--optimizer
+    muon` Muon for the decoder blocks' matrices), each with its own state; the schedule sets
+    every group's learning rate before each step (`set_lr`), as nanoGPT does."""
+
+    def __init__(self, **parts: torch.optim.Optimizer):
+        self.parts = parts
+        for group in self.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Every part's groups, AdamW's first (the learning rate a run logs is AdamW's)."""
+        return [group for part in self.parts.values() for group in part.param_groups]
+
+    def set_lr(self, multiplier: float) -> None:
+        for group in self.param_groups:
+            group["lr"] = group["initial_lr"] * multiplier
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for part in self.parts.values():
+            part.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for part in self.parts.values():
+            part.step()
+
+    def state_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: part.state_dict() for name, part in self.parts.items()}
+
+    def load_state_dict(self, state: dict[str, dict[str, Any]]) -> None:
+        for name, part in self.parts.items():
+            part.load_state_dict(state[name])
+
+
+def configure_optimizer(
+    model: LanguageModel, cfg: TrainConfig, ns_dtype: torch.dtype | None = None
+) -> Optimizers:
     """AdamW with weight decay on matrices and embeddings only, not on biases or norm gains;
-    or, for `optimizer = muon`, Muon for the decoder blocks' matrices beside that AdamW."""
+    or, for `optimizer = muon`, Muon for the decoder blocks' matrices beside that AdamW. A fused
+    `qkv` matrix is orthogonalised one head's query, key or value at a time, as the lab's
+    separate `Head` matrices are; in `ns_dtype`, by default bf16 where bf16 matmuls are fast
+    on the model's device, else fp32."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     hidden = [p for name, p in named if name.startswith("blocks.") and p.dim() == 2]
     if cfg.optimizer != "muon":
@@ -42,76 +86,82 @@ def configure_optimizer(model: LanguageModel, cfg: TrainConfig) -> torch.optim.O
     ]
     adamw = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, cfg.beta2))
     if not hidden:
-        return adamw
-    muon = muon_class()(hidden, lr=cfg.muon_lr, weight_decay=cfg.weight_decay)
-    return MuonWithAdamW(adamw, muon)
+        return Optimizers(adamw=adamw)
+    head_rows = {
+        module.qkv.weight: module.qkv.weight.shape[1] // module.n_head
+        for module in model.modules()
+        if isinstance(module, CausalSelfAttention)
+    }
+    if ns_dtype is None:
+        fast = bf16_is_fast(next(model.parameters()).device)
+        ns_dtype = torch.bfloat16 if fast else torch.float32
+    muon = Muon(hidden, cfg.muon_lr, cfg.weight_decay, ns_dtype=ns_dtype, block_rows=head_rows)
+    return Optimizers(adamw=adamw, muon=muon)
 
 
-def muon_class() -> type[torch.optim.Optimizer]:
-    """torch.optim.Muon, which PyTorch ships from 2.9 on."""
-    muon = getattr(torch.optim, "Muon", None)
-    if muon is None:
-        raise ChargptError(
-            f"--optimizer muon needs torch >= 2.9 (this is {torch.__version__}): upgrade torch "
-            "or pass --optimizer adamw"
-        )
-    return muon
+class Muon(torch.optim.Optimizer):
+    """Muon (MomentUm Orthogonalized by Newton-Schulz, Keller Jordan), the update of
+    torch.optim.Muon (same group options and state), with two additions: a matrix named in
+    `block_rows` is orthogonalised in blocks of that many rows, each alone with its own shape's
+    learning-rate scale; and Newton-Schulz runs in `ns_dtype` (torch's always runs in bf16,
+    which is slow on CPUs without bf16 instructions)."""
 
-
-class MuonWithAdamW(torch.optim.Optimizer):
-    """AdamW and Muon stepped as one optimiser. Its param groups are theirs, AdamW's first (so
-    the learning rate a run logs is AdamW's), the same dicts, so that a schedule setting each
-    group's lr sets it in both; its state dict numbers the parameters in that order too, as one
-    optimiser over both would."""
-
-    def __init__(self, adamw: torch.optim.Optimizer, muon: torch.optim.Optimizer):
-        self.adamw, self.muon = adamw, muon
-        super().__init__([p for group in self.groups() for p in group["params"]], {})
-        self.param_groups = self.groups()
-
-    def groups(self) -> list[dict[str, Any]]:
-        return [*self.adamw.param_groups, *self.muon.param_groups]
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor],
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_dtype: torch.dtype = torch.bfloat16,
+        block_rows: dict[torch.Tensor, int] | None = None,
+    ):
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov)
+        defaults.update(ns_coefficients=NS_COEFFICIENTS, eps=1e-7, ns_steps=NS_STEPS)
+        super().__init__(params, defaults | {"adjust_lr_fn": None})
+        self.ns_dtype = ns_dtype
+        self.block_rows = {id(p): rows for p, rows in (block_rows or {}).items()}
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> None:  # type: ignore[override]
-        self.adamw.step()
-        self.muon.step()
-
-    def state_dict(self) -> dict[str, Any]:
-        state, groups, offset = {}, [], 0
-        for part in (self.adamw, self.muon):
-            saved = part.state_dict()
-            state.update({i + offset: s for i, s in saved["state"].items()})
-            for group in saved["param_groups"]:  # a part numbers its parameters from 0
-                groups.append({**group, "params": [i + offset for i in group["params"]]})
-            offset += sum(len(group["params"]) for group in saved["param_groups"])
-        return {"state": state, "param_groups": groups}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved_groups, offset = iter(state_dict["param_groups"]), 0
-        for part in (self.adamw, self.muon):
-            groups = [next(saved_groups) for _ in part.param_groups]
-            size = sum(len(group["params"]) for group in groups)
-            mine = range(offset, offset + size)
-            part.load_state_dict(
-                {
-                    "state": {i - offset: s for i, s in state_dict["state"].items() if i in mine},
-                    "param_groups": [
-                        {**g, "params": [i - offset for i in g["params"]]} for g in groups
-                    ],
-                }
-            )
-            offset += size
-        self.param_groups = self.groups()
+    def step(self, closure: None = None) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            lr, momentum = group["lr"], group["momentum"]
+            ns = (group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad)
+                buffer = state["momentum_buffer"]
+                buffer.lerp_(p.grad, 1 - momentum)  # the momentum: a moving average of gradients
+                update = p.grad.lerp(buffer, momentum) if group["nesterov"] else buffer
+                rows, cols = self.block_rows.get(id(p), p.shape[0]), p.shape[1]
+                if rows != p.shape[0]:  # (blocks, rows, cols): each block orthogonalised alone
+                    update = update.reshape(-1, rows, cols)
+                update = newton_schulz(update, *ns).reshape(p.shape)
+                p.mul_(1 - lr * group["weight_decay"])  # decoupled weight decay
+                p.add_(update, alpha=-lr * math.sqrt(max(1.0, rows / cols)))  # shape's scale
 
 
-def lr_scheduler(
-    optimizer: torch.optim.Optimizer,
-    cfg: TrainConfig,
-    progress: Callable[[], float] | None = None,
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """The schedule of `lr_multiplier`, stepped once per optimisation step; `progress` gives
-    the elapsed fraction of a time budget when the run has one."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_multiplier(step, cfg, progress() if progress else None)
-    )
+def newton_schulz(
+    g: torch.Tensor,
+    coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+    steps: int = NS_STEPS,
+    eps: float = 1e-7,
+    dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """torch.optim.Muon's orthogonalisation of a matrix (rows, cols), or of each matrix of a
+    batch (n, rows, cols), in `dtype`: the quintic Newton-Schulz iteration that takes its
+    singular values close to 1 (between about 0.7 and 1.2, which trains as well as exact)."""
+    a, b, c = coefficients
+    add_product = torch.addmm if g.dim() == 2 else torch.baddbmm  # beta * input + alpha * m1 @ m2
+    x = g.to(dtype)
+    tall = g.size(-2) > g.size(-1)
+    if tall:  # iterate on the smaller Gram matrix
+        x = x.mT
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # spectral norm at most 1
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = add_product(x, add_product(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.mT if tall else x

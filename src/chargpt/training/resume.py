@@ -98,8 +98,6 @@ def resume_run(
         step, train_time = int(state["step"]), float(state["train_time"])
     except (KeyError, TypeError, ValueError, ChargptError) as err:
         raise ChargptError(f"{run_dir / LAST} is invalid ({err}): start a new run") from None
-    if not saved_train.lr_decay_iters:  # saved before the option existed: decay ended here
-        saved_train = dataclasses.replace(saved_train, lr_decay_iters=saved_train.max_iters)
     model_config, train_config = resume_configs(model_config, saved_train, changes)
     check_not_finished(run_dir, step, train_time, train_config)
     model_config.validate()

@@ -25,13 +25,13 @@ from typing import Any, TypeVar
 import torch
 from safetensors.torch import save_file
 
-from chargpt import __version__
 from chargpt.data.files import atomic_write
 from chargpt.errors import ChargptError
 from chargpt.runs.directory import (
     FORMAT_VERSION,
     LAST,
     cpu_tensors,
+    format_version,
     header_json,
     read_safetensors,
 )
@@ -109,8 +109,9 @@ def save_trainer_state(path: Path, state: dict[str, Any], world: World) -> None:
     """Write a `Trainer.state_dict()` with every process's random streams as one file, replaced
     in one rename. Every process calls it (the streams are gathered); the main one writes."""
     optimizer = {
-        f"optimizer.{index}.{name}": torch.as_tensor(value).detach().to("cpu").contiguous()
-        for index, moments in state["optimizer"]["state"].items()
+        f"optimizer.{part}.{index}.{name}": torch.as_tensor(value).detach().to("cpu").contiguous()
+        for part, saved in state["optimizer"].items()
+        for index, moments in saved["state"].items()
         for name, value in moments.items()
     }
     tensors = {**prefixed("model.", state["model"]), **optimizer, **gather_rngs(state, world)}
@@ -118,8 +119,8 @@ def save_trainer_state(path: Path, state: dict[str, Any], world: World) -> None:
         tensors.update(prefixed("ema.", state["ema"]))
     scalars = {name: state[name] for name in COUNTERS}
     scalars.update(model=state["model_config"], train=state["train_config"])
-    scalars.update(scheduler=state["scheduler"])
-    scalars.update(optimizer_groups=state["optimizer"]["param_groups"])
+    groups = {part: saved["param_groups"] for part, saved in state["optimizer"].items()}
+    scalars.update(optimizer_groups=groups)
     header = {"format": "pt", STATE_KEY: json.dumps({"format_version": FORMAT_VERSION, **scalars})}
     if world.is_main:
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp), header))
@@ -134,14 +135,39 @@ def load_trainer_state(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str
             "(written by `chargpt train` at every evaluation); start a new run"
         )
     tensors, header = read_safetensors(path)
-    state = header_json(path, header, STATE_KEY)
-    version = state.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ChargptError(
-            f"{path} has format version {version}, which this chargpt ({__version__}) cannot "
-            "resume: upgrade chargpt"
-        )
-    return tensors, state
+    scalars = header_json(path, header, STATE_KEY)
+    if format_version(path, scalars.get("format_version")) == 1:
+        with refused_if_mismatched(path):
+            tensors, scalars = from_version_1(tensors, scalars)
+    return tensors, scalars
+
+
+def from_version_1(
+    tensors: dict[str, torch.Tensor], scalars: dict[str, Any]
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A state of format version 1 in today's layout. Version 1 numbered AdamW's and Muon's
+    parameters in one sequence (AdamW's first) with their groups in one list, and kept the
+    LambdaLR's state; before a run kept every process's dropout stream, it kept one
+    (`rng.torch`), and before `lr_decay_iters` existed, the decay ended at `max_iters`."""
+    tensors, scalars = dict(tensors), dict(scalars)
+    parts: dict[str, list[dict[str, Any]]] = {}
+    renumbered: dict[int, str] = {}  # old index -> "part.new index"
+    for group in scalars.pop("optimizer_groups"):
+        part = "muon" if "ns_steps" in group else "adamw"
+        start = sum(len(g["params"]) for g in parts.get(part, []))
+        renumbered.update({old: f"{part}.{start + i}" for i, old in enumerate(group["params"])})
+        params = list(range(start, start + len(group["params"])))
+        parts.setdefault(part, []).append({**group, "params": params})
+    for key in [k for k in tensors if k.startswith("optimizer.")]:
+        _, index, name = key.split(".", 2)
+        tensors[f"optimizer.{renumbered[int(index)]}.{name}"] = tensors.pop(key)
+    if "rng.torch" in tensors:
+        tensors["rng.rank0.torch"] = tensors.pop("rng.torch")
+    train = dict(scalars["train"])
+    train["lr_decay_iters"] = train.get("lr_decay_iters") or train["max_iters"]
+    scalars.pop("scheduler", None)
+    scalars.update(optimizer_groups=parts, train=train, format_version=FORMAT_VERSION)
+    return tensors, scalars
 
 
 def trainer_state_dict(
@@ -149,10 +175,13 @@ def trainer_state_dict(
 ) -> dict[str, Any]:
     """Undo `save_trainer_state` for process `rank`: a `Trainer.state_dict()`. A process the
     saved run did not have gets no dropout streams (it keeps those it was seeded with)."""
-    optimizer: dict[int, dict[str, torch.Tensor]] = {}
+    optimizer = {
+        part: {"state": {}, "param_groups": groups}
+        for part, groups in scalars["optimizer_groups"].items()
+    }
     for key, value in unprefixed("optimizer.", tensors).items():
-        index, name = key.split(".", 1)
-        optimizer.setdefault(int(index), {})[name] = value
+        part, index, name = key.split(".", 2)
+        optimizer[part]["state"].setdefault(int(index), {})[name] = value
     ema = unprefixed("ema.", tensors)
     state = {name: kind(scalars[name]) for name, kind in COUNTERS.items()}
     state.update(
@@ -160,12 +189,9 @@ def trainer_state_dict(
         train_config=scalars["train"],
         model=unprefixed("model.", tensors),
         ema=ema or None,
-        optimizer={"state": optimizer, "param_groups": scalars["optimizer_groups"]},
-        scheduler=scalars["scheduler"],
+        optimizer=optimizer,
         rng={"batches": {int(k): v for k, v in unprefixed("rng.batches.", tensors).items()}},
     )
-    if rank == 0 and "rng.torch" in tensors:  # saved before each process's streams were kept
-        state["rng"]["torch"] = tensors["rng.torch"]
     state["rng"].update(unprefixed(f"rng.rank{rank}.", tensors))
     return state
 

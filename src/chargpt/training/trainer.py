@@ -37,7 +37,7 @@ from chargpt.training.distributed import (
     micro_batch_streams,
 )
 from chargpt.training.estimate import estimate_and_sample
-from chargpt.training.optim import configure_optimizer, lr_scheduler
+from chargpt.training.optim import configure_optimizer, lr_multiplier
 from chargpt.training.outcome import TrainingDiverged, TrainResult, diverged, stop_on_signals
 from chargpt.training.state import (
     RandomStreams,
@@ -93,8 +93,6 @@ class Trainer:
         time_limit = parse_duration(cfg.max_time) if cfg.max_time else 0.0  # seconds
         self.clock = TrainingClock(self.world, time_limit, cfg.log_interval, self.tokens_per_step)
         self.optimizer = configure_optimizer(self.model, cfg)
-        time_progress = (lambda: self.clock.progress) if time_limit else None
-        self.scheduler = lr_scheduler(self.optimizer, cfg, time_progress)
         forward = torch.compile(self.model) if cfg.compile else self.model
         self.forward = data_parallel(forward, self.world, self.device)  # gradients averaged
         self.step = 0
@@ -136,7 +134,7 @@ class Trainer:
                     self.clock.start()
                 if self.finished() or self.stop_requested():
                     break
-                # the lr of this step, forward and backward, clip, update (see train_step)
+                # the schedule's rate, forward and backward, clip, update (see train_step)
                 losses.append(self.train_step())
                 bar.update(1)
                 if self.step % self.cfg.log_interval == 0:
@@ -156,10 +154,11 @@ class Trainer:
 
     def train_step(self) -> torch.Tensor:
         """One update on `grad_accum` fresh random micro-batches (this process's share), at the
-        rate the schedule set after the last one. Returns this process's part of the step's
+        schedule's rate. Returns this process's part of the step's
         mean loss, left on the device (reading it waits for the device): summed over the
         processes, it is the step's mean loss."""
         cfg = self.cfg
+        self.optimizer.set_lr(self.lr_factor())  # the schedule's rate for this step
         self.optimizer.zero_grad(set_to_none=True)
         generators = list(self.random.batches.values())
         total = torch.zeros((), device=self.device)
@@ -180,14 +179,23 @@ class Trainer:
         if self.ema is not None:
             self.ema.update_parameters(self.model)
         self.step += 1
-        self.clock.step_done(self.step)  # before the schedule's step: a time budget paces it
-        self.scheduler.step()
+        self.clock.step_done(self.step)  # a time budget paces the next step's rate
         return total / cfg.grad_accum
 
     @property
     def train_time(self) -> float:
         """Seconds spent in training steps, over all sessions of the run."""
         return self.clock.train_time
+
+    def lr_factor(self) -> float:
+        """The schedule's factor of the next step's learning rates (see optim.lr_multiplier)."""
+        progress = self.clock.progress if self.clock.limit else None
+        return lr_multiplier(self.step, self.cfg, progress)
+
+    @property
+    def lr(self) -> float:
+        """AdamW's learning rate for the next step (Muon's follows the same schedule)."""
+        return self.cfg.learning_rate * self.lr_factor()
 
     @property
     def eval_model(self) -> LanguageModel:
@@ -251,7 +259,7 @@ class Trainer:
                 self.save()
         if self.world.is_main:
             record = {"step": self.step, "train_loss": losses["train"], "val_loss": losses["val"]}
-            record.update(lr=self.scheduler.get_last_lr()[0], tokens_per_s=tokens_per_s)
+            record.update(lr=self.lr, tokens_per_s=tokens_per_s)
             record.update(elapsed=self.train_time, tokens=self.step * self.tokens_per_step)
             append_metrics(self.out_dir, record)
             self.tensorboard.evaluation(self.step, losses, text)
@@ -272,8 +280,8 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything `load_state_dict` needs to go on exactly as if training had never stopped:
-        counters, configs, weights (and their average), optimiser, schedule and this process's
-        random streams."""
+        counters, configs, weights (and their average), optimisers and this process's random
+        streams (the schedule follows from the step and the training time)."""
         return {
             "step": self.step,
             "best_val_loss": self.best_val_loss,
@@ -285,7 +293,6 @@ class Trainer:
             "model": self.model.state_dict(),
             "ema": None if self.ema is None else self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
             "rng": self.random.state_dict(),
         }
 
@@ -296,7 +303,6 @@ class Trainer:
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         self.random.load_state_dict(state["rng"])
         self.step, self.best_step = int(state["step"]), int(state["best_step"])
         self.best_val_loss = float(state["best_val_loss"])

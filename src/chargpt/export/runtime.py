@@ -1,0 +1,183 @@
+"""Running an exported graph (chargpt.export.onnx_graph) in onnxruntime: sampling with the same
+controls, window rule and random draws as `chargpt.generation.generate.stream`, and scoring
+through the `LanguageModel` interface (`chargpt eval --backend onnxruntime`).
+
+    model = OnnxModel("model.onnx")
+    for piece in onnx_stream(model, "ROMEO:", max_new_tokens=200, temperature=0):
+        print(piece.text, end="")
+
+The logits come from onnxruntime; the choice of each character is `sample_next`'s, with one
+torch.Generator per sample seeded `seed + i` as in PyTorch, so greedy text is the same text.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from chargpt.config import ModelConfig, SampleConfig, from_dict
+from chargpt.data.tokenizer import CharTokenizer
+from chargpt.errors import ChargptError
+from chargpt.export.onnx_graph import CONFIG_KEY, FORMAT, FORMAT_KEY, VOCAB_KEY
+from chargpt.generation.decoders import window_length
+from chargpt.generation.generate import (
+    StopFilter,
+    TextPiece,
+    encode_prompt,
+    resolve_seed,
+    sample_config,
+)
+from chargpt.generation.sampling import sample_next
+from chargpt.model.base import LanguageModel
+
+Pasts = list[np.ndarray]  # past.{i}.key, past.{i}.value for each block i: (B, n_head, P, hs)
+
+
+class OnnxModel:
+    """An exported graph in an onnxruntime CPU session, with the model config and vocabulary
+    its metadata carries. `threads`: onnxruntime's intra-op threads (0: its default)."""
+
+    def __init__(self, path: str | Path, threads: int = 0):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(
+                str(path), options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as err:  # onnxruntime raises its own exception types, unexported
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ChargptError(
+                f"cannot load {path} as an ONNX model ({first}): make it with chargpt export"
+            ) from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if meta.get(FORMAT_KEY) != FORMAT:
+            raise ChargptError(
+                f"{path} is not a chargpt export ({FORMAT_KEY} is {meta.get(FORMAT_KEY)!r}, "
+                f"not {FORMAT!r}): export it again with this chargpt"
+            )
+        self.config = from_dict(ModelConfig, json.loads(meta[CONFIG_KEY]))
+        self.tokenizer = CharTokenizer.from_dict(json.loads(meta[VOCAB_KEY]))
+        self.past_names = [i.name for i in self.session.get_inputs()[1:]]
+        self.block_size = self.config.block_size
+
+    def empty_pasts(self, batch: int) -> Pasts:
+        c = self.config
+        shape = (batch, c.n_head, 0, c.n_embd // c.n_head)
+        return [np.zeros(shape, np.float32) for _ in self.past_names]
+
+    def run(self, ids: np.ndarray, pasts: Pasts) -> tuple[np.ndarray, Pasts]:
+        """(B, T) ids after the positions in `pasts` -> (B, T, V) logits and the presents."""
+        feed = dict(zip(self.past_names, pasts, strict=True))
+        feed["ids"] = ids.astype(np.int64, copy=False)
+        logits, *presents = self.session.run(None, feed)
+        return logits, presents
+
+
+class OnnxDecoder:
+    """`CachedDecoder` over an `OnnxModel`: the prompt is read once, then one position per new
+    character with the presents fed back as pasts; when block_size positions are cached, `exact`
+    re-reads the last block_size ids for every new character and otherwise the cache restarts
+    from the last `keep` ids (the same window rule: the same logits as PyTorch's)."""
+
+    def __init__(self, model: OnnxModel, idx: torch.Tensor, exact: bool, keep: int):
+        self.model = model
+        self.exact = exact
+        self.keep = keep
+        self.block_size = model.block_size
+        self.idx = idx[:, -self.block_size :].numpy()  # (B, <= block_size): the last prefill's
+        self.prefill()
+
+    def prefill(self) -> None:
+        logits, self.pasts = self.model.run(self.idx, self.model.empty_pasts(len(self.idx)))
+        self.length = self.idx.shape[1]  # positions cached
+        self.logits = torch.from_numpy(logits[:, -1])  # (B, V)
+        self.stepped: list[np.ndarray] = []  # (B, 1) ids run one at a time since, not in idx
+
+    def append(self, idx_next: torch.Tensor) -> None:
+        """Extend every sequence by its (B, 1) next id and compute the following logits."""
+        new = idx_next.numpy()
+        if self.length < self.block_size:  # room left: run the new position alone
+            self.stepped.append(new)
+            logits, self.pasts = self.model.run(new, self.pasts)
+            self.length += 1
+            self.logits = torch.from_numpy(logits[:, -1])
+            return
+        self.idx = np.concatenate([self.idx, *self.stepped, new], axis=1)[:, -self.block_size :]
+        if not self.exact:  # full: restart the cache from the most recent `keep` ids
+            self.idx = self.idx[:, -self.keep :]
+        self.prefill()  # exact: all block_size ids again, every time (the lab's meaning)
+
+
+def check_fp32(quantize: str, dtype: str = "auto") -> None:
+    """The graph is fp32: asking for int8 or bf16 is a mistake, not something to ignore."""
+    if quantize != "none" or dtype == "bf16":
+        raise ChargptError(
+            "the onnxruntime backend runs the fp32 graph: drop --quantize and --dtype bf16"
+        )
+
+
+def onnx_stream(
+    model: OnnxModel, prompt: str = "", config: SampleConfig | None = None, **controls: Any
+) -> Iterator[TextPiece]:
+    """`chargpt.generation.generate.stream` on onnxruntime: the same controls (SampleConfig
+    fields), the same seeds, stop strings and window rule. fp32 only: no quantize, no bf16."""
+    config = sample_config(config, **controls)
+    check_fp32(config.quantize, config.dtype)
+    tokenizer = model.tokenizer
+    ids = encode_prompt(tokenizer, prompt, config.on_unknown)
+    idx = torch.tensor([ids] * config.num_samples)  # (num_samples, T)
+    seed = resolve_seed(config.seed)
+    generators = [torch.Generator().manual_seed(seed + i) for i in range(config.num_samples)]
+    # no KV cache in PyTorch re-reads the last block_size ids for each character: exact mode
+    exact = config.long_context == "exact" or not config.kv_cache
+    keep = window_length(model.block_size, config.window_keep)
+    filters = [StopFilter(config.stop) for _ in range(config.num_samples)]
+    decoder = OnnxDecoder(model, idx, exact, keep) if config.max_new_tokens else None
+    idx_next = None  # (num_samples, 1): the ids drawn last
+    for _ in range(config.max_new_tokens):
+        if all(f.done for f in filters):  # every sample stopped: no more forward passes
+            break
+        if idx_next is not None:
+            decoder.append(idx_next)
+        idx_next = sample_next(
+            decoder.logits, config.temperature, config.top_k, config.top_p, generators
+        )  # (num_samples, 1)
+        for i, token in enumerate(idx_next[:, 0].tolist()):
+            if not filters[i].done and (text := filters[i].feed(tokenizer.itos[token])):
+                yield TextPiece(i, text)
+    for i, stop_filter in enumerate(filters):
+        if text := stop_filter.flush():
+            yield TextPiece(i, text)
+
+
+def onnx_generate(
+    model: OnnxModel, prompt: str = "", config: SampleConfig | None = None, **controls: Any
+) -> list[str]:
+    """The new text of each of the `num_samples` samples (prompt not included)."""
+    config = sample_config(config, **controls)
+    texts = [""] * config.num_samples
+    for piece in onnx_stream(model, prompt, config):
+        texts[piece.sample] += piece.text
+    return texts
+
+
+class OnnxLanguageModel(LanguageModel):
+    """An `OnnxModel` behind the `LanguageModel` interface, for scoring (`chargpt eval`): each
+    window is one prefill from position 0. CPU tensors in and out; no parameters of its own."""
+
+    def __init__(self, model: OnnxModel):
+        super().__init__()
+        self.onnx = model
+        self.context_length = model.block_size
+        self.vocab_size = model.tokenizer.vocab_size
+
+    def logits(self, idx: torch.Tensor) -> torch.Tensor:
+        ids = idx.cpu().numpy()
+        logits, _ = self.onnx.run(ids, self.onnx.empty_pasts(len(ids)))
+        return torch.from_numpy(logits).to(idx.device)  # (B, T, V)

@@ -1,0 +1,104 @@
+"""bf16 or fp32, by measurement: the autocast of `--dtype auto` and Muon's Newton-Schulz."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import chargpt.generation.precision as precision
+from chargpt.config import ModelConfig, TrainConfig
+from chargpt.generation.precision import bf16_is_fast, cpu_bf16_speedup, resolve_dtype
+from chargpt.model import GPTLanguageModel
+from chargpt.training.optim import NS_COEFFICIENTS, NS_STEPS, configure_optimizer, newton_schulz
+
+CPU = torch.device("cpu")
+MUON = TrainConfig(optimizer="muon")
+
+
+@pytest.fixture
+def measured(monkeypatch):
+    """Fake the matmul timings: `measured(fp32_seconds, bf16_seconds)`, then count probes."""
+    calls = []
+
+    def fake(fp32: float, bf16: float) -> list:
+        def probe() -> dict[torch.dtype, float]:
+            calls.append(1)
+            return {torch.float32: fp32, torch.bfloat16: bf16}
+
+        monkeypatch.setattr(precision, "matmul_seconds", probe)
+        cpu_bf16_speedup.cache_clear()
+        return calls
+
+    yield fake
+    cpu_bf16_speedup.cache_clear()  # the next user measures this machine again
+
+
+def muon_ns_dtype() -> torch.dtype:
+    model = GPTLanguageModel(ModelConfig(block_size=8, n_embd=16, n_head=2, n_layer=1), 10)
+    return configure_optimizer(model, MUON).parts["muon"].ns_dtype
+
+
+def test_a_slow_bf16_probe_picks_fp32(measured) -> None:
+    """As on a CPU without bf16 instructions (or the AVX2 emulation): bf16 measured 50x slower
+    than fp32, whatever the CPU's flags say."""
+    calls = measured(fp32=0.001, bf16=0.05)
+    assert not bf16_is_fast(CPU)
+    assert resolve_dtype("auto", CPU) == torch.float32
+    assert muon_ns_dtype() == torch.float32
+    assert resolve_dtype("bf16", CPU) == torch.bfloat16  # what the user asks for, they get
+    assert len(calls) == 1  # measured once per process
+
+
+def test_a_fast_bf16_probe_picks_bf16(measured) -> None:
+    measured(fp32=0.001, bf16=0.0005)
+    assert resolve_dtype("auto", CPU) == torch.bfloat16
+    assert muon_ns_dtype() == torch.bfloat16
+    assert resolve_dtype("fp32", CPU) == torch.float32
+
+
+def test_the_probe_measures_this_machine() -> None:
+    seconds = precision.matmul_seconds(size=64, repeats=2)
+    assert set(seconds) == {torch.float32, torch.bfloat16}
+    assert all(0 < s < 10 for s in seconds.values())
+
+
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch 2.9")
+@pytest.mark.parametrize("shape", [(64, 64), (128, 32), (32, 128), (4, 16, 64)])
+def test_newton_schulz_in_fp32_agrees_with_torchs_in_bf16(shape) -> None:
+    """fp32 Newton-Schulz is torch.optim.Muon's orthogonalisation, without bf16's rounding:
+    within 3% of torch's (five bf16 iterations, each with a unit roundoff of 0.4%, reach about
+    1.5%), and within 1e-5 of the same iterations in fp64."""
+    from torch.optim._muon import _zeropower_via_newtonschulz as torch_newton_schulz
+
+    torch.manual_seed(0)
+    g = torch.randn(shape)
+    ours = newton_schulz(g, dtype=torch.float32)
+    theirs = torch.stack(
+        [
+            torch_newton_schulz(m, NS_COEFFICIENTS, NS_STEPS, 1e-7)
+            for m in g.reshape(-1, *shape[-2:])
+        ]
+    ).reshape(shape)
+    exact = newton_schulz(g.double(), dtype=torch.float64)
+    assert ours.dtype == torch.float32
+    assert ((ours - theirs.float()).norm() / theirs.float().norm()) < 0.03
+    torch.testing.assert_close(ours.double(), exact, atol=1e-5, rtol=0)
+    with_bf16 = newton_schulz(g, dtype=torch.bfloat16)
+    assert torch.equal(with_bf16, theirs)  # in bf16, the same to the bit
+
+
+def test_a_trainer_on_a_slow_bf16_cpu_trains_in_fp32(measured, tmp_path) -> None:
+    from chargpt.data.dataset import CharDataset
+    from chargpt.data.tokenizer import CharTokenizer
+    from chargpt.training.trainer import Trainer
+
+    measured(fp32=0.001, bf16=0.05)
+    text = "to be or not to be " * 50
+    tokenizer = CharTokenizer.from_text(text)
+    model = ModelConfig(block_size=8, n_embd=16, n_head=2, n_layer=1)
+    train = dataclasses.replace(MUON, device="cpu", dtype="auto", max_iters=1)
+    trainer = Trainer(model, train, CharDataset.from_text(text, tokenizer), tokenizer, tmp_path)
+    assert trainer.dtype == torch.float32
+    assert trainer.optimizer.parts["muon"].ns_dtype == torch.float32
