@@ -115,7 +115,7 @@ def test_tensorboard_event_files_read_back_and_a_resumed_run_appends(tmp_path):
         assert [step for step, _ in logged] == [r["step"] for r in metrics] == [0, 2, 4, 6]
         expected = [r[f"{split}_loss"] for r in metrics]
         assert [value for _, value in logged] == pytest.approx(expected, rel=1e-6)
-    lrs = scalars(out, "learning_rate/group_0")
+    lrs = scalars(out, "learning_rate/adamw")
     assert [step for step, _ in lrs] == [1, 2, 3, 4, 5, 6] and lrs[0][1] > 0
     assert all(value > 0 for _, value in scalars(out, "tokens_per_s"))
     events = EventAccumulator(str(out))

@@ -3,11 +3,11 @@ beside metrics.jsonl and loss.png, so that `tensorboard --logdir runs` shows eve
 `runs/` side by side. Needs the `tensorboard` extra.
 
 Logged: the training loss at every report (every `log_interval` steps), with the learning rate of
-each parameter group and the tokens per second; the train and val loss estimates at every
-evaluation; the evaluation's sample as text. Each session of a run writes its own event file into
-the directory; a resumed session starts with a purge of the steps after its saved state
-(`purge_step`: those steps are trained again), so the curves go on from where the state was saved,
-as one line.
+each optimiser (AdamW's, and Muon's with --optimizer muon) and the tokens per second; the train
+and val loss estimates at every evaluation; the evaluation's sample as text. Each session of a
+run writes its own event file into the directory; a resumed session starts with a purge of the
+steps after its saved state (`purge_step`: those steps are trained again), so the curves go on
+from where the state was saved, as one line.
 """
 
 from __future__ import annotations
@@ -44,14 +44,15 @@ class TensorBoardLog:
             self.writer.close()  # flushes
 
     def training(
-        self, step: int, loss: float, learning_rates: list[float], tokens_per_s: float
+        self, step: int, loss: float, learning_rates: dict[str, float], tokens_per_s: float
     ) -> None:
-        """The mean training loss of the steps since the last report, and how they went."""
+        """The mean training loss of the steps since the last report, and how they went: the
+        learning rate of the last step, by optimiser (adamw, muon)."""
         if self.writer is None:
             return
         self.writer.add_scalar("loss/train_steps", loss, step)
-        for group, lr in enumerate(learning_rates):
-            self.writer.add_scalar(f"learning_rate/group_{group}", lr, step)
+        for name, lr in learning_rates.items():
+            self.writer.add_scalar(f"learning_rate/{name}", lr, step)
         if tokens_per_s:
             self.writer.add_scalar("tokens_per_s", tokens_per_s, step)
 

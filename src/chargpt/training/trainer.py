@@ -237,7 +237,8 @@ class Trainer:
             raise self.diverged("training loss", value)
         tokens_per_s = self.clock.tokens_per_second()
         bar.set_postfix(loss=f"{value:.4f}", tok_s=f"{tokens_per_s:,.0f}")
-        self.tensorboard.training(self.step, value, self.scheduler.get_last_lr(), tokens_per_s)
+        rates = {name: opt.param_groups[0]["lr"] for name, opt in self.optimizer.parts.items()}
+        self.tensorboard.training(self.step, value, rates, tokens_per_s)
 
     def diverged(self, what: str, value: float) -> TrainingDiverged:
         cfg = self.cfg
