@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi.responses import JSONResponse
 
 from chargpt import __version__
 from chargpt.config import SampleConfig, ServeConfig
@@ -19,12 +20,12 @@ from chargpt.data.tokenizer import CharTokenizer, UnknownCharactersError
 from chargpt.generation.generate import encode_prompt
 from chargpt.generation.precision import forward_dtype
 from chargpt.runs.directory import WEIGHTS, Run
-from chargpt.serve.playground import router as playground_router
 from chargpt.serve.engine import Engine
 from chargpt.serve.errors import APIError, install_error_handlers, json_body
 from chargpt.serve.jobs import Job, QueueFull, ShuttingDown, Submission
 from chargpt.serve.metrics import ServeMetrics
 from chargpt.serve.middleware import CountRequests, LimitBodySize, RequireAPIKey
+from chargpt.serve.playground import router as playground_router
 from chargpt.serve.responses import (
     CLIENT_CLOSED,
     EventStream,
@@ -76,14 +77,16 @@ def create_app(run: Run, run_dir: Path, settings: ServeConfig) -> FastAPI:
 
 
 @router.get("/health")
-async def health(request: Request) -> dict:
+async def health(request: Request) -> JSONResponse:
+    """200 while the engine runs; 503 once its thread has ended after an error (restart)."""
     engine: Engine = request.app.state.engine
-    return {
-        "status": "ok",
+    body = {
+        "status": "error" if engine.broken else "ok",
         "model": request.app.state.model_id,
         "queued": engine.queued,
         "running": len(engine.running),
     }
+    return JSONResponse(body, 503 if engine.broken else 200)
 
 
 @router.get("/metrics")
@@ -238,5 +241,5 @@ def submit(engine: Engine, job: Job, settings: ServeConfig) -> Submission:
             code="queue_full",
             headers={"Retry-After": "1"},
         ) from None
-    except ShuttingDown:
-        raise APIError(503, "The server is shutting down", "server_error") from None
+    except ShuttingDown as err:
+        raise APIError(503, str(err), "server_error") from None

@@ -31,6 +31,7 @@ class Finish:
 @dataclass(frozen=True)
 class Failure:
     message: str
+    status: int = 500  # 503: the engine has ended
 
 
 Event = Piece | Finish | Failure
@@ -55,7 +56,8 @@ class QueueFull(Exception):
 
 
 class ShuttingDown(Exception):
-    """The engine stopped taking requests."""
+    """The engine takes no more requests: it was stopped, or its thread ended after an error
+    (the message says which)."""
 
 
 class Submission:

@@ -57,7 +57,7 @@ class Reply:
 
 
 def failure_error(failure: Failure) -> APIError:
-    return APIError(500, failure.message, "server_error")
+    return APIError(failure.status, failure.message, "server_error")
 
 
 async def complete(submission: Submission, reply: Reply) -> Completion:
