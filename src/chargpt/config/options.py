@@ -220,6 +220,11 @@ class ServeConfig:
     """How `chargpt serve` listens and what it accepts; every limit has a safe default."""
 
     host: str = option("127.0.0.1", "address to listen on: loopback unless told otherwise")
+    allowed_host: tuple[str, ...] = option(
+        (),
+        "a Host name the server answers to besides localhost, 127.0.0.1 and [::1], such as a "
+        "proxy's (repeatable; *.example.com for a domain's names)",
+    )
     port: int = option(8000, "TCP port to listen on")
     api_key: str = option(
         "",
@@ -248,6 +253,9 @@ class ServeConfig:
         for name in ("max_batch", "max_queue", "max_tokens_limit", "max_prompt_chars"):
             positive(name, getattr(self, name))
         positive("max_body_bytes", self.max_body_bytes)
+        for name in self.allowed_host:
+            if "*" in name[1:] or (name.startswith("*") and not name.startswith("*.")):
+                raise ChargptError(f"allowed_host takes a name or *.domain, got {name!r}")
         if not 0 <= self.port <= 65535:
             raise ChargptError(f"port must be in 0..65535, got {self.port}")
         if self.threads < 0:

@@ -24,7 +24,13 @@ from chargpt.serve.engine import Engine
 from chargpt.serve.errors import APIError, install_error_handlers, json_body
 from chargpt.serve.jobs import Job, QueueFull, ShuttingDown, Submission
 from chargpt.serve.metrics import ServeMetrics
-from chargpt.serve.middleware import CountRequests, LimitBodySize, RequireAPIKey
+from chargpt.serve.middleware import (
+    AllowHosts,
+    CountRequests,
+    LimitBodySize,
+    RequireAPIKey,
+    is_loopback,
+)
 from chargpt.serve.playground import router as playground_router
 from chargpt.serve.responses import (
     CLIENT_CLOSED,
@@ -72,6 +78,8 @@ def create_app(run: Run, run_dir: Path, settings: ServeConfig) -> FastAPI:
     app.add_middleware(LimitBodySize, max_bytes=settings.max_body_bytes)
     if settings.api_key:
         app.add_middleware(RequireAPIKey, api_key=settings.api_key)
+    if is_loopback(settings.host) or settings.allowed_host:
+        app.add_middleware(AllowHosts, hosts=settings.allowed_host)
     app.add_middleware(CountRequests, metrics=metrics, paths=paths)
     return app
 
