@@ -237,6 +237,11 @@ class ServeConfig:
         4096, "characters one request may ask for in all (prompts x n x max_tokens)"
     )
     max_prompt_chars: int = option(16384, "characters of a request's prompts together")
+    max_echo_chars: int = option(
+        262_144,
+        "prompt characters one request may echo back, counted as characters x n x "
+        "(1 + logprobs): the size of the answer",
+    )
     max_body_bytes: int = option(1_048_576, "request body size in bytes; larger bodies get 413")
     device: str = option("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     threads: int = option(0, "PyTorch intra-op threads (0: PyTorch's default)")
@@ -250,7 +255,14 @@ class ServeConfig:
 
     def validate(self) -> None:
         check_quantize_dtype(self.quantize, self.dtype)
-        for name in ("max_batch", "max_queue", "max_tokens_limit", "max_prompt_chars"):
+        limits = (
+            "max_batch",
+            "max_queue",
+            "max_tokens_limit",
+            "max_prompt_chars",
+            "max_echo_chars",
+        )
+        for name in limits:
             positive(name, getattr(self, name))
         positive("max_body_bytes", self.max_body_bytes)
         for name in self.allowed_host:

@@ -108,12 +108,14 @@ def inspect_text(
         )
     device = next(model.parameters()).device
     idx = torch.tensor([ids], device=device)  # (1, T)
-    was_training = model.training
-    model.eval()  # the weights before dropout: dropout is off in eval mode
+    was_training = model.training  # a served model is in eval mode already: no write to it,
+    if was_training:  # as another thread (the server's engine) may be running it
+        model.eval()  # the weights before dropout: dropout is off in eval mode
     try:
         logits, attention = logits_and_attention(model, idx)
     finally:
-        model.train(was_training)
+        if was_training:
+            model.train()
     return Inspection(
         chars=[tokenizer.itos[i] for i in ids],
         attention=attention[:, :, 0].float().cpu(),  # (n_layer, n_head, T, T)

@@ -7,6 +7,7 @@ included, so a new page or endpoint is one more entry there.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -15,14 +16,13 @@ from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
 from chargpt import __version__
-from chargpt.config import SampleConfig, ServeConfig
-from chargpt.data.tokenizer import CharTokenizer, UnknownCharactersError
-from chargpt.generation.generate import encode_prompt
+from chargpt.config import ServeConfig
 from chargpt.generation.precision import forward_dtype
 from chargpt.runs.directory import WEIGHTS, Run
 from chargpt.serve.engine import Engine
 from chargpt.serve.errors import APIError, install_error_handlers, json_body
 from chargpt.serve.jobs import Job, QueueFull, ShuttingDown, Submission
+from chargpt.serve.limits import build_job, check_model
 from chargpt.serve.metrics import ServeMetrics
 from chargpt.serve.middleware import (
     AllowHosts,
@@ -31,6 +31,7 @@ from chargpt.serve.middleware import (
     RequireAPIKey,
     is_loopback,
 )
+from chargpt.serve.playground import INSPECT_CONCURRENCY
 from chargpt.serve.playground import router as playground_router
 from chargpt.serve.responses import (
     CLIENT_CLOSED,
@@ -39,7 +40,7 @@ from chargpt.serve.responses import (
     complete_unless_gone,
     event_stream,
 )
-from chargpt.serve.schemas import Completion, CompletionRequest, ModelCard, ModelList
+from chargpt.serve.schemas import CompletionRequest, ModelCard, ModelList
 
 router = APIRouter()
 REQUEST_SCHEMA = CompletionRequest.model_json_schema()  # for /docs: the body is parsed by hand
@@ -64,6 +65,7 @@ def create_app(run: Run, run_dir: Path, settings: ServeConfig) -> FastAPI:
     app.state.run = run
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.inspecting = asyncio.Semaphore(INSPECT_CONCURRENCY)
     app.state.model_id = Path(run_dir).resolve().name
     app.state.created = int((Path(run_dir) / WEIGHTS).stat().st_mtime)
     dtype = forward_dtype(run.model, settings.dtype, next(run.model.parameters()).device)
@@ -127,23 +129,12 @@ def model_card(request: Request) -> ModelCard:
     )
 
 
-def check_model(model_id: str, request: Request) -> None:
-    served = request.app.state.model_id
-    if model_id != served:
-        raise APIError(
-            404,
-            f"The model '{model_id}' does not exist: this server serves '{served}'",
-            param="model",
-            code="model_not_found",
-        )
-
-
 @router.post(
     "/v1/completions",
     response_model=None,
     openapi_extra={"requestBody": {"content": {"application/json": {"schema": REQUEST_SCHEMA}}}},
 )
-async def create_completion(request: Request) -> Completion | Response:
+async def create_completion(request: Request) -> Response:
     body = await json_body(request, CompletionRequest)
     state = request.app.state
     check_model(body.model, request)
@@ -154,8 +145,10 @@ async def create_completion(request: Request) -> Completion | Response:
     if body.stream:
         events = event_stream(submission, reply, body.include_usage)
         return EventStream(events, on_close=submission.cancel)
-    completion = await complete_unless_gone(submission, reply, request)
-    return completion if completion is not None else Response(status_code=CLIENT_CLOSED)
+    answer = await complete_unless_gone(submission, reply, request)
+    if answer is None:
+        return Response(status_code=CLIENT_CLOSED)
+    return Response(answer, media_type="application/json")
 
 
 @router.post("/v1/chat/completions")
@@ -166,75 +159,6 @@ async def chat_completions() -> None:
         "not a chat model; send a prompt to POST /v1/completions instead",
         code="unsupported_endpoint",
     )
-
-
-def build_job(body: CompletionRequest, tokenizer: CharTokenizer, settings: ServeConfig) -> Job:
-    """The engine's job for a valid request, after the server's limits and the vocabulary."""
-    config = body.sample_config()
-    prompts = body.prompts
-    check_prompt_length(sum(map(len, prompts)), settings)
-    if config.on_unknown == "error":
-        for i, text in enumerate(prompts):
-            check_known(
-                text, "prompt" if isinstance(body.prompt, str) else f"prompt[{i}]", tokenizer
-            )
-    check_size(len(prompts), config, settings)
-    ids = [encode_prompt(tokenizer, text, config.on_unknown) for text in prompts]
-    return Job(ids, config, body.logprobs, bool(body.echo))
-
-
-def check_prompt_length(length: int, settings: ServeConfig) -> None:
-    """All of a request's prompts together: scoring them with `echo` keeps an entry per
-    character until the answer is sent."""
-    if length > settings.max_prompt_chars:
-        raise APIError(
-            400,
-            f"the prompt has {length} characters, more than this server's limit of "
-            f"{settings.max_prompt_chars} (--max-prompt-chars): send a shorter prompt",
-            param="prompt",
-            code="prompt_too_long",
-        )
-
-
-def check_known(text: str, where: str, tokenizer: CharTokenizer) -> None:
-    try:
-        tokenizer.check_known(text)
-    except UnknownCharactersError as err:
-        raise APIError(
-            400,
-            f'{where} has {err}: remove them, or send "on_unknown": "skip" to drop them',
-            param="prompt",
-            code="unknown_characters",
-        ) from None
-
-
-def check_size(prompts: int, config: SampleConfig, settings: ServeConfig) -> None:
-    """A request's choices must fit the queue, and their characters the per-request limit."""
-    choices = prompts * config.num_samples
-    if choices > settings.max_queue:
-        raise APIError(
-            400,
-            f"this request asks for {choices} choices (prompts x n), more than this server's "
-            f"queue holds ({settings.max_queue}, --max-queue): lower n or send fewer prompts",
-            param="n",
-        )
-    total = choices * config.max_new_tokens
-    limit = settings.max_tokens_limit
-    if total > limit and choices == 1:
-        raise APIError(
-            400,
-            f"max_tokens is {total}, more than this server's limit of {limit} characters per "
-            "request (--max-tokens-limit): lower max_tokens",
-            param="max_tokens",
-        )
-    if total > limit:
-        raise APIError(
-            400,
-            f"this request asks for {choices} choices (prompts x n) x max_tokens "
-            f"{config.max_new_tokens} = {total} characters, more than this server's limit of "
-            f"{limit} (--max-tokens-limit): lower max_tokens or n, or send fewer prompts",
-            param="max_tokens",
-        )
 
 
 def submit(engine: Engine, job: Job, settings: ServeConfig) -> Submission:

@@ -51,7 +51,7 @@ class Prompt:
     """One prompt of a request, shared by its choices."""
 
     ids: list[int]
-    text: str  # as the model reads it
+    text: str  # as echo sends it back
     score: PromptScore | None  # echo with logprobs: the prompt's own log-probabilities
 
 
@@ -125,7 +125,7 @@ class Engine:
         seed = resolve_seed(job.config.seed)  # choice i of each prompt uses seed + i
         sequences = []
         for p, ids in enumerate(job.prompts):
-            prompt = self.prompt(ids, job)
+            prompt = self.prompt(ids, job.echoed[p] if job.echoed else None, job)
             for i in range(job.config.num_samples):
                 generator = torch.Generator(device=self.device).manual_seed(seed + i)
                 choice = p * job.config.num_samples + i
@@ -141,12 +141,14 @@ class Engine:
             self.lock.notify()
         return submission
 
-    def prompt(self, ids: list[int], job: Job) -> Prompt:
+    def prompt(self, ids: list[int], echoed: str | None, job: Job) -> Prompt:
+        """`echoed`: the text echo sends back (None: the text the ids spell)."""
+        text = self.tokenizer.decode(ids) if echoed is None else echoed
         score = None
-        if job.echo and job.logprobs is not None:
+        if job.echo and job.logprobs is not None and text:
             context = self.model.context_length
             score = PromptScore(ids, context, job.logprobs, self.tokenizer.itos)
-        return Prompt(ids, self.tokenizer.decode(ids), score)
+        return Prompt(ids, text, score)
 
     def run(self) -> None:
         try:

@@ -45,6 +45,7 @@ class Job:
     config: SampleConfig  # num_samples choices per prompt, max_new_tokens each, ...
     logprobs: int | None = None  # how many of the likeliest characters to report (None: none)
     echo: bool = False  # send the prompt first (scored, with logprobs)
+    echoed: list[str] | None = None  # each prompt's text as echoed ("" for an empty prompt)
 
     @property
     def choices(self) -> int:
