@@ -221,9 +221,7 @@ class ServeConfig:
 
     host: str = option("127.0.0.1", "address to listen on: loopback unless told otherwise")
     allowed_host: tuple[str, ...] = option(
-        (),
-        "a Host name the server answers to besides localhost, 127.0.0.1 and [::1], such as a "
-        "proxy's (repeatable; *.example.com for a domain's names)",
+        (), "Host name to answer besides localhost, 127.0.0.1 and [::1] (repeatable; *.domain)"
     )
     port: int = option(8000, "TCP port to listen on")
     api_key: str = option(
@@ -238,9 +236,7 @@ class ServeConfig:
     )
     max_prompt_chars: int = option(16384, "characters of a request's prompts together")
     max_echo_chars: int = option(
-        262_144,
-        "prompt characters one request may echo back, counted as characters x n x "
-        "(1 + logprobs): the size of the answer",
+        262_144, "prompt characters one request may echo back, x n x (1 + logprobs): its size"
     )
     max_body_bytes: int = option(1_048_576, "request body size in bytes; larger bodies get 413")
     device: str = option("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
@@ -255,16 +251,8 @@ class ServeConfig:
 
     def validate(self) -> None:
         check_quantize_dtype(self.quantize, self.dtype)
-        limits = (
-            "max_batch",
-            "max_queue",
-            "max_tokens_limit",
-            "max_prompt_chars",
-            "max_echo_chars",
-        )
-        for name in limits:
-            positive(name, getattr(self, name))
-        positive("max_body_bytes", self.max_body_bytes)
+        for name in [f.name for f in dataclasses.fields(self) if f.name.startswith("max_")]:
+            positive(name, getattr(self, name))  # every limit
         for name in self.allowed_host:
             if "*" in name[1:] or (name.startswith("*") and not name.startswith("*.")):
                 raise ChargptError(f"allowed_host takes a name or *.domain, got {name!r}")

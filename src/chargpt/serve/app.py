@@ -8,12 +8,13 @@ included, so a new page or endpoint is one more entry there.
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from chargpt import __version__
 from chargpt.config import ServeConfig
@@ -31,7 +32,8 @@ from chargpt.serve.middleware import (
     RequireAPIKey,
     is_loopback,
 )
-from chargpt.serve.playground import INSPECT_CONCURRENCY
+from chargpt.serve.openapi import BODY_ERRORS, errors, install_openapi, json_request
+from chargpt.serve.playground import INSPECT_CONCURRENCY, InspectRequest
 from chargpt.serve.playground import router as playground_router
 from chargpt.serve.responses import (
     CLIENT_CLOSED,
@@ -40,15 +42,19 @@ from chargpt.serve.responses import (
     complete_unless_gone,
     event_stream,
 )
-from chargpt.serve.schemas import CompletionRequest, ModelCard, ModelList
+from chargpt.serve.schemas import Completion, CompletionRequest, Health, ModelCard, ModelList
+from chargpt.serve.tokens import DetokenizeRequest, TokenizeRequest
+from chargpt.serve.tokens import router as tokens_router
 
 router = APIRouter()
-REQUEST_SCHEMA = CompletionRequest.model_json_schema()  # for /docs: the body is parsed by hand
+
+
+REQUEST_BODIES = [CompletionRequest, InspectRequest, TokenizeRequest, DetokenizeRequest]
 
 
 def api_routers() -> list[APIRouter]:
     """Every router the server includes."""
-    return [router, playground_router]
+    return [router, playground_router, tokens_router]
 
 
 def create_app(run: Run, run_dir: Path, settings: ServeConfig) -> FastAPI:
@@ -58,6 +64,7 @@ def create_app(run: Run, run_dir: Path, settings: ServeConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.engine.start()
+        gc.freeze()  # what start-up made lives on: full collections no longer walk it (pauses)
         yield
         app.state.engine.stop(timeout=10)
 
@@ -73,6 +80,7 @@ def create_app(run: Run, run_dir: Path, settings: ServeConfig) -> FastAPI:
         run.model, run.tokenizer, settings.max_batch, settings.max_queue, metrics, dtype
     )
     install_error_handlers(app)
+    install_openapi(app, REQUEST_BODIES)
     routers = api_routers()
     for api in routers:
         app.include_router(api)
@@ -86,7 +94,11 @@ def create_app(run: Run, run_dir: Path, settings: ServeConfig) -> FastAPI:
     return app
 
 
-@router.get("/health")
+@router.get(
+    "/health",
+    response_model=Health,
+    responses={503: {"model": Health, "description": "The engine has stopped"}, **errors(400)},
+)
 async def health(request: Request) -> JSONResponse:
     """200 while the engine runs; 503 once its thread has ended after an error (restart)."""
     engine: Engine = request.app.state.engine
@@ -99,18 +111,22 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse(body, 503 if engine.broken else 200)
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    responses={200: {"description": "Prometheus' text format"}, **errors(400)},
+)
 async def prometheus_metrics(request: Request) -> Response:
     metrics: ServeMetrics = request.app.state.metrics
     return Response(metrics.exposition(), media_type=metrics.content_type)
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", responses=errors(400, 401))
 async def list_models(request: Request) -> ModelList:
     return ModelList(data=[model_card(request)])
 
 
-@router.get("/v1/models/{model_id}")
+@router.get("/v1/models/{model_id}", responses=errors(400, 401, 404))
 async def retrieve_model(model_id: str, request: Request) -> ModelCard:
     check_model(model_id, request)
     return model_card(request)
@@ -132,7 +148,15 @@ def model_card(request: Request) -> ModelCard:
 @router.post(
     "/v1/completions",
     response_model=None,
-    openapi_extra={"requestBody": {"content": {"application/json": {"schema": REQUEST_SCHEMA}}}},
+    responses={
+        200: {
+            "model": Completion,
+            "description": "The completion; with `stream`, server-sent events of its chunks",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        },
+        **errors(*BODY_ERRORS, 429, 503),
+    },
+    openapi_extra=json_request(CompletionRequest),
 )
 async def create_completion(request: Request) -> Response:
     body = await json_body(request, CompletionRequest)
@@ -151,7 +175,7 @@ async def create_completion(request: Request) -> Response:
     return Response(answer, media_type="application/json")
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", status_code=404, responses=errors(400, 401, 404, 413))
 async def chat_completions() -> None:
     raise APIError(
         404,

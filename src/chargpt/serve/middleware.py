@@ -16,13 +16,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from chargpt.serve.errors import openai_error
 from chargpt.serve.metrics import ServeMetrics
 
-PROTECTED = "/v1/"  # what the API key guards; /health and /metrics stay open for probes
+# what the API key guards (the playground's page and files, /health and /metrics stay open)
+PROTECTED = ("/v1/", "/tokenize", "/detokenize", "/tokenizer_info")
 
 
 class RequireAPIKey:
-    """With a key, /v1/ requests need `Authorization: Bearer KEY` (401 otherwise). Keys are
-    compared as SHA-256 digests of their bytes (UTF-8 for the server's, as sent for the
-    client's), in constant time, so any key a client sends gets an answer, never a 500."""
+    """With a key, /v1/ and tokenizer requests need `Authorization: Bearer KEY` (401 otherwise).
+    Keys are compared as SHA-256 digests of their bytes (UTF-8 for the server's, as sent for
+    the client's), in constant time, so any key a client sends gets an answer, never a 500."""
 
     def __init__(self, app: ASGIApp, api_key: str):
         self.app, self.digest = app, sha256(api_key.encode()).digest()

@@ -10,18 +10,19 @@ keep the payload small. Its errors have the completions endpoint's shape.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
-from pydantic_core import to_json
 from starlette.concurrency import run_in_threadpool
 
 from chargpt.generation.inspection import inspect_text, max_text_length
 from chargpt.runs.directory import Run
+from chargpt.serve.encoding import json_in_pieces
 from chargpt.serve.errors import APIError, json_body
 from chargpt.serve.limits import check_known, check_model
+from chargpt.serve.openapi import BODY_ERRORS, errors, json_request
 
 STATIC = Path(__file__).parent / "static"
 ASSETS = {"playground.css": "text/css", "playground.js": "text/javascript"}
@@ -44,9 +45,6 @@ class InspectRequest(BaseModel):
     )
 
 
-REQUEST_SCHEMA = InspectRequest.model_json_schema()  # for /docs: the body is parsed by hand
-
-
 @router.get("/", include_in_schema=False)
 def page() -> FileResponse:
     return FileResponse(STATIC / "index.html", media_type="text/html")
@@ -62,7 +60,11 @@ def asset(name: str) -> Response:
 @router.post(
     "/v1/inspect",
     summary="Inspect a text (chargpt extension, not in the OpenAI API)",
-    openapi_extra={"requestBody": {"content": {"application/json": {"schema": REQUEST_SCHEMA}}}},
+    responses={
+        200: {"content": {"application/json": {"schema": {"type": "object"}}}},
+        **errors(*BODY_ERRORS),
+    },
+    openapi_extra=json_request(InspectRequest),
 )
 async def inspect(request: Request) -> Response:
     """What the model computes at every position of `text`. `attention[layer][head][t]` holds
@@ -83,17 +85,6 @@ async def inspect(request: Request) -> Response:
 
     async with state.inspecting:  # a few at a time: each one is a forward pass and ~MBs of JSON
         return Response(await run_in_threadpool(answer), media_type="application/json")
-
-
-def json_in_pieces(value: Any, depth: int) -> bytes:
-    """`value` as JSON, its dicts and lists split `depth` levels down, so that no one call holds
-    the GIL (and the event loop) for long."""
-    if depth > 0 and isinstance(value, dict):
-        items = (to_json(k) + b":" + json_in_pieces(v, depth - 1) for k, v in value.items())
-        return b"{" + b",".join(items) + b"}"
-    if depth > 0 and isinstance(value, list):
-        return b"[" + b",".join(json_in_pieces(v, depth - 1) for v in value) + b"]"
-    return to_json(value)
 
 
 def check_text(text: str, on_unknown: str, run: Run) -> None:

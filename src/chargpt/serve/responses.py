@@ -18,6 +18,7 @@ from fastapi.responses import StreamingResponse
 from pydantic_core import to_json
 from starlette.types import Receive, Scope, Send
 
+from chargpt.serve.encoding import json_list
 from chargpt.serve.engine import Failure, Finish, Piece, Submission
 from chargpt.serve.errors import APIError
 from chargpt.serve.schemas import Choice, Completion, Logprobs, Usage
@@ -27,6 +28,7 @@ CLIENT_CLOSED = 499  # the status access logs use for a client that left before 
 # characters (with their logprobs entries) past which an answer is built in a worker thread
 LARGE = 4096
 T = TypeVar("T")
+LOGPROBS = list(Logprobs.model_fields)  # tokens, token_logprobs, top_logprobs, text_offset
 
 
 @dataclass
@@ -107,11 +109,19 @@ async def off_the_loop(work: Callable[[], T]) -> T:
 
 
 def completion_json(completion: Completion, exclude: set[str] | None = None) -> bytes:
-    """`completion` as JSON, serialised a choice at a time: each call holds the GIL for one
-    choice only (at most a prompt's and a completion's entries), not for the whole answer."""
+    """`completion` as JSON, written in pieces (`chargpt.serve.encoding`): a choice at a time,
+    its logprobs lists a few thousand entries at a time."""
     head = to_json(completion.model_dump(exclude={"choices", *(exclude or ())}))
-    choices = b",".join(to_json(choice) for choice in completion.choices)
+    choices = b",".join(choice_json(choice) for choice in completion.choices)
     return head[:-1] + b',"choices":[' + choices + b"]}"
+
+
+def choice_json(choice: Choice) -> bytes:
+    if choice.logprobs is None:
+        return to_json(choice)
+    head = to_json(choice.model_dump(exclude={"logprobs"}))
+    lists = (to_json(name) + b":" + json_list(getattr(choice.logprobs, name)) for name in LOGPROBS)
+    return head[:-1] + b',"logprobs":{' + b",".join(lists) + b"}}"
 
 
 async def complete_unless_gone(
