@@ -8,7 +8,9 @@ import httpx
 import pytest
 from serve_support import MODEL, make_run, serving
 
+from chargpt.cli.main import main
 from chargpt.config import ServeConfig
+from chargpt.errors import ChargptError
 from chargpt.serve.server import exposure_warning
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -86,3 +88,15 @@ def test_listening_beyond_loopback_without_a_key_is_warned_about():
     assert exposure_warning(ServeConfig(host="0.0.0.0", api_key="k")) is None
     warning = exposure_warning(ServeConfig(host="0.0.0.0"))
     assert warning is not None and "CHARGPT_API_KEY" in warning and "0.0.0.0" in warning
+
+
+def test_the_key_comes_from_the_environment_and_host_patterns_are_checked(run_dir, monkeypatch):
+    import chargpt.serve.server as server
+
+    seen = []
+    monkeypatch.setattr(server, "serve", lambda run, settings: seen.append(settings) or 0)
+    monkeypatch.setenv("CHARGPT_API_KEY", "from-env")
+    assert main(["serve", "--run", str(run_dir), "--allowed-host", "*.lan"]) == 0
+    assert seen[0].api_key == "from-env" and seen[0].allowed_host == ("*.lan",)
+    with pytest.raises(ChargptError, match="allowed_host"):
+        ServeConfig(allowed_host=("chargpt.*",)).validate()
