@@ -181,6 +181,7 @@ def test_a_server_with_an_api_key_gets_one_from_the_page(browser, run_dir, tmp_p
         browser.get(served.url + "/")
         wait(browser, lambda: by_id(browser, "key-row").is_displayed())
         assert "API key" in by_id(browser, "status").text
+        assert "asks for an API key" in by_id(browser, "facts").text  # not "could not be loaded"
         fill(browser, "api-key", "sesame")
         by_id(browser, "api-key").send_keys(Keys.TAB)  # a change event: the page retries
         wait(browser, lambda: "parameters" in by_id(browser, "facts").text)
@@ -188,3 +189,49 @@ def test_a_server_with_an_api_key_gets_one_from_the_page(browser, run_dir, tmp_p
         by_id(browser, "generate").click()
         wait(browser, lambda: len(browser.find_elements(By.CSS_SELECTOR, "button.head")) > 0)
         browser.execute_script("sessionStorage.clear()")  # the next test's server has no key
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "says", "not_says"),
+    [
+        ("max-tokens", str(LONG + 1), "Max chars", "max_tokens"),
+        ("prompt", "caf\u00e9", "'é'", "on_unknown"),
+    ],
+)
+def test_errors_speak_the_pages_words(browser, server, field, value, says, not_says):
+    open_page(browser, server)
+    fill(browser, field, value)
+    by_id(browser, "generate").click()
+    wait(browser, lambda: "error" in by_id(browser, "status").get_attribute("class"))
+    status = by_id(browser, "status").text
+    assert says in status and not_says not in status and "--" not in status
+
+
+def test_the_greyed_text_has_a_legend(browser, server):
+    open_page(browser, server)
+    fill(browser, "max-tokens", str(2 * BLOCK))
+    by_id(browser, "generate").click()
+    wait(browser, lambda: by_id(browser, "text-legend").is_displayed())
+    assert f"before the {BLOCK} characters the model reads" in by_id(browser, "text-legend").text
+    faded = browser.find_elements(By.CSS_SELECTOR, "#text span.outside")
+    assert len(faded) == text_length(browser) - BLOCK  # the last character's context: BLOCK
+
+
+def test_the_matrix_dialog_fits_a_phone(browser, server):
+    phone = {"width": 390, "height": 844, "deviceScaleFactor": 1, "mobile": True}
+    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", phone)
+    try:
+        open_page(browser, server)
+        fill(browser, "max-tokens", str(BLOCK))
+        by_id(browser, "generate").click()
+        wait(browser, lambda: len(browser.find_elements(By.CSS_SELECTOR, "button.head")) > 0)
+        head = browser.find_elements(By.CSS_SELECTOR, "button.head")[0]
+        browser.execute_script("arguments[0].click()", head)
+        box = browser.execute_script(
+            "const r = document.getElementById('matrix-dialog').getBoundingClientRect();"
+            "return [r.left, r.right, document.documentElement.scrollWidth]"
+        )
+        assert 0 <= box[0] and box[1] <= 390 and box[2] <= 390, box
+        by_id(browser, "matrix-close").click()
+    finally:
+        browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})

@@ -208,7 +208,10 @@ def error_of(response: httpx.Response, status: int) -> dict:
 )
 def test_bad_requests_get_openai_shaped_errors(server, body, status, param, says):
     url = server.v1 + "/completions"
-    sent = httpx.post(url, content=body) if isinstance(body, bytes) else httpx.post(url, json=body)
+    if isinstance(body, bytes):
+        sent = httpx.post(url, content=body, headers={"Content-Type": "application/json"})
+    else:
+        sent = httpx.post(url, json=body)
     error = error_of(sent, status)
     assert error["param"] == param and says in error["message"]
 

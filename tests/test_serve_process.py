@@ -27,6 +27,7 @@ FAULT_REQUESTS = 320  # per round; the first round warms up, the second is measu
 # grows now is a leak: keeping what one request allocates (its sequences and their generators,
 # events, logprobs entries and JSON: 25 KB or more) would add 8 MiB over 320 requests.
 RSS_GROWTH_LIMIT = 8 * 2**20
+JSON = {"Content-Type": "application/json"}
 
 
 @pytest.fixture(scope="module")
@@ -61,13 +62,13 @@ async def one_request(client: httpx.AsyncClient, i: int) -> str:
     kind, body, stream = fault_request(i)
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     if not stream:
-        response = await client.post("/v1/completions", content=content)
+        response = await client.post("/v1/completions", content=content, headers=JSON)
         if response.status_code != 200:
             check_error(response)
             return kind
         assert response.json()["object"] == "text_completion"
         return kind
-    async with client.stream("POST", "/v1/completions", content=content) as response:
+    async with client.stream("POST", "/v1/completions", content=content, headers=JSON) as response:
         if response.status_code != 200:
             await response.aread()
             check_error(response)

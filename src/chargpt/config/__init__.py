@@ -1,6 +1,6 @@
-"""Every option, defined once: the dataclasses (`options`), the named presets and how the layers
-of options combine (`presets`), and the outside sources made from them: TOML files and
-command-line flags (`sources`).
+"""Every option, defined once: the dataclasses (`options`, and `serving` for the server), the
+named presets and how the layers of options combine (`presets`), and the outside sources made
+from them: TOML files and command-line flags (`sources`).
 
     from chargpt.config import ModelConfig, TrainConfig, build_configs
 """
@@ -12,13 +12,13 @@ from chargpt.config.options import (
     ModelConfig,
     Quantize,
     SampleConfig,
-    ServeConfig,
     TrainConfig,
     check_quantize_dtype,
     option,
     parse_duration,
 )
 from chargpt.config.presets import build_configs
+from chargpt.config.serving import ServeConfig
 from chargpt.config.sources import from_dict
 
 __all__ = [

@@ -19,6 +19,9 @@ def eval_mode(model: M) -> Iterator[M]:
     """`model` in eval mode (no dropout) inside the block; afterwards, also when the block
     raises, each of its modules is back in the mode it was in."""
     modes = [(module, module.training) for module in model.modules()]
+    if not any(training for _, training in modes):  # eval already: write nothing, since another
+        yield model  # thread (the server's engine) may be running the model meanwhile
+        return
     model.eval()
     try:
         yield model

@@ -7,23 +7,33 @@ included, so a new page or endpoint is one more entry there.
 
 from __future__ import annotations
 
+import asyncio
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from chargpt import __version__
-from chargpt.config import SampleConfig, ServeConfig
-from chargpt.data.tokenizer import CharTokenizer, UnknownCharactersError
-from chargpt.generation.generate import encode_prompt
+from chargpt.config import ServeConfig
 from chargpt.generation.precision import forward_dtype
 from chargpt.runs.directory import WEIGHTS, Run
 from chargpt.serve.engine import Engine
 from chargpt.serve.errors import APIError, install_error_handlers, json_body
 from chargpt.serve.jobs import Job, QueueFull, ShuttingDown, Submission
+from chargpt.serve.limits import build_job, check_model
 from chargpt.serve.metrics import ServeMetrics
-from chargpt.serve.middleware import CountRequests, LimitBodySize, RequireAPIKey
+from chargpt.serve.middleware import (
+    AllowHosts,
+    CountRequests,
+    LimitBodySize,
+    RequireAPIKey,
+    is_loopback,
+)
+from chargpt.serve.openapi import BODY_ERRORS, errors, install_openapi, json_request
+from chargpt.serve.playground import INSPECT_CONCURRENCY, InspectRequest
 from chargpt.serve.playground import router as playground_router
 from chargpt.serve.responses import (
     CLIENT_CLOSED,
@@ -32,15 +42,19 @@ from chargpt.serve.responses import (
     complete_unless_gone,
     event_stream,
 )
-from chargpt.serve.schemas import Completion, CompletionRequest, ModelCard, ModelList
+from chargpt.serve.schemas import Completion, CompletionRequest, Health, ModelCard, ModelList
+from chargpt.serve.tokens import DetokenizeRequest, TokenizeRequest
+from chargpt.serve.tokens import router as tokens_router
 
 router = APIRouter()
-REQUEST_SCHEMA = CompletionRequest.model_json_schema()  # for /docs: the body is parsed by hand
+
+
+REQUEST_BODIES = [CompletionRequest, InspectRequest, TokenizeRequest, DetokenizeRequest]
 
 
 def api_routers() -> list[APIRouter]:
     """Every router the server includes."""
-    return [router, playground_router]
+    return [router, playground_router, tokens_router]
 
 
 def create_app(run: Run, run_dir: Path, settings: ServeConfig) -> FastAPI:
@@ -50,6 +64,7 @@ def create_app(run: Run, run_dir: Path, settings: ServeConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.engine.start()
+        gc.freeze()  # what start-up made lives on: full collections no longer walk it (pauses)
         yield
         app.state.engine.stop(timeout=10)
 
@@ -57,6 +72,7 @@ def create_app(run: Run, run_dir: Path, settings: ServeConfig) -> FastAPI:
     app.state.run = run
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.inspecting = asyncio.Semaphore(INSPECT_CONCURRENCY)
     app.state.model_id = Path(run_dir).resolve().name
     app.state.created = int((Path(run_dir) / WEIGHTS).stat().st_mtime)
     dtype = forward_dtype(run.model, settings.dtype, next(run.model.parameters()).device)
@@ -70,6 +86,7 @@ def create_app(run: Run, run_dir: Path, settings: ServeConfig) -> FastAPI:
         deterministic=settings.deterministic,
     )
     install_error_handlers(app)
+    install_openapi(app, REQUEST_BODIES)
     routers = api_routers()
     for api in routers:
         app.include_router(api)
@@ -77,33 +94,45 @@ def create_app(run: Run, run_dir: Path, settings: ServeConfig) -> FastAPI:
     app.add_middleware(LimitBodySize, max_bytes=settings.max_body_bytes)
     if settings.api_key:
         app.add_middleware(RequireAPIKey, api_key=settings.api_key)
+    if is_loopback(settings.host) or settings.allowed_host:
+        app.add_middleware(AllowHosts, hosts=settings.allowed_host)
     app.add_middleware(CountRequests, metrics=metrics, paths=paths)
     return app
 
 
-@router.get("/health")
-async def health(request: Request) -> dict:
+@router.get(
+    "/health",
+    response_model=Health,
+    responses={503: {"model": Health, "description": "The engine has stopped"}, **errors(400)},
+)
+async def health(request: Request) -> JSONResponse:
+    """200 while the engine runs; 503 once its thread has ended after an error (restart)."""
     engine: Engine = request.app.state.engine
-    return {
-        "status": "ok",
+    body = {
+        "status": "error" if engine.broken else "ok",
         "model": request.app.state.model_id,
         "queued": engine.queued,
         "running": len(engine.running),
     }
+    return JSONResponse(body, 503 if engine.broken else 200)
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    responses={200: {"description": "Prometheus' text format"}, **errors(400)},
+)
 async def prometheus_metrics(request: Request) -> Response:
     metrics: ServeMetrics = request.app.state.metrics
     return Response(metrics.exposition(), media_type=metrics.content_type)
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", responses=errors(400, 401))
 async def list_models(request: Request) -> ModelList:
     return ModelList(data=[model_card(request)])
 
 
-@router.get("/v1/models/{model_id}")
+@router.get("/v1/models/{model_id}", responses=errors(400, 401, 404))
 async def retrieve_model(model_id: str, request: Request) -> ModelCard:
     check_model(model_id, request)
     return model_card(request)
@@ -122,23 +151,20 @@ def model_card(request: Request) -> ModelCard:
     )
 
 
-def check_model(model_id: str, request: Request) -> None:
-    served = request.app.state.model_id
-    if model_id != served:
-        raise APIError(
-            404,
-            f"The model '{model_id}' does not exist: this server serves '{served}'",
-            param="model",
-            code="model_not_found",
-        )
-
-
 @router.post(
     "/v1/completions",
     response_model=None,
-    openapi_extra={"requestBody": {"content": {"application/json": {"schema": REQUEST_SCHEMA}}}},
+    responses={
+        200: {
+            "model": Completion,
+            "description": "The completion; with `stream`, server-sent events of its chunks",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        },
+        **errors(*BODY_ERRORS, 429, 503),
+    },
+    openapi_extra=json_request(CompletionRequest),
 )
-async def create_completion(request: Request) -> Completion | Response:
+async def create_completion(request: Request) -> Response:
     body = await json_body(request, CompletionRequest)
     state = request.app.state
     check_model(body.model, request)
@@ -149,11 +175,13 @@ async def create_completion(request: Request) -> Completion | Response:
     if body.stream:
         events = event_stream(submission, reply, body.include_usage)
         return EventStream(events, on_close=submission.cancel)
-    completion = await complete_unless_gone(submission, reply, request)
-    return completion if completion is not None else Response(status_code=CLIENT_CLOSED)
+    answer = await complete_unless_gone(submission, reply, request)
+    if answer is None:
+        return Response(status_code=CLIENT_CLOSED)
+    return Response(answer, media_type="application/json")
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", status_code=404, responses=errors(400, 401, 404, 413))
 async def chat_completions() -> None:
     raise APIError(
         404,
@@ -161,75 +189,6 @@ async def chat_completions() -> None:
         "not a chat model; send a prompt to POST /v1/completions instead",
         code="unsupported_endpoint",
     )
-
-
-def build_job(body: CompletionRequest, tokenizer: CharTokenizer, settings: ServeConfig) -> Job:
-    """The engine's job for a valid request, after the server's limits and the vocabulary."""
-    config = body.sample_config()
-    prompts = body.prompts
-    check_prompt_length(sum(map(len, prompts)), settings)
-    if config.on_unknown == "error":
-        for i, text in enumerate(prompts):
-            check_known(
-                text, "prompt" if isinstance(body.prompt, str) else f"prompt[{i}]", tokenizer
-            )
-    check_size(len(prompts), config, settings)
-    ids = [encode_prompt(tokenizer, text, config.on_unknown) for text in prompts]
-    return Job(ids, config, body.logprobs, bool(body.echo))
-
-
-def check_prompt_length(length: int, settings: ServeConfig) -> None:
-    """All of a request's prompts together: scoring them with `echo` keeps an entry per
-    character until the answer is sent."""
-    if length > settings.max_prompt_chars:
-        raise APIError(
-            400,
-            f"the prompt has {length} characters, more than this server's limit of "
-            f"{settings.max_prompt_chars} (--max-prompt-chars): send a shorter prompt",
-            param="prompt",
-            code="prompt_too_long",
-        )
-
-
-def check_known(text: str, where: str, tokenizer: CharTokenizer) -> None:
-    try:
-        tokenizer.check_known(text)
-    except UnknownCharactersError as err:
-        raise APIError(
-            400,
-            f'{where} has {err}: remove them, or send "on_unknown": "skip" to drop them',
-            param="prompt",
-            code="unknown_characters",
-        ) from None
-
-
-def check_size(prompts: int, config: SampleConfig, settings: ServeConfig) -> None:
-    """A request's choices must fit the queue, and their characters the per-request limit."""
-    choices = prompts * config.num_samples
-    if choices > settings.max_queue:
-        raise APIError(
-            400,
-            f"this request asks for {choices} choices (prompts x n), more than this server's "
-            f"queue holds ({settings.max_queue}, --max-queue): lower n or send fewer prompts",
-            param="n",
-        )
-    total = choices * config.max_new_tokens
-    limit = settings.max_tokens_limit
-    if total > limit and choices == 1:
-        raise APIError(
-            400,
-            f"max_tokens is {total}, more than this server's limit of {limit} characters per "
-            "request (--max-tokens-limit): lower max_tokens",
-            param="max_tokens",
-        )
-    if total > limit:
-        raise APIError(
-            400,
-            f"this request asks for {choices} choices (prompts x n) x max_tokens "
-            f"{config.max_new_tokens} = {total} characters, more than this server's limit of "
-            f"{limit} (--max-tokens-limit): lower max_tokens or n, or send fewer prompts",
-            param="max_tokens",
-        )
 
 
 def submit(engine: Engine, job: Job, settings: ServeConfig) -> Submission:
@@ -244,5 +203,5 @@ def submit(engine: Engine, job: Job, settings: ServeConfig) -> Submission:
             code="queue_full",
             headers={"Retry-After": "1"},
         ) from None
-    except ShuttingDown:
-        raise APIError(503, "The server is shutting down", "server_error") from None
+    except ShuttingDown as err:
+        raise APIError(503, str(err), "server_error") from None

@@ -63,7 +63,7 @@ class LoopBackend:
             self.decoders[slot].append(torch.tensor([[token]], device=self.device))
 
     def free(self, slot: int) -> None:
-        del self.decoders[slot]
+        self.decoders.pop(slot, None)  # idempotent: a slot whose start failed has no decoder
 
 
 def make_backend(

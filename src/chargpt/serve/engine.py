@@ -44,6 +44,9 @@ from chargpt.serve.metrics import ServeMetrics
 from chargpt.serve.scoring import PromptScore, TokenLogprob, token_logprobs
 
 log = logging.getLogger("chargpt.serve")
+FAILED = "The server had an error while generating this completion"
+STOPPED = "The server is shutting down"
+ENDED = "The server's engine stopped after an internal error: restart the server"
 
 
 @dataclass(eq=False)
@@ -51,7 +54,7 @@ class Prompt:
     """One prompt of a request, shared by its choices."""
 
     ids: list[int]
-    text: str  # as the model reads it
+    text: str  # as echo sends it back
     score: PromptScore | None  # echo with logprobs: the prompt's own log-probabilities
 
 
@@ -101,10 +104,17 @@ class Engine:
         self.incoming: list[Sequence] = []
         self.stopping = False
         self.admitting: Sequence | None = None  # the queued sequence being started
+        self.max_batch = max_batch
+        self.ended = False  # the scheduler thread has finished: stopped or broken
         self.thread = threading.Thread(target=self.run, name="chargpt-engine", daemon=True)
 
     def start(self) -> None:
         self.thread.start()
+
+    @property
+    def broken(self) -> bool:
+        """The scheduler thread ended without being asked to: nothing will be generated."""
+        return self.ended and not self.stopping
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop taking requests; requests still in the engine get a Failure."""
@@ -119,15 +129,15 @@ class Engine:
         seed = resolve_seed(job.config.seed)  # choice i of each prompt uses seed + i
         sequences = []
         for p, ids in enumerate(job.prompts):
-            prompt = self.prompt(ids, job)
+            prompt = self.prompt(ids, job.echoed[p] if job.echoed else None, job)
             for i in range(job.config.num_samples):
                 generator = torch.Generator(device=self.device).manual_seed(seed + i)
                 choice = p * job.config.num_samples + i
                 stop = StopFilter(job.config.stop)
                 sequences.append(Sequence(submission, prompt, choice, generator, stop))
         with self.lock:
-            if self.stopping:
-                raise ShuttingDown
+            if self.stopping or self.ended:
+                raise ShuttingDown(ENDED if self.broken else STOPPED)
             if len(self.incoming) + self.queued + len(sequences) > self.max_queue:
                 raise QueueFull
             self.incoming += sequences
@@ -135,23 +145,45 @@ class Engine:
             self.lock.notify()
         return submission
 
-    def prompt(self, ids: list[int], job: Job) -> Prompt:
+    def prompt(self, ids: list[int], echoed: str | None, job: Job) -> Prompt:
+        """`echoed`: the text echo sends back (None: the text the ids spell)."""
+        text = self.tokenizer.decode(ids) if echoed is None else echoed
         score = None
-        if job.echo and job.logprobs is not None:
+        if job.echo and job.logprobs is not None and text:
             context = self.model.context_length
             score = PromptScore(ids, context, job.logprobs, self.tokenizer.itos)
-        return Prompt(ids, self.tokenizer.decode(ids), score)
+        return Prompt(ids, text, score)
 
     def run(self) -> None:
-        with torch.inference_mode(), autocast(self.device, self.dtype):
-            while self.wait_for_work():
-                try:
-                    self.iterate()
-                except Exception:  # a bug or an out-of-memory: fail these, keep serving
-                    log.exception("engine step failed")
-                    self.fail_current()
-        for seq in [*self.running.values(), *self.queue, *self.incoming]:
-            self.fail(seq, "The server is shutting down")
+        try:
+            with torch.inference_mode(), autocast(self.device, self.dtype):
+                while self.wait_for_work():
+                    try:
+                        self.iterate()
+                    except Exception:  # a bug or an out-of-memory: fail these, keep serving
+                        log.exception("engine step failed")
+                        self.recover()
+        except Exception:  # outside any request: the server must say it can no longer serve
+            log.exception("the engine's thread ended after an error")
+        finally:  # stopped, or (a bug outside any request) broken: nobody is left waiting
+            with self.lock:
+                self.ended = True
+            ending = Failure(STOPPED) if self.stopping else Failure(ENDED, 503)
+            for seq in [*self.running.values(), *self.queue, *self.incoming]:
+                seq.submission.post(ending)
+
+    def recover(self) -> None:
+        """Fail what the broken iteration was working on; if that breaks too, forget every
+        running sequence (their requests still get their error) so the engine goes on."""
+        try:
+            self.fail_current()
+        except Exception:
+            log.exception("engine recovery failed: resetting the batch")
+            for seq in self.running.values():
+                seq.submission.post(Failure(FAILED))
+            self.running.clear()
+            self.free_slots = list(range(self.max_batch))  # sorted: a valid heap
+            self.admitting = None
 
     def fail_current(self) -> None:
         """Fail the sequences an iteration was working on when it broke."""
@@ -160,8 +192,9 @@ class Engine:
             self.queue.remove(self.admitting)
             self.queued = len(self.queue)
             broken.append(self.admitting)
+        self.admitting = None
         for seq in broken:
-            self.fail(seq, "The server had an error while generating this completion")
+            self.fail(seq, FAILED)
 
     def wait_for_work(self) -> bool:
         with self.lock:
@@ -272,11 +305,17 @@ class Engine:
         return False
 
     def release(self, seq: Sequence) -> None:
+        """Take a sequence out of the batch (nothing if it is not in it); its slot is free
+        before the backend forgets it, so that a failing `free` loses no slot."""
+        if self.running.get(seq.slot) is not seq:
+            return
         del self.running[seq.slot]
-        self.backend.free(seq.slot)
         heapq.heappush(self.free_slots, seq.slot)
+        self.backend.free(seq.slot)
 
     def fail(self, seq: Sequence, message: str) -> None:
-        if seq.slot in self.running and self.running[seq.slot] is seq:
-            self.release(seq)
+        """Its request gets the error first, then the sequence (and its request's others, at the
+        next step) leaves."""
         seq.submission.post(Failure(message))
+        seq.submission.cancel()
+        self.release(seq)

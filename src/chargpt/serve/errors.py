@@ -67,8 +67,18 @@ Body = TypeVar("Body", bound=BaseModel)
 
 
 async def json_body(request: Request, model: type[Body]) -> Body:
-    """The request's JSON body as `model`, whatever its Content-Type says (`curl -d` says form
-    data); a body that is not valid JSON or not a valid `model` is a 400."""
+    """The request's JSON body as `model`: a body not declared `application/json` is a 415 (a
+    web page can send text/plain or a form to 127.0.0.1 without asking; JSON it cannot), one
+    that is not valid JSON or not a valid `model` is a 400."""
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        shown = f"'{media_type}'" if media_type else "none"
+        raise APIError(
+            415,
+            f"The request body must be JSON, sent with 'Content-Type: application/json' "
+            f"(got {shown})",
+            code="unsupported_media_type",
+        )
     try:
         return model.model_validate_json(await request.body())
     except ValidationError as err:

@@ -31,6 +31,7 @@ class Finish:
 @dataclass(frozen=True)
 class Failure:
     message: str
+    status: int = 500  # 503: the engine has ended
 
 
 Event = Piece | Finish | Failure
@@ -44,6 +45,7 @@ class Job:
     config: SampleConfig  # num_samples choices per prompt, max_new_tokens each, ...
     logprobs: int | None = None  # how many of the likeliest characters to report (None: none)
     echo: bool = False  # send the prompt first (scored, with logprobs)
+    echoed: list[str] | None = None  # each prompt's text as echoed ("" for an empty prompt)
 
     @property
     def choices(self) -> int:
@@ -55,7 +57,8 @@ class QueueFull(Exception):
 
 
 class ShuttingDown(Exception):
-    """The engine stopped taking requests."""
+    """The engine takes no more requests: it was stopped, or its thread ended after an error
+    (the message says which)."""
 
 
 class Submission:

@@ -1,39 +1,93 @@
-"""ASGI middleware that every route gets: the API key, the body size limit, request counts."""
+"""ASGI middleware that every route gets: the Host allow-list, the API key, the body size limit,
+request counts."""
 
 from __future__ import annotations
 
-import secrets
+from collections.abc import Sequence
+from hashlib import sha256
+from hmac import compare_digest
+from ipaddress import ip_address
 
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from chargpt.serve.errors import openai_error
 from chargpt.serve.metrics import ServeMetrics
 
-PROTECTED = "/v1/"  # what the API key guards; /health and /metrics stay open for probes
+# what the API key guards (the playground's page and files, /health and /metrics stay open)
+PROTECTED = ("/v1/", "/tokenize", "/detokenize", "/tokenizer_info")
 
 
 class RequireAPIKey:
-    """With a key, /v1/ requests need `Authorization: Bearer KEY` (401 otherwise)."""
+    """With a key, /v1/ and tokenizer requests need `Authorization: Bearer KEY` (401 otherwise).
+    Keys are compared as SHA-256 digests of their bytes (UTF-8 for the server's, as sent for
+    the client's), in constant time, so any key a client sends gets an answer, never a 500."""
 
     def __init__(self, app: ASGIApp, api_key: str):
-        self.app, self.api_key = app, api_key
+        self.app, self.digest = app, sha256(api_key.encode()).digest()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not scope["path"].startswith(PROTECTED):
             return await self.app(scope, receive, send)
-        given = Headers(scope=scope).get("authorization", "")
-        scheme, _, key = given.partition(" ")
-        if scheme.lower() == "bearer" and secrets.compare_digest(key.strip(), self.api_key):
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, key = given.partition(b" ")
+        if scheme.lower() == b"bearer" and compare_digest(
+            sha256(key.strip()).digest(), self.digest
+        ):
             return await self.app(scope, receive, send)
         message = (
             "Incorrect API key provided"
             if given
             else "You didn't provide an API key: send it as 'Authorization: Bearer KEY'"
         )
-        response = openai_error(401, message, code="invalid_api_key")
+        headers = {"WWW-Authenticate": "Bearer"}
+        response = openai_error(401, message, code="invalid_api_key", headers=headers)
         await response(scope, receive, send)
+
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listening address is reachable from this machine only."""
+    try:
+        return host == "localhost" or ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class AllowHosts:
+    """Starlette's TrustedHostMiddleware (requests whose Host is not on the list never reach a
+    route: a page rebound to 127.0.0.1 by DNS sends its own name), refusing in OpenAI's shape."""
+
+    def __init__(self, app: ASGIApp, hosts: Sequence[str]):
+        self.app, self.hosts = app, [*LOOPBACK_NAMES, *hosts]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        admitted = False
+
+        async def admit(scope: Scope, receive: Receive, send: Send) -> None:
+            nonlocal admitted
+            admitted = True
+            await self.app(scope, receive, send)
+
+        async def unless_refused(message: Message) -> None:
+            if admitted:  # Starlette's own plain-text refusal is replaced below
+                await send(message)
+
+        check = TrustedHostMiddleware(admit, self.hosts, www_redirect=False)
+        await check(scope, receive, unless_refused)
+        if not admitted:
+            host = Headers(scope=scope).get("host", "")
+            message = (
+                f"This server does not answer to the Host {host!r}: if that name is yours, "
+                "start it with --allowed-host NAME"
+            )
+            await openai_error(400, message, code="invalid_host")(scope, receive, send)
 
 
 class LimitBodySize:

@@ -10,21 +10,24 @@ keep the payload small. Its errors have the completions endpoint's shape.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from chargpt.data.tokenizer import UnknownCharactersError
 from chargpt.generation.inspection import inspect_text, max_text_length
 from chargpt.runs.directory import Run
+from chargpt.serve.encoding import json_in_pieces
 from chargpt.serve.errors import APIError, json_body
+from chargpt.serve.limits import check_known, check_model
+from chargpt.serve.openapi import BODY_ERRORS, errors, json_request
 
 STATIC = Path(__file__).parent / "static"
 ASSETS = {"playground.css": "text/css", "playground.js": "text/javascript"}
 DECIMALS = 3
+INSPECT_CONCURRENCY = 2  # inspections at a time; more wait their turn
 
 router = APIRouter()
 
@@ -42,9 +45,6 @@ class InspectRequest(BaseModel):
     )
 
 
-REQUEST_SCHEMA = InspectRequest.model_json_schema()  # for /docs: the body is parsed by hand
-
-
 @router.get("/", include_in_schema=False)
 def page() -> FileResponse:
     return FileResponse(STATIC / "index.html", media_type="text/html")
@@ -60,9 +60,13 @@ def asset(name: str) -> Response:
 @router.post(
     "/v1/inspect",
     summary="Inspect a text (chargpt extension, not in the OpenAI API)",
-    openapi_extra={"requestBody": {"content": {"application/json": {"schema": REQUEST_SCHEMA}}}},
+    responses={
+        200: {"content": {"application/json": {"schema": {"type": "object"}}}},
+        **errors(*BODY_ERRORS),
+    },
+    openapi_extra=json_request(InspectRequest),
 )
-async def inspect(request: Request) -> dict[str, Any]:
+async def inspect(request: Request) -> Response:
     """What the model computes at every position of `text`. `attention[layer][head][t]` holds
     position t's weights over positions 0..t (the lab's `wei`: softmax(q kᵀ / √head_size),
     causal, before dropout); `top[t]` lists the likeliest characters to follow position t;
@@ -70,19 +74,17 @@ async def inspect(request: Request) -> dict[str, Any]:
     model has no attention: `n_layer` is 0 and `note` says why."""
     body = await json_body(request, InspectRequest)  # as the completions endpoint reads its body
     state = request.app.state
-    if body.model is not None and body.model != state.model_id:
-        raise APIError(
-            404,
-            f"The model '{body.model}' does not exist: this server serves '{state.model_id}'",
-            param="model",
-            code="model_not_found",
-        )
+    check_model(body.model, request)
     check_text(body.text, body.on_unknown, state.run)
-    run = state.run  # the model runs in a worker thread, beside the engine's decode thread
-    seen = await run_in_threadpool(
-        inspect_text, run.model, run.tokenizer, body.text, body.top_k, body.on_unknown
-    )
-    return {"object": "inspection", "model": state.model_id, **seen.to_dict(DECIMALS)}
+    run = state.run
+
+    def answer() -> bytes:  # beside the engine's thread; its JSON is large, written in pieces
+        seen = inspect_text(run.model, run.tokenizer, body.text, body.top_k, body.on_unknown)
+        found = {"object": "inspection", "model": state.model_id, **seen.to_dict(DECIMALS)}
+        return json_in_pieces(found, depth=3)  # attention: each head's rows in one piece
+
+    async with state.inspecting:  # a few at a time: each one is a forward pass and ~MBs of JSON
+        return Response(await run_in_threadpool(answer), media_type="application/json")
 
 
 def check_text(text: str, on_unknown: str, run: Run) -> None:
@@ -99,12 +101,4 @@ def check_text(text: str, on_unknown: str, run: Run) -> None:
             code="context_length_exceeded",
         )
     if on_unknown == "error":
-        try:
-            run.tokenizer.check_known(text)
-        except UnknownCharactersError as err:
-            raise APIError(
-                400,
-                f'text has {err}: remove them, or send "on_unknown": "skip" to drop them',
-                param="text",
-                code="unknown_characters",
-            ) from None
+        check_known(text, "text", "text", run.tokenizer)

@@ -1,24 +1,34 @@
-"""From engine events to OpenAI's completion objects: one JSON response, or server-sent events."""
+"""From engine events to OpenAI's completion objects: one JSON response, or server-sent events.
+
+JSON is written by pydantic-core a choice at a time, and large answers are built in a worker
+thread, so that no answer holds the event loop (and `/health`) for long."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from functools import partial
+from typing import TypeVar
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
+from pydantic_core import to_json
 from starlette.types import Receive, Scope, Send
 
+from chargpt.serve.encoding import json_list
 from chargpt.serve.engine import Failure, Finish, Piece, Submission
 from chargpt.serve.errors import APIError
 from chargpt.serve.schemas import Choice, Completion, Logprobs, Usage
 from chargpt.serve.scoring import TokenLogprob
 
 CLIENT_CLOSED = 499  # the status access logs use for a client that left before the answer
+# characters (with their logprobs entries) past which an answer is built in a worker thread
+LARGE = 4096
+T = TypeVar("T")
+LOGPROBS = list(Logprobs.model_fields)  # tokens, token_logprobs, top_logprobs, text_offset
 
 
 @dataclass
@@ -48,7 +58,7 @@ class Reply:
         if not self.logprobs:
             return None
         entries = entries or []
-        return Logprobs(
+        return Logprobs.model_construct(  # our own values: no validation of every entry
             tokens=[e.token for e in entries],
             token_logprobs=[e.logprob for e in entries],
             top_logprobs=[e.top for e in entries],
@@ -57,11 +67,11 @@ class Reply:
 
 
 def failure_error(failure: Failure) -> APIError:
-    return APIError(500, failure.message, "server_error")
+    return APIError(failure.status, failure.message, "server_error")
 
 
-async def complete(submission: Submission, reply: Reply) -> Completion:
-    """The whole response, once every choice has finished."""
+async def complete(submission: Submission, reply: Reply) -> bytes:
+    """The whole response as JSON, once every choice has finished."""
     count = submission.job.choices
     texts: list[list[str]] = [[] for _ in range(count)]
     entries: list[list[TokenLogprob]] = [[] for _ in range(count)]
@@ -76,21 +86,47 @@ async def complete(submission: Submission, reply: Reply) -> Completion:
         elif isinstance(event, Finish):
             reasons[event.choice] = event.reason
             completion_tokens += event.completion_tokens
-    choices = [
-        Choice(
-            text="".join(texts[i]),
-            index=i,
-            logprobs=reply.logprobs_of(entries[i]),
-            finish_reason=reasons[i],  # type: ignore[arg-type]
-        )
-        for i in range(count)
-    ]
-    return reply.completion(choices, reply.usage(completion_tokens))
+
+    def render() -> bytes:
+        choices = [
+            Choice(
+                text="".join(texts[i]),
+                index=i,
+                logprobs=reply.logprobs_of(entries[i]),
+                finish_reason=reasons[i],  # type: ignore[arg-type]
+            )
+            for i in range(count)
+        ]
+        return completion_json(reply.completion(choices, reply.usage(completion_tokens)))
+
+    size = sum(len(t) for choice in texts for t in choice) + sum(map(len, entries))
+    return await off_the_loop(render) if size > LARGE else render()
+
+
+async def off_the_loop(work: Callable[[], T]) -> T:
+    """Run `work` in a worker thread, leaving the event loop to answer other requests."""
+    return await asyncio.get_running_loop().run_in_executor(None, work)
+
+
+def completion_json(completion: Completion, exclude: set[str] | None = None) -> bytes:
+    """`completion` as JSON, written in pieces (`chargpt.serve.encoding`): a choice at a time,
+    its logprobs lists a few thousand entries at a time."""
+    head = to_json(completion.model_dump(exclude={"choices", *(exclude or ())}))
+    choices = b",".join(choice_json(choice) for choice in completion.choices)
+    return head[:-1] + b',"choices":[' + choices + b"]}"
+
+
+def choice_json(choice: Choice) -> bytes:
+    if choice.logprobs is None:
+        return to_json(choice)
+    head = to_json(choice.model_dump(exclude={"logprobs"}))
+    lists = (to_json(name) + b":" + json_list(getattr(choice.logprobs, name)) for name in LOGPROBS)
+    return head[:-1] + b',"logprobs":{' + b",".join(lists) + b"}}"
 
 
 async def complete_unless_gone(
     submission: Submission, reply: Reply, request: Request
-) -> Completion | None:
+) -> bytes | None:
     """`complete`, or None as soon as the client disconnects (its sequences leave the batch)."""
     answer = asyncio.ensure_future(complete(submission, reply))
     gone = asyncio.ensure_future(disconnected(request))
@@ -110,13 +146,14 @@ async def disconnected(request: Request) -> None:
 
 async def event_stream(
     submission: Submission, reply: Reply, include_usage: bool
-) -> AsyncIterator[str]:
+) -> AsyncIterator[bytes]:
     """Completion chunks as server-sent events, a chunk per piece of text and per finished
     choice, then (if asked) the usage with no choices, then [DONE]."""
     completion_tokens = 0
+    exclude = None if include_usage else {"usage"}  # with include_usage every chunk has `usage`
     async for event in submission.events():
         if isinstance(event, Failure):
-            yield sse(failure_error(event).body())
+            yield sse(to_json(failure_error(event).body()))
             return
         if isinstance(event, Piece):
             logprobs = reply.logprobs_of(event.logprobs)
@@ -129,26 +166,23 @@ async def event_stream(
             choice = Choice(
                 text="", index=event.choice, logprobs=logprobs, finish_reason=event.reason
             )
-        yield sse(chunk(reply.completion([choice]), include_usage))
+        large = isinstance(event, Piece) and len(event.text) > LARGE  # an echoed prompt
+        render = partial(completion_json, reply.completion([choice]), exclude)
+        yield sse(await off_the_loop(render) if large else render())
     if include_usage:
-        yield sse(chunk(reply.completion([], reply.usage(completion_tokens)), True))
-    yield "data: [DONE]\n\n"
+        yield sse(completion_json(reply.completion([], reply.usage(completion_tokens))))
+    yield b"data: [DONE]\n\n"
 
 
-def chunk(completion: Completion, include_usage: bool) -> dict:
-    """With include_usage every chunk has `usage` (null but in the last); without, none has."""
-    return completion.model_dump(exclude=None if include_usage else {"usage"})
-
-
-def sse(data: dict) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+def sse(data: bytes) -> bytes:
+    return b"data: " + data + b"\n\n"
 
 
 class EventStream(StreamingResponse):
     """A text/event-stream response that calls `on_close` however it ends: finished, failed, or
     cut short by a client that went away."""
 
-    def __init__(self, events: AsyncIterator[str], on_close: Callable[[], None]):
+    def __init__(self, events: AsyncIterator[bytes], on_close: Callable[[], None]):
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         super().__init__(events, media_type="text/event-stream", headers=headers)
         self.on_close = on_close

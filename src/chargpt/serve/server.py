@@ -7,6 +7,7 @@ import dataclasses
 import shlex
 import signal
 import socket
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from chargpt.generation.precision import resolve_device
 from chargpt.model.quantize import quantized
 from chargpt.runs.directory import load_run
 from chargpt.serve.app import create_app
+from chargpt.serve.middleware import is_loopback
 
 
 class GracefulServer(uvicorn.Server):
@@ -55,6 +57,8 @@ def serve(run_dir: Path, settings: ServeConfig) -> int:
         log_level="info",
     )
     print(banner(app.state.model_id, settings, listener.getsockname()[1]), flush=True)
+    if warning := exposure_warning(settings):
+        print(warning, file=sys.stderr, flush=True)
     GracefulServer(config).run(sockets=[listener])
     return 0
 
@@ -73,6 +77,16 @@ def bind(host: str, port: int) -> socket.socket:
             f"cannot listen on {host} port {port} ({err.strerror}): choose another --port or --host"
         ) from None
     return listener
+
+
+def exposure_warning(settings: ServeConfig) -> str | None:
+    """What to say when anyone who can reach the address may use the server."""
+    if settings.api_key or is_loopback(settings.host):
+        return None
+    return (
+        f"warning: listening on {settings.host} without an API key: anyone who can reach this "
+        "machine can generate with it; set CHARGPT_API_KEY (or --api-key) to require a key"
+    )
 
 
 def banner(model_id: str, settings: ServeConfig, port: int) -> str:

@@ -51,9 +51,25 @@ function setStatus(message, isError = false) {
 
 class ApiError extends Error {
   constructor(status, message) {
-    super(message);
+    super(pageWords(message));
     this.status = status;
   }
+}
+
+// The server's errors name its API's fields and flags; the page says them with its own labels.
+const PAGE_WORDS = [
+  [/\bmax_tokens\b/g, "Max chars"],
+  [/\btop_p\b/g, "Top-p"],
+  [/\btop_k\b/g, "Top-k"],
+  [/\btemperature\b/g, "Temperature"],
+  [/\bseed\b/g, "Seed"],
+  [/^prompt\b/, "The prompt"],
+  [/, or send "on_unknown": "skip" to drop them/, " from the prompt"],
+  [/ \(--[a-z-]+\)/g, ""], // the server's own flags: not the page's to change
+];
+
+function pageWords(message) {
+  return PAGE_WORDS.reduce((text, [api, page]) => text.replace(api, page), message);
 }
 
 async function api(path, body = undefined, signal = undefined) {
@@ -119,7 +135,10 @@ async function loadModel() {
     const response = await api("/v1/models");
     state.model = (await response.json()).data[0];
   } catch (error) {
-    $("facts").textContent = "The model could not be loaded.";
+    $("facts").textContent =
+      error instanceof ApiError && error.status === 401
+        ? "This server asks for an API key: enter it below to see the model."
+        : "The model could not be loaded.";
     reportError(error);
     return;
   }
@@ -301,6 +320,8 @@ async function inspectWindow(end) {
   state.inspection = inspection;
   state.offset = offset;
   [...$("text").children].forEach((span, i) => span.classList.toggle("outside", !inWindow(i)));
+  $("context-size").textContent = `${inspection.chars.length} characters`;
+  $("text-legend").hidden = false;
   renderInspection();
 }
 
