@@ -89,6 +89,7 @@ def main() -> None:
     parser.add_argument("--run", required=True, type=Path)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent)
     args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)  # else Chromium's save_screenshot fails silently
     with tempfile.TemporaryDirectory() as tmp:
         site = Path(tmp) / "site"
         started = time.perf_counter()
