@@ -27,11 +27,11 @@ from chargpt.errors import ChargptError
 from chargpt.export.onnx_graph import CONFIG_KEY, FORMAT, FORMAT_KEY, VOCAB_KEY
 from chargpt.generation.decoders import window_length
 from chargpt.generation.generate import (
-    StopFilter,
     TextPiece,
     encode_prompt,
     resolve_seed,
     sample_config,
+    text_pieces,
 )
 from chargpt.generation.sampling import sample_next
 from chargpt.model.base import LanguageModel
@@ -137,23 +137,20 @@ def onnx_stream(
     # no KV cache in PyTorch re-reads the last block_size ids for each character: exact mode
     exact = config.long_context == "exact" or not config.kv_cache
     keep = window_length(model.block_size, config.window_keep)
-    filters = [StopFilter(config.stop) for _ in range(config.num_samples)]
-    decoder = OnnxDecoder(model, idx, exact, keep) if config.max_new_tokens else None
-    idx_next = None  # (num_samples, 1): the ids drawn last
-    for _ in range(config.max_new_tokens):
-        if all(f.done for f in filters):  # every sample stopped: no more forward passes
-            break
-        if idx_next is not None:
-            decoder.append(idx_next)
-        idx_next = sample_next(
-            decoder.logits, config.temperature, config.top_k, config.top_p, generators
-        )  # (num_samples, 1)
-        for i, token in enumerate(idx_next[:, 0].tolist()):
-            if not filters[i].done and (text := filters[i].feed(tokenizer.itos[token])):
-                yield TextPiece(i, text)
-    for i, stop_filter in enumerate(filters):
-        if text := stop_filter.flush():
-            yield TextPiece(i, text)
+
+    def steps() -> Iterator[torch.Tensor]:
+        if not config.max_new_tokens:
+            return
+        decoder = OnnxDecoder(model, idx, exact, keep)  # reads the prompt once
+        for step in range(config.max_new_tokens):
+            idx_next = sample_next(
+                decoder.logits, config.temperature, config.top_k, config.top_p, generators
+            )  # (num_samples, 1)
+            yield idx_next
+            if step + 1 < config.max_new_tokens:  # no forward pass for an id nobody reads
+                decoder.append(idx_next)
+
+    yield from text_pieces(steps(), tokenizer, config)
 
 
 def onnx_generate(

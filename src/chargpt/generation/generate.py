@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, NamedTuple
 
 import torch
@@ -182,9 +183,22 @@ def sample_pieces(
         window_keep=config.window_keep,
     )
     dtype = forward_dtype(model, config.dtype, device)
+    # autocast entered per step: the caller's code between pieces runs unaffected
+    yield from text_pieces(steps, tokenizer, config, lambda: autocast(device, dtype))
+
+
+def text_pieces(
+    steps: Iterator[torch.Tensor],
+    tokenizer: CharTokenizer,
+    config: SampleConfig,
+    each_step: Callable[[], AbstractContextManager] = nullcontext,
+) -> Iterator[TextPiece]:
+    """Each sample's new text from the (num_samples, 1) ids of `steps`, through its stop filter;
+    once every sample has stopped, no further step is drawn (no more forward passes). Each
+    step is drawn inside `each_step()` (autocast, for one)."""
     filters = [StopFilter(config.stop) for _ in range(config.num_samples)]
-    while not all(f.done for f in filters):  # every sample stopped: no more forward passes
-        with autocast(device, dtype):  # entered per step: the caller's code runs unaffected
+    while not all(f.done for f in filters):
+        with each_step():
             idx_next = next(steps, None)  # (num_samples, 1)
         if idx_next is None:
             break
