@@ -93,7 +93,10 @@ async def take_lines(response: httpx.Response, limit: int | None):
 
 
 async def fault_run(url: str, requests: int) -> list[str]:
-    limits = httpx.Limits(max_connections=CLIENTS)
+    # A new connection per request: uvicorn closes a connection idle for 5 s, and on a busy
+    # machine a pooled one can wait that long, so that reusing it races the close (a ReadError
+    # that says nothing about the server).
+    limits = httpx.Limits(max_connections=CLIENTS, max_keepalive_connections=0)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
         queue = iter(range(requests))
 
