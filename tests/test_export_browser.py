@@ -20,23 +20,20 @@ import pytest
 pytest.importorskip("onnxruntime")
 webdriver = pytest.importorskip("selenium.webdriver")
 
+import browser_support  # noqa: E402
+from browser_support import chromium, needs_chromium  # noqa: E402
 from export_support import decisive_run  # noqa: E402
-from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 from chargpt.cli.main import main  # noqa: E402
 from chargpt.export import web  # noqa: E402
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(
-    not (CHROMIUM and CHROMEDRIVER), reason="needs Chromium and ChromeDriver (apt: chromium-driver)"
-)
+pytestmark = needs_chromium
 CACHE = Path(tempfile.gettempdir()) / "chargpt-test-cache"
 PROMPT = "abc de"
 LONG = 40  # characters: past the run's block_size of 16, so the window rule restarts the cache
 WAIT = 60  # seconds any one step may take on a busy 2-core machine
+wait = functools.partial(browser_support.wait, timeout=WAIT)
 
 
 @pytest.fixture(scope="module")
@@ -76,32 +73,8 @@ def url(site) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[webdriver.Chrome]:
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    profile = tempfile.mkdtemp(prefix="chargpt-chromium-")
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        f"--user-data-dir={profile}",
-        "--window-size=1280,800",
-    ):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(WAIT)
-    driver.set_script_timeout(WAIT)
-    yield driver
-    driver.quit()
-    shutil.rmtree(profile, ignore_errors=True)
-
-
-def wait(browser, condition, timeout: float = WAIT):
-    return WebDriverWait(browser, timeout, poll_frequency=0.05).until(lambda _: condition())
+    with chromium(WAIT) as driver:
+        yield driver
 
 
 def open_page(browser, url: str) -> None:

@@ -3,8 +3,7 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
+import functools
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,21 +13,18 @@ import pytest
 pytest.importorskip("fastapi")
 webdriver = pytest.importorskip("selenium.webdriver")
 
-from selenium.webdriver.chrome.service import Service  # noqa: E402
+import browser_support  # noqa: E402
+from browser_support import chromium, needs_chromium  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 from serve_support import BLOCK, make_run, serve_subprocess  # noqa: E402
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(
-    not (CHROMIUM and CHROMEDRIVER), reason="needs Chromium and ChromeDriver (apt: chromium-driver)"
-)
+pytestmark = needs_chromium
 
 N_LAYER, N_HEAD = 2, 2  # serve_support.make_run's model
 LONG = 20_000  # characters of the generation that the stop button cuts short
 WAIT = 30  # seconds any one step may take on a busy 2-core machine
+wait = functools.partial(browser_support.wait, timeout=WAIT)
 
 
 @pytest.fixture(scope="module")
@@ -48,31 +44,8 @@ def server(run_dir, tmp_path_factory) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[webdriver.Chrome]:
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    profile = tempfile.mkdtemp(prefix="chargpt-chromium-")
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        f"--user-data-dir={profile}",
-        "--window-size=1280,800",
-    ):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(WAIT)
-    yield driver
-    driver.quit()
-    shutil.rmtree(profile, ignore_errors=True)
-
-
-def wait(browser, condition, timeout: float = WAIT):
-    return WebDriverWait(browser, timeout, poll_frequency=0.05).until(lambda _: condition())
+    with chromium(WAIT) as driver:
+        yield driver
 
 
 def by_id(browser, element_id: str):
