@@ -10,7 +10,8 @@ import torch
 import chargpt.generation.precision as precision
 from chargpt.config import ModelConfig, TrainConfig
 from chargpt.generation.precision import bf16_is_fast, cpu_bf16_speedup, resolve_dtype
-from chargpt.model import GPTLanguageModel
+from chargpt.model import CausalSelfAttention, GPTLanguageModel
+from chargpt.model.cpu_attention import fused_causal_attention
 from chargpt.training.optim import NS_COEFFICIENTS, NS_STEPS, configure_optimizer, newton_schulz
 
 CPU = torch.device("cpu")
@@ -102,3 +103,81 @@ def test_a_trainer_on_a_slow_bf16_cpu_trains_in_fp32(measured, tmp_path) -> None
     trainer = Trainer(model, train, CharDataset.from_text(text, tokenizer), tokenizer, tmp_path)
     assert trainer.dtype == torch.float32
     assert trainer.optimizer.parts["muon"].ns_dtype == torch.float32
+
+
+@pytest.fixture
+def attention_measured(monkeypatch):
+    """Fake the attention timings: `attention_measured(fp32_seconds, bf16_seconds)`."""
+
+    def fake(fp32: float, bf16: float) -> None:
+        timings = {torch.float32: fp32, torch.bfloat16: bf16}
+        monkeypatch.setattr(precision, "attention_seconds", lambda: timings)
+        precision.cpu_bf16_attention_speedup.cache_clear()
+
+    yield fake
+    precision.cpu_bf16_attention_speedup.cache_clear()
+
+
+def attention_dtypes(model: torch.nn.Module) -> set:
+    return {m.attention_dtype for m in model.modules() if isinstance(m, CausalSelfAttention)}
+
+
+@pytest.mark.parametrize(
+    ("fp32", "bf16", "dtype", "expected"),
+    [
+        (0.001, 0.003, torch.bfloat16, torch.float32),  # bf16's backward measured 3x slower
+        (0.003, 0.001, torch.bfloat16, None),  # bf16 measured faster: left in bf16
+        (0.001, 0.003, torch.float32, None),  # no autocast: nothing to change
+    ],
+)
+def test_training_attention_runs_in_fp32_where_bf16s_is_measured_slow(
+    attention_measured, fp32, bf16, dtype, expected
+) -> None:
+    attention_measured(fp32, bf16)
+    model = GPTLanguageModel(ModelConfig(block_size=8, n_embd=16, n_head=2, n_layer=2), 10)
+    precision.set_training_attention_dtype(model, CPU, dtype)
+    assert attention_dtypes(model) == {expected}
+
+
+def test_the_attention_probe_measures_this_machine() -> None:
+    seconds = precision.attention_seconds((2, 2, 16, 8), repeats=2)
+    assert set(seconds) == {torch.float32, torch.bfloat16}
+    assert all(0 < s < 10 for s in seconds.values())
+
+
+def test_fp32_attention_under_bf16_autocast_is_fp32_sdpa_of_the_same_inputs() -> None:
+    """Autocast would cast fp32 inputs back to bf16: the fp32 path computes, and takes the
+    gradient of, exactly what scaled_dot_product_attention does on the inputs made fp32."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 16, 8, dtype=torch.bfloat16, requires_grad=True) for _ in "qkv")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = fused_causal_attention(q, k, v, 0.0, torch.float32)
+    ours.sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    expected = torch.nn.functional.scaled_dot_product_attention(*leaves, is_causal=True)
+    expected.sum().backward()
+    assert ours.dtype == torch.float32
+    assert torch.equal(ours, expected)
+    for grad, leaf in zip(grads, leaves, strict=True):
+        assert grad.dtype == torch.bfloat16
+        assert torch.equal(grad, leaf.grad.to(torch.bfloat16))
+
+
+def test_a_model_with_fp32_attention_stays_causal_and_close_to_bf16s() -> None:
+    torch.manual_seed(0)
+    config = ModelConfig(block_size=16, n_embd=32, n_head=4, n_layer=2, dropout=0.0)
+    model = GPTLanguageModel(config, 20)
+    x = torch.randint(0, 20, (3, 16))
+    changed = x.clone()
+    changed[:, 10:] = (changed[:, 10:] + 1) % 20
+    logits = {}
+    for dtype in (None, torch.float32):
+        for m in model.modules():
+            if isinstance(m, CausalSelfAttention):
+                m.attention_dtype = dtype
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits[dtype], _ = model(x)
+            later, _ = model(changed)
+        torch.testing.assert_close(later[:, :10], logits[dtype][:, :10])  # the past only
+    torch.testing.assert_close(logits[None], logits[torch.float32], atol=0.05, rtol=0.05)

@@ -25,7 +25,8 @@ from chargpt.config import (
     TrainConfig,
     from_dict,
 )
-from chargpt.config.presets import build_configs
+from chargpt.config.budget import describe_recipe
+from chargpt.config.presets import build_configs, resolve_preset
 from chargpt.config.sources import given_fields, load_toml
 from chargpt.data.dataset import load_corpus
 from chargpt.errors import ChargptError
@@ -33,7 +34,7 @@ from chargpt.eval import compare
 from chargpt.eval.counts import count_references
 from chargpt.eval.evaluate import evaluate_run
 from chargpt.generation.generate import TextPiece, encode_prompt, resolve_seed, stream
-from chargpt.generation.precision import resolve_device
+from chargpt.generation.precision import cpu_bf16_speedup, resolve_device
 from chargpt.model.quantize import quantized
 from chargpt.runs.directory import check_new_run_dir, load_run, read_run_config, removed_if_failed
 from chargpt.training.distributed import backend
@@ -62,7 +63,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             )
             return train_and_report(trainer)
     model_config, train_config = build_configs(preset, torch.cuda.is_available(), changes)
-    resolve_device(train_config.device)
+    device = resolve_device(train_config.device)
     dataset, tokenizer, digest = load_corpus(data, args.encoding_errors)
     dataset.check_block_size(model_config.block_size)
     with removed_if_failed(args.out):
@@ -70,12 +71,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         trainer = Trainer(
             model_config, train_config, dataset, tokenizer, args.out, data, data_sha256=digest
         )
-        return train_and_report(trainer)
+        name = resolve_preset(preset, device.type == "cuda")
+        return train_and_report(
+            trainer, describe_recipe(name, model_config, train_config, set(changes))
+        )
 
 
-def train_and_report(trainer: Trainer) -> int:
-    """Run the trainer between one line that describes the run and one that sums it up (under
-    torchrun, the main process alone prints)."""
+def train_and_report(trainer: Trainer, recipe: str = "") -> int:
+    """Run the trainer between the lines that describe the run (and its `recipe`) and one that
+    sums it up (under torchrun, the main process alone prints)."""
     run_dir, dataset = trainer.out_dir, trainer.dataset
 
     def report(message: str) -> None:
@@ -91,8 +95,10 @@ def train_and_report(trainer: Trainer) -> int:
         f"training {trainer.model_config.model} ({trainer.model.num_parameters():,} parameters) "
         f"on {trainer.data_name}: {len(dataset.train):,} train / {len(dataset.val):,} val "
         f"characters, vocabulary {trainer.tokenizer.vocab_size}, device {trainer.device}, "
-        f"{str(trainer.dtype).removeprefix('torch.')}{processes}"
+        f"{str(trainer.dtype).removeprefix('torch.')}{measured_dtype(trainer)}{processes}"
     )
+    if recipe:
+        report(recipe)
     try:
         result = trainer.run()
     finally:
@@ -109,6 +115,13 @@ def train_and_report(trainer: Trainer) -> int:
         f"saved to {run_dir}\nnext: chargpt sample --run {shlex.quote(str(run_dir))}"
     )
     return 0
+
+
+def measured_dtype(trainer: Trainer) -> str:
+    """Why `--dtype auto` chose what it did on a CPU: the start-up matmul timing."""
+    if trainer.cfg.dtype != "auto" or trainer.device.type != "cpu":
+        return ""
+    return f" (a bf16 matmul measured {cpu_bf16_speedup():.2g}x fp32's speed here)"
 
 
 def read_prompt(args: argparse.Namespace) -> str:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from chargpt.config.options import PRESET_WARMUP_FRACTION, ModelConfig, TrainConfig
+from chargpt.config.budget import fit_to_budget, fit_to_steps
+from chargpt.config.options import ModelConfig, TrainConfig
 from chargpt.config.sources import from_dict
 from chargpt.errors import ChargptError
 
@@ -14,10 +15,11 @@ from chargpt.errors import ChargptError
 PRESETS: dict[str, dict[str, Any]] = {
     # The notebook's exact settings: AdamW at a constant 3e-4, no clipping, no schedule.
     "lab": {},
-    # Five minutes on 2 CPU cores, start-up and evaluations included (benchmarks/train_default.py):
+    # Five minutes on 2 CPU cores, start-up and evaluations included (benchmarks/budget.py):
     # a time budget, with the options that each beat the lab's architecture alone in a two-seed
-    # ablation at this budget (benchmarks/recipe.py, docs/recipe.md). A given --max-iters
-    # replaces the time budget.
+    # ablation at this budget (benchmarks/recipe.py, docs/recipe.md). Batch, context, EMA,
+    # warmup and rates are those of chargpt.config.budget's row for the run's time budget
+    # (below: five minutes'); a given --max-iters replaces the time budget.
     "cpu": dict(
         block_size=128,
         n_embd=128,
@@ -93,8 +95,9 @@ def build_configs(
     preset: str, has_gpu: bool, *overrides: dict[str, Any]
 ) -> tuple[ModelConfig, TrainConfig]:
     """Defaults, then the preset, then each override in turn (TOML file, then CLI flags).
-    A step count given (`max_iters`) replaces a preset's time budget (`max_time`), and a
-    preset's warmup is cut to fit a run of few steps (a warmup given is checked, not cut).
+    A step count given (`max_iters`) replaces a preset's time budget (`max_time`). The `cpu`
+    preset's recipe is fitted to the budget, and any preset's warmup and moving average to a
+    run of few steps (chargpt.config.budget); options given are checked, never changed.
     `auto` is `lab` when training runs on a CUDA GPU: the device the overrides name, or for
     device auto, whether a CUDA GPU is available (`has_gpu`)."""
     given: dict[str, Any] = {}
@@ -102,25 +105,16 @@ def build_configs(
         given.update(layer)
     device = str(given.get("device", "auto"))
     on_gpu = has_gpu if device == "auto" else device.startswith("cuda")
-    preset_values = dict(PRESETS[resolve_preset(preset, on_gpu)])
+    name = resolve_preset(preset, on_gpu)
+    preset_values = dict(PRESETS[name])
     if "max_iters" in given and "max_time" not in given:
         preset_values.pop("max_time", None)  # a step count given replaces a preset's time budget
     model_values, train_values = split_overrides({**preset_values, **given})
     model = from_dict(ModelConfig, model_values)
     train = from_dict(TrainConfig, train_values)
-    if "warmup_iters" not in given:  # the preset's (or no) warmup: made to fit a short run
-        train = dataclasses.replace(train, warmup_iters=fitted_warmup(train))
+    if name == "cpu":
+        model, train = fit_to_budget(model, train, set(given))
+    train = dataclasses.replace(train, **fit_to_steps(train, set(given)))
     model.validate()
     train.validate()
     return model, train
-
-
-def fitted_warmup(train: TrainConfig) -> int:
-    """`train`'s warmup, at most PRESET_WARMUP_FRACTION of the steps its schedule covers
-    (lr_decay_iters, fixed when the run starts so that a resumed run follows the same schedule,
-    else max_iters) and no longer than the run. A time budget's step count is unknown until the
-    run ends: its warmup stays as it is."""
-    if train.max_time:
-        return train.warmup_iters
-    steps = train.lr_decay_iters or train.max_iters
-    return min(train.warmup_iters, int(PRESET_WARMUP_FRACTION * steps), train.max_iters)

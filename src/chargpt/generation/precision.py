@@ -5,13 +5,18 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from chargpt.errors import ChargptError
-from chargpt.model import LanguageModel
+from chargpt.model import CausalSelfAttention, LanguageModel
 from chargpt.model.quantize import is_quantized
+
+BOTH = (torch.float32, torch.bfloat16)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -33,28 +38,41 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def matmul_seconds(size: int = 256, repeats: int = 3) -> dict[torch.dtype, float]:
-    """The fastest of `repeats` (size x size) @ (size x size) products in fp32 and in bf16 on
-    one CPU thread (on a busy machine, threads that wait for each other would blur the
-    comparison), taken in turns after one untimed product each (which sets the kernel up)."""
-    pairs = {
-        dtype: (torch.randn(size, size, dtype=dtype),) * 2
-        for dtype in (torch.float32, torch.bfloat16)
-    }
-    times: dict[torch.dtype, list[float]] = {dtype: [] for dtype in pairs}
+def fastest_seconds(jobs: dict[torch.dtype, Callable[[], object]], repeats: int) -> dict:
+    """The fastest of `repeats` runs of each dtype's job on one CPU thread (on a busy machine,
+    threads that wait for each other would blur the comparison), taken in turns after one
+    untimed run each (which sets the kernels up)."""
+    times: dict[torch.dtype, list[float]] = {dtype: [] for dtype in jobs}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for a, b in pairs.values():
-            a @ b
+        for job in jobs.values():
+            job()
         for _ in range(repeats):
-            for dtype, (a, b) in pairs.items():
+            for dtype, job in jobs.items():
                 start = time.perf_counter()
-                a @ b
+                job()
                 times[dtype].append(time.perf_counter() - start)
     finally:
         torch.set_num_threads(threads)
     return {dtype: min(seconds) for dtype, seconds in times.items()}
+
+
+def matmul_seconds(size: int = 256, repeats: int = 3) -> dict[torch.dtype, float]:
+    """Seconds of a (size x size) @ (size x size) product in fp32 and in bf16."""
+    pairs = {dtype: torch.randn(size, size, dtype=dtype) for dtype in BOTH}
+    return fastest_seconds({d: partial(torch.matmul, a, a) for d, a in pairs.items()}, repeats)
+
+
+def attention_seconds(shape: tuple[int, ...] = (8, 4, 64, 32), repeats: int = 3) -> dict:
+    """Seconds of causal attention's forward and backward passes over (B, n_head, T, hs)
+    queries, keys and values in fp32 and in bf16."""
+
+    def forward_backward(dtype: torch.dtype) -> Callable[[], None]:
+        q, k, v = (torch.randn(shape, dtype=dtype, requires_grad=True) for _ in range(3))
+        return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+
+    return fastest_seconds({dtype: forward_backward(dtype) for dtype in BOTH}, repeats)
 
 
 @functools.cache
@@ -65,6 +83,25 @@ def cpu_bf16_speedup() -> float:
     measurement, not CPU flags: an emulated machine and a real one choose alike."""
     seconds = matmul_seconds()
     return seconds[torch.float32] / seconds[torch.bfloat16]
+
+
+@functools.cache
+def cpu_bf16_attention_speedup() -> float:
+    """The same for training's fused attention, measured once per process: on CPUs where bf16
+    matmuls are fast, its bf16 backward pass can still be 2-3x slower than fp32's."""
+    seconds = attention_seconds()
+    return seconds[torch.float32] / seconds[torch.bfloat16]
+
+
+def set_training_attention_dtype(
+    model: nn.Module, device: torch.device, dtype: torch.dtype
+) -> None:
+    """Run `model`'s fused attention in fp32 under bf16 autocast on a CPU where bf16's is
+    measured slower (its backward pass); elsewhere in the projections' dtype."""
+    slow = device.type == "cpu" and dtype == torch.bfloat16 and cpu_bf16_attention_speedup() < 1
+    for module in model.modules():
+        if isinstance(module, CausalSelfAttention):
+            module.attention_dtype = torch.float32 if slow else None
 
 
 def bf16_is_fast(device: torch.device) -> bool:

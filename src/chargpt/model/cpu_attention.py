@@ -1,4 +1,5 @@
-"""Causal self-attention with dropout on a CPU, computed in cache-sized blocks.
+"""Causal self-attention on a CPU: with dropout, computed in cache-sized blocks; without, the
+fused kernel in the dtype training chose for it.
 
 `scaled_dot_product_attention` has a fast fused CPU kernel, but not with dropout: then it builds
 every (T, T) weight matrix of every head at once, far more than the caches hold, and draws the
@@ -7,6 +8,9 @@ path computes the same function a chunk of (batch, head) slices and a block of q
 time, so that each block's weights stay in cache from the scores to the output (and back in the
 backward pass); a block of rows meets only the keys it may see, which skips most of the weights
 the causal mask zeroes; and the dropout mask comes from `torch.rand`, three times cheaper.
+
+Without dropout the fused kernel is fast, except its bf16 backward pass on some CPUs with fast
+bf16 matmuls (2-3x slower than fp32's on an AVX512-BF16 EPYC): there training runs it in fp32.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 CHUNK_BYTES = 4 * 2**20  # fp32 weights of one block of rows for a whole chunk: stays in cache
@@ -104,3 +109,16 @@ def chunked_causal_attention(
     with torch.autocast(q.device.type, enabled=False):  # q, k and v already share a dtype
         y = ChunkedCausalAttention.apply(q, k, v, dropout_p, chunk or slices_per_chunk(T))
     return y.view(B, nh, T, hs)
+
+
+def fused_causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, dtype: torch.dtype | None
+) -> torch.Tensor:
+    """`scaled_dot_product_attention(q, k, v, is_causal=True)` in `dtype` (None: q's) whatever
+    the autocast's: on CPUs where the bf16 kernel's backward pass is slow, training runs it in
+    fp32 (chargpt.generation.precision): (B, nh, T, hs) -> (B, nh, T, hs), in `dtype`."""
+    if dtype is None or dtype == q.dtype:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+    with torch.autocast(q.device.type, enabled=False):  # autocast would cast them back
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)

@@ -19,7 +19,7 @@ from torch.nn import functional as F
 from chargpt.config import ModelConfig
 from chargpt.model.base import LanguageModel
 from chargpt.model.cache import AttentionCache, KVCache
-from chargpt.model.cpu_attention import chunked_causal_attention
+from chargpt.model.cpu_attention import chunked_causal_attention, fused_causal_attention
 from chargpt.model.layers import Rotary, RotaryAngles, make_activation, make_norm, rotate
 
 # the QK-norm of a block's queries and keys, shared by all its heads
@@ -132,6 +132,7 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(n_embd, n_embd)
         self.attn_dropout = dropout
         self.dropout = nn.Dropout(dropout)
+        self.attention_dtype: torch.dtype | None = None  # None: q's (see precision.py)
 
     def forward(
         self,
@@ -154,7 +155,7 @@ class CausalSelfAttention(nn.Module):
             y = chunked_causal_attention(q, k, v, dropout_p)
         elif cache is None:
             # softmax(q k^T / sqrt(hs)) v with the causal mask, in one kernel: (B, n_head, T, hs)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+            y = fused_causal_attention(q, k, v, dropout_p, self.attention_dtype)
         else:
             mask = cache.query_mask(T, x.device)  # None from position 0 or for one query
             causal = mask is None and T > 1

@@ -22,7 +22,8 @@ from chargpt.data.corpus import corpus_name
 from chargpt.data.dataset import CharDataset
 from chargpt.data.files import remove_stale_temporaries
 from chargpt.data.tokenizer import CharTokenizer
-from chargpt.generation.precision import autocast, resolve_device, resolve_dtype, tf32_matmuls
+from chargpt.generation import precision
+from chargpt.generation.precision import tf32_matmuls
 from chargpt.model import LanguageModel, build_model
 from chargpt.runs.directory import LAST, save_run
 from chargpt.runs.metrics import append_metrics, keep_metrics_up_to
@@ -72,19 +73,20 @@ class Trainer:
         self.data_name = corpus_name(data_name) if data_name else ""
         self.data_sha256 = data_sha256
         # under torchrun, join the other processes (a no-op for a plain `chargpt train`)
-        self.world, self.device = init_world(resolve_device(train_config.device))
+        self.world, self.device = init_world(precision.resolve_device(train_config.device))
         # what is left to the start of the run is fixed now, and saved with it
         self.cfg = cfg = dataclasses.replace(
             train_config,
             grad_accum=train_config.grad_accum or self.world.size,  # one micro-batch a process
             lr_decay_iters=train_config.lr_decay_iters or train_config.max_iters,
         )
-        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        self.dtype = precision.resolve_dtype(cfg.dtype, self.device)
         # one batch stream per micro-batch of a step (this process draws its share), dropout's
         streams = micro_batch_streams(cfg.grad_accum, self.world)
         self.random = RandomStreams(cfg.seed, streams, self.world.rank, self.device)
         build = partial(build_model, model_config, tokenizer.vocab_size)
         self.model = self.random.initialise(build).to(self.device)  # the same everywhere
+        precision.set_training_attention_dtype(self.model, self.device, self.dtype)
         if init_weights is not None:  # fine-tuning: a trained run's (chargpt.training.finetune)
             self.model.load_state_dict(init_weights)
         average = get_ema_multi_avg_fn(cfg.ema_decay)
@@ -169,7 +171,7 @@ class Trainer:
                 )
                 # processes exchange gradients only in the last micro-batch's backward pass
                 with gradient_sync(self.forward, now=i == len(generators) - 1):
-                    with autocast(self.device, self.dtype):
+                    with precision.autocast(self.device, self.dtype):
                         _, loss = self.forward(x, y)
                     (loss / len(generators)).backward()  # gradients add up to the mean's
                 total += loss.detach()

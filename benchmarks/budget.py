@@ -1,0 +1,190 @@
+"""The best model in N minutes: chargpt's default recipe against nanoGPT's CPU settings.
+
+For each wall-time budget (start-up, evaluations and the closing sample included), runs
+`chargpt train --max-time T` in a subprocess, with T = 90% of the budget less 6 s (start-up,
+estimates and the closing sample take the rest; 264 s of five minutes), natively and under an
+AVX2-only emulation (`ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2`, where bf16 matmuls are
+~100x slower than fp32). Two recipes, both run by chargpt for the same time:
+
+- `default`: `chargpt train` as a user runs it (the `cpu` preset, its recipe fitted to the budget);
+- `nanogpt`: nanoGPT's README settings for a CPU (4x128, context 64, batch 12, AdamW 1e-3 cosine
+  to 1e-4, warmup 100, GELU, fp32, 20-batch estimates every 250 steps), the cosine following the
+  elapsed fraction of the budget instead of 2,000 steps.
+
+Each row keeps the best lab-style estimate of the val loss (what the run reports), a full pass
+over the validation split with the best weights (untimed, after the run), the steps, the wall
+time and the val curve against wall time. Rows go to `--out`/results.json as they finish (a rerun
+replaces the rows it measures), then budget.md (the table) and budget.png (the curves).
+
+    python benchmarks/budget.py --out docs/results/budget                  # ~90 minutes
+    python benchmarks/budget.py --out /tmp/b --budgets 90s --isas native --recipes default
+    python benchmarks/budget.py --out docs/results/budget --report         # table and plot only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from chargpt.config.options import parse_duration
+from chargpt.data.dataset import load_corpus
+from chargpt.eval.evaluate import evaluate_run
+from chargpt.runs.directory import load_run
+from chargpt.runs.metrics import read_metrics
+from chargpt.viz.plot import new_figure, save_figure
+
+TRAINING_SHARE, START_UP = 0.9, 6.0  # --max-time is 90% of the wall budget less 6 s
+RECIPES: dict[str, list[str]] = {
+    "default": [],
+    "nanogpt": shlex.split(
+        "--preset lab --n-layer 4 --n-head 4 --n-embd 128 --block-size 64 --batch-size 12 "
+        "--dropout 0 --mlp gelu --learning-rate 1e-3 --min-lr 1e-4 --lr-schedule cosine "
+        "--warmup-iters 100 --beta2 0.99 --weight-decay 0.1 --grad-clip 1 --tie-embeddings "
+        "--dtype fp32 --eval-iters 20 --eval-interval 250"
+    ),
+}
+ISAS = {"native": {}, "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}}
+
+
+def run_once(budget: str, recipe: str, isa: str, data: str, workdir: Path) -> dict[str, Any]:
+    """Train one recipe for one budget in a subprocess; the val curve is stamped with wall time
+    as metrics.jsonl grows."""
+    out = workdir / f"{recipe}-{isa}-{budget}"
+    max_time = f"{TRAINING_SHARE * parse_duration(budget) - START_UP:g}s"
+    command = [sys.executable, "-m", "chargpt", "train", "--data", data, "--out", str(out)]
+    command += ["--max-time", max_time, *RECIPES[recipe]]
+    env = {**os.environ, **ISAS[isa]}
+    curve: list[tuple[float, float]] = []
+    header = ""
+    start = time.perf_counter()
+    output = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with subprocess.Popen(command, env=env, **output) as process:
+        assert process.stdout is not None
+        for line in process.stdout:  # a line per estimate (tqdm's \r ends lines too): stamp it
+            if line.startswith("step ") and "val loss" in line:
+                curve.append((time.perf_counter() - start, float(line.rsplit(" ", 1)[1])))
+            elif line.startswith("recipe:"):
+                header = line.strip()
+    wall = time.perf_counter() - start
+    if process.returncode:
+        raise SystemExit(f"{' '.join(command)} failed with exit code {process.returncode}")
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    dataset, _, _ = load_corpus(data)
+    full = evaluate_run(load_run(out, torch.device("cpu")), dataset, torch.device("cpu"))
+    row = {"budget": budget, "recipe": recipe, "isa": isa, "max_time": max_time}
+    steps = read_metrics(out)[-1]["step"]  # config.json's step is the best weights'
+    row.update(wall_s=round(wall, 1), steps=steps, best_step=config["step"], header=header)
+    row.update(best_val=round(config["best_val_loss"], 4), full_val=round(full.full_val.nats, 4))
+    row.update(model=config["model"], train=config["train"], curve=curve)
+    print(
+        f"{budget} {recipe} {isa}: {row['steps']} steps in {row['wall_s']} s, "
+        f"best val {row['best_val']}, full-pass val {row['full_val']}",
+        flush=True,
+    )
+    return row
+
+
+def write_report(results: dict[str, Any], out: Path) -> str:
+    rows = results["rows"]
+    lines = [
+        f"Measured on {results['machine']}, torch {results['torch']} "
+        f"(`python benchmarks/budget.py`). Val loss in nats per character: the best lab estimate "
+        "the run reported, and a full pass over the validation split with those weights.",
+        "",
+        "| budget | CPU | recipe | steps | wall s | best val (estimate) | full-pass val |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    names = [*RECIPES, *(r["recipe"] for r in rows if r["recipe"] not in RECIPES)]
+    order = {name: i for i, name in enumerate([*ISAS, *names])}
+    key = lambda r: (parse_duration(r["budget"]), order[r["isa"]], order[r["recipe"]])  # noqa: E731
+    for r in sorted(rows, key=key):
+        lines.append(
+            f"| {r['budget']} | {r['isa']} | {r['recipe']} | {r['steps']} | {r['wall_s']} "
+            f"| {r['best_val']:.4f} | {r['full_val']:.4f} |"
+        )
+    table = "\n".join(lines) + "\n"
+    (out / "budget.md").write_text(table, encoding="utf-8")
+    plot(rows, out / "budget.png")
+    return table
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Val loss (estimate) against wall time: a colour per recipe, solid native, dashed AVX2."""
+    figure = new_figure(8, 5)
+    axes = figure.add_subplot()
+    for r in sorted(rows, key=lambda r: parse_duration(r["budget"]), reverse=True):
+        if not r["curve"]:
+            continue
+        seconds, losses = zip(*r["curve"], strict=True)
+        color = f"C{sorted({row['recipe'] for row in rows}).index(r['recipe']) % 10}"
+        style = "-" if r["isa"] == "native" else "--"
+        axes.plot(
+            seconds,
+            losses,
+            style,
+            color=color,
+            marker=".",
+            markersize=3,
+            label=f"{r['recipe']}, {r['isa']}, {r['budget']}",
+        )
+    axes.set(xlabel="wall time (s)", ylabel="val loss (estimate, nats/char)", ylim=(1.3, 2.6))
+    axes.set_xscale("log")
+    axes.legend(fontsize=7, ncol=2)
+    save_figure(figure, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="directory for the results")
+    parser.add_argument("--budgets", default="90s,5m,15m", help="wall-time budgets")
+    parser.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated")
+    parser.add_argument("--isas", default=",".join(ISAS), help="native, avx2 (emulated)")
+    parser.add_argument("--data", default="shakespeare", help="corpus (default: shakespeare)")
+    parser.add_argument("--report", action="store_true", help="only write the table and plot")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=FLAGS",
+        help="also a recipe of your own: `chargpt train` flags, e.g. 'small=--batch-size 16'",
+    )
+    args = parser.parse_args()
+    for variant in args.variant:
+        name, _, flags = variant.partition("=")
+        RECIPES[name] = shlex.split(flags)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "results.json"
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    results = {"machine": machine, "torch": torch.__version__, "rows": []}
+    if path.exists():
+        results = json.loads(path.read_text(encoding="utf-8"))
+    if not args.report:
+        with tempfile.TemporaryDirectory() as workdir:
+            for budget in args.budgets.split(","):
+                for isa in args.isas.split(","):
+                    for recipe in args.recipes.split(","):
+                        row = run_once(budget, recipe, isa, args.data, Path(workdir))
+                        same = (budget, recipe, isa)
+                        kept = [
+                            r
+                            for r in results["rows"]
+                            if (r["budget"], r["recipe"], r["isa"]) != same
+                        ]
+                        results["rows"] = [*kept, row]
+                        path.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    print(write_report(results, args.out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""The `cpu` preset's recipe fitted to the run's budget.
+
+The settings that give the best model in 90 seconds are not those of 15 minutes: a short run
+needs many small steps (a small batch and context) and no moving average; a long one gains from
+larger batches and a slow average. With a time budget (`max_time`), the preset's batch size,
+context, EMA decay, warmup and learning rates come from the row of `BUDGET_TABLE` for that many
+seconds of training, measured with benchmarks/budget.py (docs/recipe.md). With a step budget
+(`max_iters`), the warmup and the average's horizon are cut to fit the steps. An option given
+(TOML file or flag) always wins over the table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from chargpt.config.options import (
+    PRESET_WARMUP_FRACTION,
+    ModelConfig,
+    TrainConfig,
+    parse_duration,
+)
+
+# a step budget's moving average spans at most this fraction of its steps (as the 5-minute row's)
+EMA_HORIZON_FRACTION = 0.2
+
+
+@dataclass(frozen=True)
+class BudgetRow:
+    """The recipe for time budgets of up to `up_to_seconds` of training."""
+
+    up_to_seconds: float
+    batch_size: int
+    block_size: int
+    ema_decay: float
+    warmup_iters: int
+    learning_rate: float
+    muon_lr: float
+
+    def settings(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k != "up_to_seconds"}
+
+
+# measured on 2 cores of an AMD EPYC (docs/recipe.md): at 90 s of wall time, many small steps
+# and no average; from 5 minutes on, the five-minute ablation's settings (at 15 minutes, batch
+# 64 with a slower average tied with them, and weight decay 0.5 lost)
+BUDGET_TABLE = (
+    BudgetRow(150, 16, 64, 0.0, 30, 3e-3, 0.02),
+    BudgetRow(math.inf, 32, 128, 0.995, 100, 3e-3, 0.02),
+)
+
+
+def budget_row(seconds: float) -> BudgetRow:
+    return next(row for row in BUDGET_TABLE if seconds <= row.up_to_seconds)
+
+
+def fit_to_budget(
+    model: ModelConfig, train: TrainConfig, given: set[str]
+) -> tuple[ModelConfig, TrainConfig]:
+    """The `cpu` preset's configs with the table's row for their time budget in place of every
+    setting not `given`."""
+    if not train.max_time:
+        return model, train
+    row = budget_row(parse_duration(train.max_time))
+    fitted = {k: v for k, v in row.settings().items() if k not in given}
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    in_model = {k: v for k, v in fitted.items() if k in model_fields}
+    in_train = {k: v for k, v in fitted.items() if k not in model_fields}
+    return dataclasses.replace(model, **in_model), dataclasses.replace(train, **in_train)
+
+
+def fit_to_steps(train: TrainConfig, given: set[str]) -> dict[str, Any]:
+    """For a step budget: the warmup cut to PRESET_WARMUP_FRACTION of the steps the schedule
+    covers (lr_decay_iters, fixed when the run starts so that a resumed run follows the same
+    schedule, else max_iters) and never longer than the run; the moving average's horizon,
+    1 / (1 - decay) steps, cut to EMA_HORIZON_FRACTION of the steps (off under 2 steps).
+    A time budget's step count is unknown until the run ends: its settings stay as they are."""
+    if train.max_time:
+        return {}
+    changes: dict[str, Any] = {}
+    steps = train.lr_decay_iters or train.max_iters
+    if "warmup_iters" not in given:
+        warmup = int(PRESET_WARMUP_FRACTION * steps)
+        changes["warmup_iters"] = min(train.warmup_iters, warmup, train.max_iters)
+    horizon = EMA_HORIZON_FRACTION * train.max_iters
+    if "ema_decay" not in given and train.ema_decay and 1 / (1 - train.ema_decay) > horizon:
+        changes["ema_decay"] = 1 - 1 / horizon if horizon >= 2 else 0.0
+    return changes
+
+
+def describe_recipe(preset: str, model: ModelConfig, train: TrainConfig, given: set[str]) -> str:
+    """One line for the run's header: the recipe's settings, and what they were fitted to."""
+    ema = f"EMA {train.ema_decay:g}" if train.ema_decay else "no EMA"
+    muon = f", Muon {train.muon_lr:g}" if train.optimizer == "muon" else ""
+    settings = (
+        f"batch {train.batch_size} x context {model.block_size}, {ema}, "
+        f"warmup {train.warmup_iters} steps, lr {train.learning_rate:g}{muon}"
+    )
+    if not train.max_time:
+        why = f"{train.max_iters} steps: warmup and EMA fitted to them"
+    elif preset == "cpu":
+        row = budget_row(parse_duration(train.max_time))
+        index = BUDGET_TABLE.index(row)
+        lower = BUDGET_TABLE[index - 1].up_to_seconds if index else 0.0
+        span = (
+            f"over {lower:g}" if math.isinf(row.up_to_seconds) else f"up to {row.up_to_seconds:g}"
+        )
+        why = f"{train.max_time} of training: the row for {span} s of docs/recipe.md's table"
+    else:
+        why = f"{train.max_time} of training: the {preset} preset's settings"
+    chosen = sorted(given & set(BudgetRow.__dataclass_fields__))
+    return f"recipe: {settings} ({why}{'; given: ' + ', '.join(chosen) if chosen else ''})"
