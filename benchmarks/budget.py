@@ -120,27 +120,24 @@ def write_report(results: dict[str, Any], out: Path) -> str:
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    """Val loss (estimate) against wall time: a colour per recipe, solid native, dashed AVX2."""
-    figure = new_figure(8, 5)
-    axes = figure.add_subplot()
-    for r in sorted(rows, key=lambda r: parse_duration(r["budget"]), reverse=True):
-        if not r["curve"]:
-            continue
-        seconds, losses = zip(*r["curve"], strict=True)
-        color = f"C{sorted({row['recipe'] for row in rows}).index(r['recipe']) % 10}"
-        style = "-" if r["isa"] == "native" else "--"
-        axes.plot(
-            seconds,
-            losses,
-            style,
-            color=color,
-            marker=".",
-            markersize=3,
-            label=f"{r['recipe']}, {r['isa']}, {r['budget']}",
-        )
-    axes.set(xlabel="wall time (s)", ylabel="val loss (estimate, nats/char)", ylim=(1.3, 2.6))
-    axes.set_xscale("log")
-    axes.legend(fontsize=7, ncol=2)
+    """Val loss (estimate) against wall time, a panel per budget: a colour per recipe, solid
+    native, dashed AVX2."""
+    budgets = sorted({r["budget"] for r in rows}, key=parse_duration)
+    recipes = sorted({r["recipe"] for r in rows})
+    figure = new_figure(4 * len(budgets), 4.5)
+    for i, budget in enumerate(budgets):
+        axes = figure.add_subplot(1, len(budgets), i + 1)
+        for r in (r for r in rows if r["budget"] == budget and r["curve"]):
+            seconds, losses = zip(*r["curve"], strict=True)
+            style = "-" if r["isa"] == "native" else "--"
+            color = f"C{recipes.index(r['recipe']) % 10}"
+            label = f"{r['recipe']}, {r['isa']}"
+            axes.plot(seconds, losses, style, color=color, marker=".", markersize=3, label=label)
+        axes.set(title=f"{budget} of wall time", xlabel="wall time (s)", ylim=(1.4, 2.4))
+        axes.grid(alpha=0.3)
+        if i == 0:
+            axes.set_ylabel("val loss (lab estimate, nats/char)")
+            axes.legend(fontsize=8)
     save_figure(figure, path)
 
 

@@ -100,7 +100,9 @@ def test_the_header_says_what_was_chosen_and_why() -> None:
     assert f"75s of training: the row for up to {row.up_to_seconds:g} s" in line
     assert line.endswith("given: batch_size)")
     model, train = build_configs("cpu", False, {"max_iters": 50})
-    assert "50 steps: warmup and EMA fitted to them" in describe_recipe("cpu", model, train, set())
+    line = describe_recipe("cpu", model, train, set())
+    assert "warmup 5 steps" in line and "EMA 0.9," in line  # a tenth; a horizon of 10 steps
+    assert "50 steps: the cpu preset's, warmup and EMA at most 10%/20% of them" in line
 
 
 def test_a_time_budget_run_prints_its_recipe_and_measured_precision(tmp_path, capsys) -> None:

@@ -99,7 +99,10 @@ def describe_recipe(preset: str, model: ModelConfig, train: TrainConfig, given: 
         f"warmup {train.warmup_iters} steps, lr {train.learning_rate:g}{muon}"
     )
     if not train.max_time:
-        why = f"{train.max_iters} steps: warmup and EMA fitted to them"
+        cuts = f"{PRESET_WARMUP_FRACTION:.0%}/{EMA_HORIZON_FRACTION:.0%}"
+        why = (
+            f"{train.max_iters} steps: the {preset} preset's, warmup and EMA at most {cuts} of them"
+        )
     elif preset == "cpu":
         row = budget_row(parse_duration(train.max_time))
         index = BUDGET_TABLE.index(row)
@@ -110,5 +113,5 @@ def describe_recipe(preset: str, model: ModelConfig, train: TrainConfig, given: 
         why = f"{train.max_time} of training: the row for {span} s of docs/recipe.md's table"
     else:
         why = f"{train.max_time} of training: the {preset} preset's settings"
-    chosen = sorted(given & set(BudgetRow.__dataclass_fields__))
+    chosen = sorted(given & {f.name for f in dataclasses.fields(BudgetRow)})
     return f"recipe: {settings} ({why}{'; given: ' + ', '.join(chosen) if chosen else ''})"
