@@ -16,7 +16,10 @@ from chargpt.errors import ChargptError
 from chargpt.runs.directory import LAST, load_run
 from chargpt.training.distributed import World, backend, init_world, micro_batch_streams
 
+# Runs started apart measure their precision apart (TrainingPrecision): on a CPU where bf16 and
+# fp32 time alike, they could choose differently, so runs compared here compute in fp32.
 TINY = ["--preset", "tiny", "--max-iters", "8", "--eval-interval", "4", "--sample-chars", "0"]
+TINY += ["--dtype", "fp32"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes on two cores
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 TWO_PROCESSES = (*TORCHRUN, "--standalone", "--nproc_per_node", "2")
@@ -76,7 +79,7 @@ def test_a_two_process_run_resumes_in_one_process_on_the_same_batches(tmp_path):
     ddp, straight = tmp_path / "ddp", tmp_path / "straight"
     # the schedule of 8 steps from the start, so that 4 + 4 steps follow it as 8 straight do
     schedule = ["--warmup-iters", "4", "--lr-decay-iters", "8"]
-    half = ["--preset", "tiny", "--max-iters", "4", "--eval-interval", "4", "--sample-chars", "0"]
+    half = [*TINY, "--max-iters", "4"]  # the later flag wins
     finish(chargpt("train", "--out", str(ddp), *half, *schedule, launcher=TWO_PROCESSES))
     finish(chargpt("train", "--resume", str(ddp), "--max-iters", "8"))
     finish(chargpt("train", "--out", str(straight), *TINY, *schedule, "--grad-accum", "2"))

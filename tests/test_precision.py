@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import chargpt.generation.precision as precision
 from chargpt.config import ModelConfig, TrainConfig
-from chargpt.generation.precision import bf16_is_fast, cpu_bf16_speedup, resolve_dtype
+from chargpt.generation.precision import (
+    TrainingPrecision,
+    bf16_is_fast,
+    cpu_bf16_speedup,
+    resolve_dtype,
+)
 from chargpt.model import CausalSelfAttention, GPTLanguageModel
 from chargpt.model.cpu_attention import fused_causal_attention
+from chargpt.training.distributed import World, agreed_precision
 from chargpt.training.optim import NS_COEFFICIENTS, NS_STEPS, configure_optimizer, newton_schulz
 
 CPU = torch.device("cpu")
@@ -125,9 +133,9 @@ def attention_dtypes(model: torch.nn.Module) -> set:
 @pytest.mark.parametrize(
     ("fp32", "bf16", "dtype", "expected"),
     [
-        (0.001, 0.003, torch.bfloat16, torch.float32),  # bf16's backward measured 3x slower
-        (0.003, 0.001, torch.bfloat16, None),  # bf16 measured faster: left in bf16
-        (0.001, 0.003, torch.float32, None),  # no autocast: nothing to change
+        (0.001, 0.003, "bf16", torch.float32),  # bf16's backward measured 3x slower
+        (0.003, 0.001, "bf16", None),  # bf16 measured faster: left in bf16
+        (0.001, 0.003, "fp32", None),  # no autocast: nothing to change
     ],
 )
 def test_training_attention_runs_in_fp32_where_bf16s_is_measured_slow(
@@ -135,8 +143,43 @@ def test_training_attention_runs_in_fp32_where_bf16s_is_measured_slow(
 ) -> None:
     attention_measured(fp32, bf16)
     model = GPTLanguageModel(ModelConfig(block_size=8, n_embd=16, n_head=2, n_layer=2), 10)
-    precision.set_training_attention_dtype(model, CPU, dtype)
+    chosen = TrainingPrecision.measured(dtype, CPU)
+    chosen.apply(model)
+    assert chosen.attention == expected
     assert attention_dtypes(model) == {expected}
+
+
+@pytest.mark.parametrize("attention", [None, torch.float32, torch.bfloat16])
+def test_a_training_precision_survives_json_and_codes(attention) -> None:
+    chosen = TrainingPrecision(torch.bfloat16, attention, torch.float32)
+    assert TrainingPrecision.from_json(json.loads(json.dumps(chosen.to_json()))) == chosen
+    assert TrainingPrecision.from_codes(chosen.to_codes()) == chosen
+    assert chosen.to_json()["autocast"] == "bf16"  # --dtype's names
+
+
+@pytest.mark.parametrize(
+    "saved",
+    [
+        {},
+        {"autocast": "fp16", "attention": None, "newton_schulz": "fp32"},
+        {"autocast": None, "attention": None, "newton_schulz": "fp32"},
+    ],
+)
+def test_a_training_precision_refuses_what_to_json_did_not_write(saved) -> None:
+    with pytest.raises((KeyError, ValueError)):
+        TrainingPrecision.from_json(saved)
+
+
+def test_every_process_takes_rank_0s_precision(measured, attention_measured, monkeypatch):
+    """Each process's timings could fall either side of a choice; rank 0's decide for all.
+    Here rank 1 would measure bf16 slow, and takes rank 0's bf16 all the same."""
+    measured(fp32=0.001, bf16=0.05)
+    attention_measured(0.001, 0.003)
+    rank0 = TrainingPrecision(torch.bfloat16, torch.float32, torch.bfloat16)
+    monkeypatch.setattr(dist, "broadcast", lambda codes, src: codes.copy_(rank0.to_codes()))
+    rank1 = World(rank=1, local_rank=1, size=2)
+    assert agreed_precision("auto", CPU, rank1) == rank0
+    assert agreed_precision("auto", CPU, World()).autocast == torch.float32  # its own
 
 
 def test_the_attention_probe_measures_this_machine() -> None:
@@ -181,3 +224,26 @@ def test_a_model_with_fp32_attention_stays_causal_and_close_to_bf16s() -> None:
             later, _ = model(changed)
         torch.testing.assert_close(later[:, :10], logits[dtype][:, :10])  # the past only
     torch.testing.assert_close(logits[None], logits[torch.float32], atol=0.05, rtol=0.05)
+
+
+def test_a_resumed_run_keeps_its_precision_unless_given_a_dtype(
+    measured, attention_measured, tmp_path
+) -> None:
+    """Resumed elsewhere (here: bf16 now measured slow), a run computes as it did; a given
+    --dtype, `auto` included, decides again."""
+    from chargpt.cli.main import main
+    from chargpt.training.resume import resume_run
+
+    measured(fp32=0.001, bf16=0.0005)
+    attention_measured(0.001, 0.003)
+    run = tmp_path / "run"
+    small = ["--block-size", "8", "--n-embd", "16", "--n-layer", "1", "--batch-size", "4"]
+    flags = ["--preset", "tiny", *small, "--max-iters", "2", "--optimizer", "muon"]
+    assert main(["train", "--out", str(run), *flags, "--sample-chars", "0"]) == 0
+    measured(fp32=0.001, bf16=0.05)
+    resumed = resume_run(run, max_iters=4)
+    assert resumed.precision == TrainingPrecision(torch.bfloat16, torch.float32, torch.bfloat16)
+    assert attention_dtypes(resumed.model) == {torch.float32}
+    assert resumed.optimizer.parts["muon"].ns_dtype == torch.bfloat16
+    again = resume_run(run, max_iters=4, dtype="auto")
+    assert again.precision == TrainingPrecision(torch.float32, None, torch.float32)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import time
 from collections.abc import Callable, Iterator
@@ -17,6 +18,8 @@ from chargpt.model import CausalSelfAttention, LanguageModel
 from chargpt.model.quantize import is_quantized
 
 BOTH = (torch.float32, torch.bfloat16)
+DTYPE_NAMES = {None: None, torch.float32: "fp32", torch.bfloat16: "bf16"}  # --dtype's names
+CODES = tuple(DTYPE_NAMES)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -93,17 +96,6 @@ def cpu_bf16_attention_speedup() -> float:
     return seconds[torch.float32] / seconds[torch.bfloat16]
 
 
-def set_training_attention_dtype(
-    model: nn.Module, device: torch.device, dtype: torch.dtype
-) -> None:
-    """Run `model`'s fused attention in fp32 under bf16 autocast on a CPU where bf16's is
-    measured slower (its backward pass); elsewhere in the projections' dtype."""
-    slow = device.type == "cpu" and dtype == torch.bfloat16 and cpu_bf16_attention_speedup() < 1
-    for module in model.modules():
-        if isinstance(module, CausalSelfAttention):
-            module.attention_dtype = torch.float32 if slow else None
-
-
 def bf16_is_fast(device: torch.device) -> bool:
     """Whether bf16 matmuls are at least as fast as fp32 ones on `device` (for the autocast of
     `--dtype auto` and Muon's orthogonalisation): on a GPU that supports bf16, or on a CPU
@@ -119,7 +111,60 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         return torch.float32
     if name == "bf16":
         return torch.bfloat16
+    return fastest_dtype(device)
+
+
+def fastest_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where `bf16_is_fast`, else fp32."""
     return torch.bfloat16 if bf16_is_fast(device) else torch.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingPrecision:
+    """The dtypes of one training run, decided once at its start (measured, for `--dtype auto`)
+    and saved with it: a resumed run, and every process of a multi-process one, computes in the
+    same dtypes, although each process's timings differ and may fall either side of a choice."""
+
+    autocast: torch.dtype  # the projections' (fp32: no autocast)
+    attention: torch.dtype | None  # the fused attention's; None: its inputs'
+    newton_schulz: torch.dtype  # Muon's orthogonalisation
+
+    def __post_init__(self) -> None:
+        if self.autocast not in BOTH or self.newton_schulz not in BOTH:
+            raise ValueError(f"no training precision: {self}")
+
+    @classmethod
+    def measured(cls, name: str, device: torch.device) -> TrainingPrecision:
+        """`name`'s autocast (see resolve_dtype); attention in fp32 under bf16 autocast on a
+        CPU where bf16's fused attention is measured slower (its backward pass); Newton-Schulz
+        in bf16 where bf16 matmuls are fast."""
+        autocast = resolve_dtype(name, device)
+        slow = autocast == torch.bfloat16 and device.type == "cpu"
+        slow = slow and cpu_bf16_attention_speedup() < 1
+        return cls(autocast, torch.float32 if slow else None, fastest_dtype(device))
+
+    def apply(self, model: nn.Module) -> None:
+        """Set the attention dtype of `model`'s layers."""
+        for module in model.modules():
+            if isinstance(module, CausalSelfAttention):
+                module.attention_dtype = self.attention
+
+    def to_json(self) -> dict[str, str | None]:
+        return {name: DTYPE_NAMES.get(dtype) for name, dtype in vars(self).items()}
+
+    @classmethod
+    def from_json(cls, saved: dict[str, str | None]) -> TrainingPrecision:
+        """Undo `to_json`; KeyError for anything it did not write."""
+        dtypes = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+        return cls(**{f.name: dtypes[saved[f.name]] for f in dataclasses.fields(cls)})
+
+    def to_codes(self) -> torch.Tensor:
+        """As a tensor of small integers, for collectives (see from_codes)."""
+        return torch.tensor([CODES.index(dtype) for dtype in vars(self).values()])
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor) -> TrainingPrecision:
+        return cls(*(CODES[int(code)] for code in codes))
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from chargpt.errors import ChargptError
+from chargpt.generation.precision import TrainingPrecision
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,21 @@ def all_reduce(values: torch.Tensor, world: World, op: str = "sum") -> torch.Ten
     if world.distributed:
         dist.all_reduce(values, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return values
+
+
+def from_rank0(values: torch.Tensor, world: World) -> torch.Tensor:
+    """Rank 0's copy of a tensor, on every process; `values` itself in a world of one."""
+    if world.distributed:
+        dist.broadcast(values, src=0)
+    return values
+
+
+def agreed_precision(dtype: str, device: torch.device, world: World) -> TrainingPrecision:
+    """The TrainingPrecision rank 0 measures, on every process: each process's own timings
+    could fall either side of a choice, and then the processes would compute differently."""
+    placeholder = TrainingPrecision(torch.float32, None, torch.float32)  # replaced by rank 0's
+    mine = TrainingPrecision.measured(dtype, device) if world.is_main else placeholder
+    return TrainingPrecision.from_codes(from_rank0(mine.to_codes(), world))
 
 
 def all_gather(tensor: torch.Tensor, world: World) -> list[torch.Tensor]:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from chargpt.config import TrainConfig
-from chargpt.generation.precision import bf16_is_fast
+from chargpt.generation.precision import fastest_dtype
 from chargpt.model import CausalSelfAttention, LanguageModel
 
 # Keller Jordan's quintic Newton-Schulz coefficients and step count, as torch.optim.Muon's
@@ -92,9 +92,7 @@ def configure_optimizer(
         for module in model.modules()
         if isinstance(module, CausalSelfAttention)
     }
-    if ns_dtype is None:
-        fast = bf16_is_fast(next(model.parameters()).device)
-        ns_dtype = torch.bfloat16 if fast else torch.float32
+    ns_dtype = ns_dtype or fastest_dtype(next(model.parameters()).device)
     muon = Muon(hidden, cfg.muon_lr, cfg.weight_decay, ns_dtype=ns_dtype, block_rows=head_rows)
     return Optimizers(adamw=adamw, muon=muon)
 

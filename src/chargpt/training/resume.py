@@ -14,7 +14,7 @@ from chargpt.config import ModelConfig, TrainConfig, from_dict, parse_duration
 from chargpt.config.presets import split_overrides
 from chargpt.data.dataset import load_corpus
 from chargpt.errors import ChargptError
-from chargpt.generation.precision import resolve_device
+from chargpt.generation.precision import TrainingPrecision, resolve_device
 from chargpt.runs.directory import LAST, read_run_config, run_configs
 from chargpt.training.state import load_trainer_state
 from chargpt.training.trainer import Trainer
@@ -54,6 +54,14 @@ def resume_configs(
             f"and training recipe; only {allowed} may change): start a new run with --out instead"
         )
     return new_model, new_train
+
+
+def saved_precision(state: dict[str, Any], changes: dict[str, Any]) -> TrainingPrecision | None:
+    """The dtypes the run trained in, so that it goes on computing as it did (on another
+    machine too), unless `changes` give a dtype, `auto` included: then they are decided again,
+    as for a run saved before they were."""
+    saved = state.get("precision")
+    return None if saved is None or "dtype" in changes else TrainingPrecision.from_json(saved)
 
 
 def check_not_finished(
@@ -96,6 +104,7 @@ def resume_run(
     try:
         saved_train = from_dict(TrainConfig, state["train"])
         step, train_time = int(state["step"]), float(state["train_time"])
+        precision = saved_precision(state, changes)
     except (KeyError, TypeError, ValueError, ChargptError) as err:
         raise ChargptError(f"{run_dir / LAST} is invalid ({err}): start a new run") from None
     model_config, train_config = resume_configs(model_config, saved_train, changes)
@@ -112,8 +121,7 @@ def resume_run(
             "differs): pass the original corpus with --data"
         )
     dataset.check_block_size(model_config.block_size)
-    trainer = Trainer(
-        model_config, train_config, dataset, tokenizer, run_dir, str(data), data_sha256=digest
-    )
+    data_config = dict(data_name=str(data), data_sha256=digest, precision=precision)
+    trainer = Trainer(model_config, train_config, dataset, tokenizer, run_dir, **data_config)
     trainer.restore(tensors, state)
     return trainer

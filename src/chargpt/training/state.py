@@ -120,7 +120,7 @@ def save_trainer_state(path: Path, state: dict[str, Any], world: World) -> None:
     scalars = {name: state[name] for name in COUNTERS}
     scalars.update(model=state["model_config"], train=state["train_config"])
     groups = {part: saved["param_groups"] for part, saved in state["optimizer"].items()}
-    scalars.update(optimizer_groups=groups)
+    scalars.update(optimizer_groups=groups, precision=state["precision"])
     header = {"format": "pt", STATE_KEY: json.dumps({"format_version": FORMAT_VERSION, **scalars})}
     if world.is_main:
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp), header))

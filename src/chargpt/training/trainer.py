@@ -22,13 +22,13 @@ from chargpt.data.corpus import corpus_name
 from chargpt.data.dataset import CharDataset
 from chargpt.data.files import remove_stale_temporaries
 from chargpt.data.tokenizer import CharTokenizer
-from chargpt.generation import precision
-from chargpt.generation.precision import tf32_matmuls
+from chargpt.generation.precision import TrainingPrecision, autocast, resolve_device, tf32_matmuls
 from chargpt.model import LanguageModel, build_model
 from chargpt.runs.directory import LAST, save_run
 from chargpt.runs.metrics import append_metrics, keep_metrics_up_to
 from chargpt.training.clock import TrainingClock
 from chargpt.training.distributed import (
+    agreed_precision,
     all_reduce,
     barrier,
     close_world,
@@ -65,6 +65,7 @@ class Trainer:
         data_name: str = "",
         data_sha256: str = "",
         init_weights: dict[str, torch.Tensor] | None = None,
+        precision: TrainingPrecision | None = None,
     ):
         self.model_config = model_config
         self.dataset = dataset
@@ -73,20 +74,22 @@ class Trainer:
         self.data_name = corpus_name(data_name) if data_name else ""
         self.data_sha256 = data_sha256
         # under torchrun, join the other processes (a no-op for a plain `chargpt train`)
-        self.world, self.device = init_world(precision.resolve_device(train_config.device))
+        self.world, self.device = init_world(resolve_device(train_config.device))
         # what is left to the start of the run is fixed now, and saved with it
         self.cfg = cfg = dataclasses.replace(
             train_config,
             grad_accum=train_config.grad_accum or self.world.size,  # one micro-batch a process
             lr_decay_iters=train_config.lr_decay_iters or train_config.max_iters,
         )
-        self.dtype = precision.resolve_dtype(cfg.dtype, self.device)
+        # the dtypes rank 0 measures for all processes, or the resumed run's own
+        self.precision = precision or agreed_precision(cfg.dtype, self.device, self.world)
+        self.dtype = self.precision.autocast
         # one batch stream per micro-batch of a step (this process draws its share), dropout's
         streams = micro_batch_streams(cfg.grad_accum, self.world)
         self.random = RandomStreams(cfg.seed, streams, self.world.rank, self.device)
         build = partial(build_model, model_config, tokenizer.vocab_size)
         self.model = self.random.initialise(build).to(self.device)  # the same everywhere
-        precision.set_training_attention_dtype(self.model, self.device, self.dtype)
+        self.precision.apply(self.model)
         if init_weights is not None:  # fine-tuning: a trained run's (chargpt.training.finetune)
             self.model.load_state_dict(init_weights)
         average = get_ema_multi_avg_fn(cfg.ema_decay)
@@ -94,12 +97,10 @@ class Trainer:
         self.tokens_per_step = cfg.batch_size * cfg.grad_accum * model_config.block_size
         time_limit = parse_duration(cfg.max_time) if cfg.max_time else 0.0  # seconds
         self.clock = TrainingClock(self.world, time_limit, cfg.log_interval, self.tokens_per_step)
-        self.optimizer = configure_optimizer(self.model, cfg)
+        self.optimizer = configure_optimizer(self.model, cfg, self.precision.newton_schulz)
         forward = torch.compile(self.model) if cfg.compile else self.model
         self.forward = data_parallel(forward, self.world, self.device)  # gradients averaged
-        self.step = 0
-        self.best_val_loss = math.inf
-        self.best_step = -1
+        self.step, self.best_val_loss, self.best_step = 0, math.inf, -1
         self.last_eval_step = -1  # a resumed run does not estimate the losses of its step again
         self.saved_step = -1  # the step of last.safetensors on disk
         self.stop_signal: int | None = None
@@ -115,8 +116,7 @@ class Trainer:
     def run(self) -> TrainResult:
         """Train up to `max_iters` steps (or for `max_time`), estimating losses every
         `eval_interval` steps and at the end. SIGINT or SIGTERM stops it after the current step
-        (under torchrun, at the next multiple of `log_interval`), with the state saved for
-        `train --resume`."""
+        (under torchrun, at the next multiple of `log_interval`), saved for `train --resume`."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.model.train()
         start_step, start_time = self.step, self.train_time
@@ -156,9 +156,8 @@ class Trainer:
 
     def train_step(self) -> torch.Tensor:
         """One update on `grad_accum` fresh random micro-batches (this process's share), at the
-        schedule's rate. Returns this process's part of the step's
-        mean loss, left on the device (reading it waits for the device): summed over the
-        processes, it is the step's mean loss."""
+        schedule's rate. Returns this process's part of the step's mean loss, left on the
+        device (reading it waits for the device): summed over the processes, the step's."""
         cfg = self.cfg
         self.optimizer.set_lr(self.lr_factor())  # the schedule's rate for this step
         self.optimizer.zero_grad(set_to_none=True)
@@ -171,7 +170,7 @@ class Trainer:
                 )
                 # processes exchange gradients only in the last micro-batch's backward pass
                 with gradient_sync(self.forward, now=i == len(generators) - 1):
-                    with precision.autocast(self.device, self.dtype):
+                    with autocast(self.device, self.dtype):
                         _, loss = self.forward(x, y)
                     (loss / len(generators)).backward()  # gradients add up to the mean's
                 total += loss.detach()
@@ -293,6 +292,7 @@ class Trainer:
             "train_time": self.train_time,
             "model_config": dataclasses.asdict(self.model_config),
             "train_config": dataclasses.asdict(self.cfg),
+            "precision": self.precision.to_json(),
             "model": self.model.state_dict(),
             "ema": None if self.ema is None else self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(),
