@@ -227,7 +227,7 @@ def test_a_model_with_fp32_attention_stays_causal_and_close_to_bf16s() -> None:
 
 
 def test_a_resumed_run_keeps_its_precision_unless_given_a_dtype(
-    measured, attention_measured, tmp_path
+    measured, attention_measured, tmp_path, capsys
 ) -> None:
     """Resumed elsewhere (here: bf16 now measured slow), a run computes as it did; a given
     --dtype, `auto` included, decides again."""
@@ -247,3 +247,7 @@ def test_a_resumed_run_keeps_its_precision_unless_given_a_dtype(
     assert resumed.optimizer.parts["muon"].ns_dtype == torch.bfloat16
     again = resume_run(run, max_iters=4, dtype="auto")
     assert again.precision == TrainingPrecision(torch.float32, None, torch.float32)
+    assert main(["train", "--resume", str(run), "--max-iters", "3"]) == 0
+    header = capsys.readouterr().err
+    assert "bfloat16 (the run's own, although a bf16 matmul measured 0.02x" in header
+    assert "resume with --dtype auto to choose again)" in header
