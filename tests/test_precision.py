@@ -245,8 +245,9 @@ def test_a_resumed_run_keeps_its_precision_unless_given_a_dtype(
     assert resumed.precision == TrainingPrecision(torch.bfloat16, torch.float32, torch.bfloat16)
     assert attention_dtypes(resumed.model) == {torch.float32}
     assert resumed.optimizer.parts["muon"].ns_dtype == torch.bfloat16
-    again = resume_run(run, max_iters=4, dtype="auto")
-    assert again.precision == TrainingPrecision(torch.float32, None, torch.float32)
+    for given in ({"dtype": "auto"}, {"device": "cpu"}):
+        again = resume_run(run, max_iters=4, **given)
+        assert again.precision == TrainingPrecision(torch.float32, None, torch.float32)
     assert main(["train", "--resume", str(run), "--max-iters", "3"]) == 0
     header = capsys.readouterr().err
     assert "bfloat16 (the run's own, although a bf16 matmul measured 0.02x" in header

@@ -58,10 +58,12 @@ def resume_configs(
 
 def saved_precision(state: dict[str, Any], changes: dict[str, Any]) -> TrainingPrecision | None:
     """The dtypes the run trained in, so that it goes on computing as it did (on another
-    machine too), unless `changes` give a dtype, `auto` included: then they are decided again,
-    as for a run saved before they were."""
+    machine too), unless `changes` give a dtype (`auto` included) or a device: then they are
+    decided again, as for a run saved before they were."""
     saved = state.get("precision")
-    return None if saved is None or "dtype" in changes else TrainingPrecision.from_json(saved)
+    if saved is None or {"dtype", "device"} & changes.keys():
+        return None
+    return TrainingPrecision.from_json(saved)
 
 
 def check_not_finished(
