@@ -96,7 +96,8 @@ def test_the_header_says_what_was_chosen_and_why() -> None:
     model, train = build_configs("cpu", False, flags)
     line = describe_recipe("cpu", model, train, set(flags))
     row = budget_row(75)
-    assert line.startswith(f"recipe: batch 20 x context {row.block_size}, ")
+    shape = f"model {row.n_layer} x {row.n_embd}"
+    assert line.startswith(f"recipe: {shape}, batch 20 x context {row.block_size}, ")
     assert f"75s of training: the row for up to {row.up_to_seconds:g} s" in line
     assert line.endswith("given: batch_size)")
     model, train = build_configs("cpu", False, {"max_iters": 50})
@@ -117,7 +118,9 @@ def test_a_time_budget_run_prints_its_recipe_and_measured_precision(tmp_path, ca
     assert main([*args, *widths, "--sample-chars", "0", "--device", "cpu"]) == 0
     err = capsys.readouterr().err
     row = budget_row(1)
-    assert f"recipe: batch {row.batch_size} x context {row.block_size}, " in err
+    given = "model 1 x 16"  # the widths given win over the row's
+    assert f"recipe: {given}, batch {row.batch_size} x context {row.block_size}, " in err
+    assert "given: n_embd, n_layer)" in err
     assert "1s of training: the row for up to" in err
     assert "(a bf16 matmul measured " in err and "x fp32's speed here)" in err
 

@@ -17,9 +17,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "lab": {},
     # Five minutes on 2 CPU cores, start-up and evaluations included (benchmarks/budget.py):
     # a time budget, with the options that each beat the lab's architecture alone in a two-seed
-    # ablation at this budget (benchmarks/recipe.py, docs/recipe.md). Batch, context, EMA,
-    # warmup and rates are those of chargpt.config.budget's row for the run's time budget
-    # (below: five minutes'); a given --max-iters replaces the time budget.
+    # ablation at this budget (benchmarks/recipe.py, docs/recipe.md). Depth, width, batch,
+    # context, EMA, warmup and rates are those of chargpt.config.budget's row for the run's
+    # time budget (below: five minutes'); a given --max-iters replaces the time budget.
     "cpu": dict(
         block_size=128,
         n_embd=128,
