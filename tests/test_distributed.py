@@ -125,6 +125,32 @@ def test_two_processes_fine_tune_as_one_process_accumulating_two(tmp_path):
     assert load_run(ddp).tokenizer.vocab_size == load_run(run).tokenizer.vocab_size + 11
 
 
+# chargpt's command line, then the number of this process's threads that gloo started
+THREADS_LEFT = """
+import os, sys
+from chargpt.cli.main import main
+code = main(sys.argv[1:])
+names = [open(f"/proc/self/task/{task}/comm").read() for task in os.listdir("/proc/self/task")]
+print("gloo threads left:", sum("gloo" in name for name in names))
+sys.exit(code)
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads Linux's /proc")
+def test_a_finished_run_leaves_no_gloo_threads_running(tmp_path):
+    """The process group is gone when training ends: gloo's threads, left running into
+    interpreter shutdown, can abort the process (SIGABRT) as they free a collective's tensors
+    (a resumed two-process run failed so, about one time in fifteen, before the fix)."""
+    run, script = tmp_path / "run", tmp_path / "threads_left.py"
+    assert main(["train", "--out", str(run), *TINY, "--max-iters", "2", "--grad-accum", "2"]) == 0
+    script.write_text(THREADS_LEFT)
+    # a resume: a new run happens to build a model (which imports torch._dynamo) before joining
+    args = [*TWO_PROCESSES, str(script), "train", "--resume", str(run), "--max-iters", "4"]
+    proc = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("gloo threads left: 0") == 2, proc.stdout
+
+
 def test_every_process_group_maps_cpu_to_gloo_and_cuda_to_nccl(monkeypatch):
     """Loss totals, the stop flag and random states are CPU tensors, also when the gradients
     are on GPUs: the one process group sends each to the backend of its device."""

@@ -11,6 +11,7 @@ A plain `chargpt train` is a world of one process, and every helper here is then
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 from dataclasses import dataclass
 
@@ -65,6 +66,10 @@ def init_world(device: torch.device) -> tuple[World, torch.device]:
     elif device.type != "cpu":
         raise ChargptError(f"multi-process training runs on cpu or cuda, not {device.type}")
     if not dist.is_initialized():
+        # DDP's constructor imports torch._dynamo, which, imported once the group exists, holds
+        # on to it (torch 2.13): destroy_process_group then leaves gloo's threads running, and
+        # one freeing a finished collective's tensors during interpreter shutdown aborts
+        importlib.import_module("torch._dynamo")
         dist.init_process_group(backend=backend())
     return World(rank, local_rank, size), device
 
