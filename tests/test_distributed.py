@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -125,14 +126,23 @@ def test_two_processes_fine_tune_as_one_process_accumulating_two(tmp_path):
     assert load_run(ddp).tokenizer.vocab_size == load_run(run).tokenizer.vocab_size + 11
 
 
-# chargpt's command line, then the number of this process's threads that gloo started
+# chargpt's command line, counting this process's gloo threads as it leaves the process group
 THREADS_LEFT = """
 import os, sys
+import torch.distributed as dist
 from chargpt.cli.main import main
-code = main(sys.argv[1:])
-names = [open(f"/proc/self/task/{task}/comm").read() for task in os.listdir("/proc/self/task")]
-print("gloo threads left:", sum("gloo" in name for name in names))
-sys.exit(code)
+
+def gloo_threads():
+    names = [open(f"/proc/self/task/{task}/comm").read() for task in os.listdir("/proc/self/task")]
+    return sum("gloo" in name for name in names)
+
+def destroy_counting(destroy=dist.destroy_process_group):
+    print("gloo threads before:", gloo_threads())
+    destroy()
+    print("gloo threads after:", gloo_threads())
+
+dist.destroy_process_group = destroy_counting
+sys.exit(main(sys.argv[1:]))
 """
 
 
@@ -148,7 +158,10 @@ def test_a_finished_run_leaves_no_gloo_threads_running(tmp_path):
     args = [*TWO_PROCESSES, str(script), "train", "--resume", str(run), "--max-iters", "4"]
     proc = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("gloo threads left: 0") == 2, proc.stdout
+    before = re.findall(r"gloo threads before: (\d+)", proc.stdout)
+    after = re.findall(r"gloo threads after: (\d+)", proc.stdout)
+    assert len(before) == 2 and all(int(n) > 0 for n in before), proc.stdout  # they were there
+    assert after == ["0", "0"], proc.stdout
 
 
 def test_every_process_group_maps_cpu_to_gloo_and_cuda_to_nccl(monkeypatch):
