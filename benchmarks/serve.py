@@ -52,8 +52,8 @@ from chargpt.data.corpus import load_text
 from chargpt.data.tokenizer import CharTokenizer
 from chargpt.generation.decoders import SlotDecoder, make_decoder
 from chargpt.generation.generate import stream
-from chargpt.generation.precision import autocast
 from chargpt.model import GPTLanguageModel
+from chargpt.model.precision import autocast
 from chargpt.runs.directory import load_run, save_run
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -25,8 +25,8 @@ from chargpt.config.presets import build_configs
 from chargpt.data.corpus import load_text
 from chargpt.data.dataset import CharDataset
 from chargpt.data.tokenizer import CharTokenizer
-from chargpt.generation.precision import autocast, bf16_is_fast, resolve_device
 from chargpt.model import GPTLanguageModel
+from chargpt.model.precision import autocast, bf16_is_fast, resolve_device
 from chargpt.training.optim import configure_optimizer
 
 

@@ -9,18 +9,15 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import chargpt.generation.precision as precision
+import chargpt.model.precision as precision
+import chargpt.training.precision as training_precision
 from chargpt.config import ModelConfig, TrainConfig
-from chargpt.generation.precision import (
-    TrainingPrecision,
-    bf16_is_fast,
-    cpu_bf16_speedup,
-    resolve_dtype,
-)
 from chargpt.model import CausalSelfAttention, GPTLanguageModel
 from chargpt.model.cpu_attention import fused_causal_attention
+from chargpt.model.precision import bf16_is_fast, cpu_bf16_speedup, resolve_dtype
 from chargpt.training.distributed import World, agreed_precision
 from chargpt.training.optim import NS_COEFFICIENTS, NS_STEPS, configure_optimizer, newton_schulz
+from chargpt.training.precision import TrainingPrecision
 
 CPU = torch.device("cpu")
 MUON = TrainConfig(optimizer="muon")
@@ -119,11 +116,11 @@ def attention_measured(monkeypatch):
 
     def fake(fp32: float, bf16: float) -> None:
         timings = {torch.float32: fp32, torch.bfloat16: bf16}
-        monkeypatch.setattr(precision, "attention_seconds", lambda: timings)
-        precision.cpu_bf16_attention_speedup.cache_clear()
+        monkeypatch.setattr(training_precision, "attention_seconds", lambda: timings)
+        training_precision.cpu_bf16_attention_speedup.cache_clear()
 
     yield fake
-    precision.cpu_bf16_attention_speedup.cache_clear()
+    training_precision.cpu_bf16_attention_speedup.cache_clear()
 
 
 def attention_dtypes(model: torch.nn.Module) -> set:
@@ -183,7 +180,7 @@ def test_every_process_takes_rank_0s_precision(measured, attention_measured, mon
 
 
 def test_the_attention_probe_measures_this_machine() -> None:
-    seconds = precision.attention_seconds((2, 2, 16, 8), repeats=2)
+    seconds = training_precision.attention_seconds((2, 2, 16, 8), repeats=2)
     assert set(seconds) == {torch.float32, torch.bfloat16}
     assert all(0 < s < 10 for s in seconds.values())
 

@@ -18,8 +18,8 @@ from chargpt.config import ModelConfig, SampleConfig, TrainConfig
 from chargpt.errors import ChargptError
 from chargpt.generation.decoders import SlotDecoder, make_decoder
 from chargpt.generation.generate import generate, generate_ids
-from chargpt.generation.precision import forward_dtype
 from chargpt.model import BigramLanguageModel, GPTLanguageModel
+from chargpt.model.precision import forward_dtype
 from chargpt.model.quantize import Int8Linear, is_quantized, quantized
 from chargpt.runs.directory import WEIGHTS, save_run
 

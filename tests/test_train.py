@@ -11,7 +11,7 @@ import torch
 from chargpt.config import ModelConfig, TrainConfig
 from chargpt.data.dataset import CharDataset
 from chargpt.data.tokenizer import CharTokenizer
-from chargpt.generation.precision import tf32_matmuls
+from chargpt.model.precision import tf32_matmuls
 from chargpt.training.distributed import World
 from chargpt.training.optim import lr_multiplier
 from chargpt.training.trainer import Trainer

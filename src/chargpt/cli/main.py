@@ -33,7 +33,7 @@ from chargpt.eval import compare
 from chargpt.eval.counts import count_references
 from chargpt.eval.evaluate import evaluate_run
 from chargpt.generation.generate import TextPiece, encode_prompt, resolve_seed, stream
-from chargpt.generation.precision import resolve_device
+from chargpt.model.precision import resolve_device
 from chargpt.model.quantize import quantized
 from chargpt.runs.directory import load_run, read_run_config
 from chargpt.viz.plot import plot_run

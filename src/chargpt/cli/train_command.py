@@ -16,10 +16,11 @@ from chargpt.config.presets import build_configs, resolve_preset
 from chargpt.config.sources import given_fields, load_toml
 from chargpt.data.dataset import load_corpus
 from chargpt.errors import ChargptError
-from chargpt.generation.precision import TrainingPrecision, cpu_bf16_speedup, resolve_device
+from chargpt.model.precision import cpu_bf16_speedup, resolve_device
 from chargpt.runs.directory import check_new_run_dir, removed_if_failed
 from chargpt.training.distributed import backend
 from chargpt.training.finetune import finetune_run
+from chargpt.training.precision import TrainingPrecision
 from chargpt.training.resume import resume_run
 from chargpt.training.trainer import Trainer
 

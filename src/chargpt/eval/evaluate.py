@@ -30,8 +30,8 @@ from torch.nn import functional as F
 
 from chargpt.data.dataset import CharDataset, JoinedTokens, Tokens
 from chargpt.errors import ChargptError
-from chargpt.generation.precision import autocast, forward_dtype
 from chargpt.model import LanguageModel, eval_mode
+from chargpt.model.precision import autocast, forward_dtype
 from chargpt.runs.directory import Run
 from chargpt.training.estimate import estimate_loss, estimate_seed
 

@@ -1,4 +1,4 @@
 """From a trained model to text: `sampling` (temperature, top-k, top-p), `decoders` (next-character
 logits with or without a KV cache, and the window rule past `block_size`), `generate` (prompts,
-stop strings, streaming), `inspection` (attention weights and next-character probabilities) and
-`precision` (device and dtype)."""
+stop strings, streaming) and `inspection` (attention weights and next-character probabilities).
+Where and in which precision a model runs is the model's own: `chargpt.model.precision`."""

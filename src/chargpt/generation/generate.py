@@ -25,9 +25,9 @@ from chargpt.config import SampleConfig, from_dict
 from chargpt.data.tokenizer import CharTokenizer, UnknownCharactersError
 from chargpt.errors import ChargptError
 from chargpt.generation.decoders import make_decoder
-from chargpt.generation.precision import autocast, forward_dtype
 from chargpt.generation.sampling import Generators, sample_next
 from chargpt.model import LanguageModel, eval_mode
+from chargpt.model.precision import autocast, forward_dtype
 from chargpt.model.quantize import quantized
 
 

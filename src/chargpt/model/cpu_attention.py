@@ -116,7 +116,7 @@ def fused_causal_attention(
 ) -> torch.Tensor:
     """`scaled_dot_product_attention(q, k, v, is_causal=True)` in `dtype` (None: q's) whatever
     the autocast's: on CPUs where the bf16 kernel's backward pass is slow, training runs it in
-    fp32 (chargpt.generation.precision): (B, nh, T, hs) -> (B, nh, T, hs), in `dtype`."""
+    fp32 (chargpt.model.precision): (B, nh, T, hs) -> (B, nh, T, hs), in `dtype`."""
     if dtype is None or dtype == q.dtype:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
     with torch.autocast(q.device.type, enabled=False):  # autocast would cast them back

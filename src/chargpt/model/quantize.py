@@ -8,7 +8,7 @@ for every character), and each input row is rounded to int8 with its own scale w
 "int8 dynamic activation, int8 weight" recipe, run eagerly on PyTorch's own kernel.
 
 Embeddings, norms and attention stay in fp32, and an int8 model runs without autocast
-(`chargpt.generation.precision.forward_dtype`). A run directory always holds the fp32 weights:
+(`chargpt.model.precision.forward_dtype`). A run directory always holds the fp32 weights:
 models are quantized after loading, in memory, and never saved that way.
 """
 

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 
 from chargpt import __version__
 from chargpt.config import ServeConfig
-from chargpt.generation.precision import forward_dtype
+from chargpt.model.precision import forward_dtype
 from chargpt.runs.directory import WEIGHTS, Run
 from chargpt.serve.engine import Engine
 from chargpt.serve.errors import APIError, install_error_handlers, json_body

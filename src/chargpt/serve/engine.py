@@ -35,9 +35,9 @@ from torch.nn import functional as F
 from chargpt.config import SampleConfig
 from chargpt.data.tokenizer import CharTokenizer
 from chargpt.generation.generate import StopFilter, resolve_seed
-from chargpt.generation.precision import autocast
 from chargpt.generation.sampling import sample_next
 from chargpt.model import LanguageModel
+from chargpt.model.precision import autocast
 from chargpt.serve.backends import make_backend
 from chargpt.serve.jobs import Failure, Finish, Job, Piece, QueueFull, ShuttingDown, Submission
 from chargpt.serve.metrics import ServeMetrics

@@ -17,7 +17,7 @@ import uvicorn
 
 from chargpt.config import ServeConfig
 from chargpt.errors import ChargptError
-from chargpt.generation.precision import resolve_device
+from chargpt.model.precision import resolve_device
 from chargpt.model.quantize import quantized
 from chargpt.runs.directory import load_run
 from chargpt.serve.app import create_app

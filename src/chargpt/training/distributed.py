@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from chargpt.errors import ChargptError
-from chargpt.generation.precision import TrainingPrecision
+from chargpt.training.precision import TrainingPrecision
 
 
 @dataclass(frozen=True)

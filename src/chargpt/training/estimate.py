@@ -10,8 +10,8 @@ from chargpt.config import TrainConfig
 from chargpt.data.dataset import CharDataset
 from chargpt.data.tokenizer import CharTokenizer
 from chargpt.generation.generate import generate
-from chargpt.generation.precision import autocast
 from chargpt.model import LanguageModel, eval_mode
+from chargpt.model.precision import autocast
 from chargpt.training.distributed import SINGLE_PROCESS, World, all_reduce
 
 

@@ -27,7 +27,7 @@ from chargpt.config.presets import split_overrides
 from chargpt.data.dataset import in_vocabulary, load_corpus
 from chargpt.data.tokenizer import join_vocabularies
 from chargpt.errors import ChargptError
-from chargpt.generation.precision import resolve_device
+from chargpt.model.precision import resolve_device
 from chargpt.model.resize import resize_vocabulary
 from chargpt.runs.directory import check_new_run_dir, load_run
 from chargpt.training.trainer import Trainer

@@ -9,8 +9,8 @@ from typing import Any
 import torch
 
 from chargpt.config import TrainConfig
-from chargpt.generation.precision import fastest_dtype
 from chargpt.model import CausalSelfAttention, LanguageModel
+from chargpt.model.precision import fastest_dtype
 
 # Keller Jordan's quintic Newton-Schulz coefficients and step count, as torch.optim.Muon's
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)

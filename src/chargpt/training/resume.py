@@ -14,8 +14,9 @@ from chargpt.config import ModelConfig, TrainConfig, from_dict, parse_duration
 from chargpt.config.presets import split_overrides
 from chargpt.data.dataset import load_corpus
 from chargpt.errors import ChargptError
-from chargpt.generation.precision import TrainingPrecision, resolve_device
+from chargpt.model.precision import resolve_device
 from chargpt.runs.directory import LAST, read_run_config, run_configs
+from chargpt.training.precision import TrainingPrecision
 from chargpt.training.state import load_trainer_state
 from chargpt.training.trainer import Trainer
 

@@ -22,8 +22,8 @@ from chargpt.data.corpus import corpus_name
 from chargpt.data.dataset import CharDataset
 from chargpt.data.files import remove_stale_temporaries
 from chargpt.data.tokenizer import CharTokenizer
-from chargpt.generation.precision import TrainingPrecision, autocast, resolve_device, tf32_matmuls
 from chargpt.model import LanguageModel, build_model
+from chargpt.model.precision import autocast, resolve_device, tf32_matmuls
 from chargpt.runs.directory import LAST, save_run
 from chargpt.runs.metrics import append_metrics, keep_metrics_up_to
 from chargpt.training.clock import TrainingClock
@@ -40,6 +40,7 @@ from chargpt.training.distributed import (
 from chargpt.training.estimate import estimate_and_sample
 from chargpt.training.optim import configure_optimizer, lr_multiplier
 from chargpt.training.outcome import TrainingDiverged, TrainResult, diverged, stop_on_signals
+from chargpt.training.precision import TrainingPrecision
 from chargpt.training.state import (
     RandomStreams,
     refused_if_mismatched,

@@ -1,25 +1,23 @@
-"""Choosing where and in which precision to run."""
+"""Where a model runs and in which precision: the device, bf16 or fp32 by a measured matmul,
+autocast, and the dtype of sampling and scoring passes. Training's own choices (the attention
+dtype, Muon's) are in `chargpt.training.precision`."""
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from chargpt.errors import ChargptError
-from chargpt.model import CausalSelfAttention, LanguageModel
+from chargpt.model.base import LanguageModel
 from chargpt.model.quantize import is_quantized
 
 BOTH = (torch.float32, torch.bfloat16)
 DTYPE_NAMES = {None: None, torch.float32: "fp32", torch.bfloat16: "bf16"}  # --dtype's names
-CODES = tuple(DTYPE_NAMES)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -67,17 +65,6 @@ def matmul_seconds(size: int = 256, repeats: int = 3) -> dict[torch.dtype, float
     return fastest_seconds({d: partial(torch.matmul, a, a) for d, a in pairs.items()}, repeats)
 
 
-def attention_seconds(shape: tuple[int, ...] = (8, 4, 64, 32), repeats: int = 3) -> dict:
-    """Seconds of causal attention's forward and backward passes over (B, n_head, T, hs)
-    queries, keys and values in fp32 and in bf16."""
-
-    def forward_backward(dtype: torch.dtype) -> Callable[[], None]:
-        q, k, v = (torch.randn(shape, dtype=dtype, requires_grad=True) for _ in range(3))
-        return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
-
-    return fastest_seconds({dtype: forward_backward(dtype) for dtype in BOTH}, repeats)
-
-
 @functools.cache
 def cpu_bf16_speedup() -> float:
     """How many times faster a bf16 matmul runs than an fp32 one on this CPU, measured once per
@@ -85,14 +72,6 @@ def cpu_bf16_speedup() -> float:
     only, many ARM laptops, VMs that hide the instructions) emulate it, 10-100x slower. A
     measurement, not CPU flags: an emulated machine and a real one choose alike."""
     seconds = matmul_seconds()
-    return seconds[torch.float32] / seconds[torch.bfloat16]
-
-
-@functools.cache
-def cpu_bf16_attention_speedup() -> float:
-    """The same for training's fused attention, measured once per process: on CPUs where bf16
-    matmuls are fast, its bf16 backward pass can still be 2-3x slower than fp32's."""
-    seconds = attention_seconds()
     return seconds[torch.float32] / seconds[torch.bfloat16]
 
 
@@ -117,54 +96,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def fastest_dtype(device: torch.device) -> torch.dtype:
     """bf16 where `bf16_is_fast`, else fp32."""
     return torch.bfloat16 if bf16_is_fast(device) else torch.float32
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainingPrecision:
-    """The dtypes of one training run, decided once at its start (measured, for `--dtype auto`)
-    and saved with it: a resumed run, and every process of a multi-process one, computes in the
-    same dtypes, although each process's timings differ and may fall either side of a choice."""
-
-    autocast: torch.dtype  # the projections' (fp32: no autocast)
-    attention: torch.dtype | None  # the fused attention's; None: its inputs'
-    newton_schulz: torch.dtype  # Muon's orthogonalisation
-
-    def __post_init__(self) -> None:
-        if self.autocast not in BOTH or self.newton_schulz not in BOTH:
-            raise ValueError(f"no training precision: {self}")
-
-    @classmethod
-    def measured(cls, name: str, device: torch.device) -> TrainingPrecision:
-        """`name`'s autocast (see resolve_dtype); attention in fp32 under bf16 autocast on a
-        CPU where bf16's fused attention is measured slower (its backward pass); Newton-Schulz
-        in bf16 where bf16 matmuls are fast."""
-        autocast = resolve_dtype(name, device)
-        slow = autocast == torch.bfloat16 and device.type == "cpu"
-        slow = slow and cpu_bf16_attention_speedup() < 1
-        return cls(autocast, torch.float32 if slow else None, fastest_dtype(device))
-
-    def apply(self, model: nn.Module) -> None:
-        """Set the attention dtype of `model`'s layers."""
-        for module in model.modules():
-            if isinstance(module, CausalSelfAttention):
-                module.attention_dtype = self.attention
-
-    def to_json(self) -> dict[str, str | None]:
-        return {name: DTYPE_NAMES.get(dtype) for name, dtype in vars(self).items()}
-
-    @classmethod
-    def from_json(cls, saved: dict[str, str | None]) -> TrainingPrecision:
-        """Undo `to_json`; KeyError for anything it did not write."""
-        dtypes = {name: dtype for dtype, name in DTYPE_NAMES.items()}
-        return cls(**{f.name: dtypes[saved[f.name]] for f in dataclasses.fields(cls)})
-
-    def to_codes(self) -> torch.Tensor:
-        """As a tensor of small integers, for collectives (see from_codes)."""
-        return torch.tensor([CODES.index(dtype) for dtype in vars(self).values()])
-
-    @classmethod
-    def from_codes(cls, codes: torch.Tensor) -> TrainingPrecision:
-        return cls(*(CODES[int(code)] for code in codes))
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
