@@ -312,6 +312,7 @@ async function inspectWindow(end) {
   try {
     const response = await api("/v1/inspect", { text, model: state.model?.id });
     inspection = await response.json();
+    inspection.attention = inspection.attention.map((layer) => layer.map(triangleRows));
   } catch (error) {
     reportError(error);
     return;
@@ -323,6 +324,32 @@ async function inspectWindow(end) {
   $("context-size").textContent = `${inspection.chars.length} characters`;
   $("text-legend").hidden = false;
   renderInspection();
+}
+
+// One head of /v1/inspect's `attention`: base64 of little-endian float16s, the lower triangle
+// row after row. Its rows: row t holds position t's t + 1 weights over positions 0..t.
+function triangleRows(packed) {
+  const bytes = Uint8Array.from(atob(packed), (c) => c.charCodeAt(0));
+  const halves = new DataView(bytes.buffer);
+  const weights = new Float32Array(bytes.length / 2);
+  for (let i = 0; i < weights.length; i++) weights[i] = fromFloat16(halves.getUint16(2 * i, true));
+  const rows = [];
+  for (let t = 0; (t * (t + 1)) / 2 < weights.length; t++) {
+    const start = (t * (t + 1)) / 2; // rows 0..t-1 hold 1 + 2 + ... + t weights
+    rows.push(weights.subarray(start, start + t + 1));
+  }
+  return rows;
+}
+
+// IEEE 754 half precision: 1 sign bit, 5 exponent bits, 10 fraction bits.
+function fromFloat16(bits) {
+  const exponent = (bits >> 10) & 0x1f;
+  const fraction = bits & 0x3ff;
+  let magnitude;
+  if (exponent === 0) magnitude = fraction * 2 ** -24; // subnormal
+  else if (exponent === 31) magnitude = fraction ? NaN : Infinity;
+  else magnitude = (1024 + fraction) * 2 ** (exponent - 25);
+  return bits & 0x8000 ? -magnitude : magnitude;
 }
 
 function renderInspection() {
@@ -568,8 +595,7 @@ function readout(rows, q, k = undefined) {
       ? `${quote(q)} cannot see ${quote(k)}: it comes later.`
       : `${quote(q)} gives ${quote(k)} a weight of ${rows[q][k].toFixed(3)}.`;
   }
-  const best = rows[q]
-    .map((w, i) => [w, i])
+  const best = Array.from(rows[q], (w, i) => [w, i])
     .sort((a, b) => b[0] - a[0])
     .slice(0, 3)
     .map(([w, i]) => `${quote(i)} ${w.toFixed(2)}`);
