@@ -44,6 +44,7 @@ def test_the_page_and_its_files_come_from_the_server_alone(server):
         assert response.status_code == 200 and response.headers["content-type"].startswith(kind)
         assert not re.search(r"https?://", response.text), path  # no CDN, no external font
     page = httpx.get(server + "/", timeout=30).text
+    assert 'id="temperature"' in page and "<!-- controls.html -->" not in page  # written in
     for asset in re.findall(r'(?:src|href)="(/static/[^"]+)"', page):
         assert httpx.get(server + asset, timeout=30).status_code == 200
     missing = httpx.get(server + "/static/../playground.py", timeout=30)

@@ -13,13 +13,14 @@ the event loop (and `/health`) never waits for it.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Literal
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
@@ -33,7 +34,12 @@ from chargpt.serve.limits import check_known, check_model
 from chargpt.serve.openapi import BODY_ERRORS, errors, json_request
 
 STATIC = Path(__file__).parent / "static"
-ASSETS = {"playground.css": "text/css", "playground.js": "text/javascript"}
+ASSETS = {
+    "playground.css": "text/css",  # shared with the exported page
+    "common.js": "text/javascript",  # shared with the exported page
+    "playground.js": "text/javascript",
+}
+CONTROLS = "controls.html"  # the prompt and sampling controls, shared with the exported page
 DECIMALS = 3
 INSPECT_CONCURRENCY = 2  # inspections at a time; more wait their turn
 INSPECT_WAITING = 8  # inspections waiting for a turn; more get 429
@@ -55,8 +61,17 @@ class InspectRequest(BaseModel):
 
 
 @router.get("/", include_in_schema=False)
-def page() -> FileResponse:
-    return FileResponse(STATIC / "index.html", media_type="text/html")
+def page() -> HTMLResponse:
+    return HTMLResponse(page_html())
+
+
+@functools.cache
+def page_html() -> str:
+    """index.html with the controls it shares with the exported page (controls.html) in place
+    of its `<!-- controls.html -->` comment, as `chargpt export --format web` writes its page."""
+    index = (STATIC / "index.html").read_text(encoding="utf-8")
+    shared = (STATIC / CONTROLS).read_text(encoding="utf-8")
+    return index.replace(f"<!-- {CONTROLS} -->", shared.strip())
 
 
 @router.get("/static/{name}", include_in_schema=False)
