@@ -1,4 +1,5 @@
-"""Issue 19's bad requests against `chargpt serve`, and how long /health takes meanwhile.
+"""Issue 19's bad requests against `chargpt serve`, and how long /health takes meanwhile; and
+issue 26's `/v1/inspect` of a whole context.
 
     python benchmarks/serve_safety.py          # the lab model size (about a minute on 2 cores)
     python benchmarks/serve_safety.py --smoke  # a tiny model: checks that it runs
@@ -6,8 +7,9 @@
 Serves a model with random weights (the lab's size, or a tiny one) in a subprocess on a free
 port of 127.0.0.1, with an API key, and prints for each request the status, the time to the
 answer, and the slowest `GET /health` (a fresh connection every 5 ms) while it ran: the
-refusals (the echo budget, a body not sent as JSON, a rebinding Host, a non-ASCII key) and the
-largest answers the default limits allow.
+refusals (the echo budget, a body not sent as JSON, a rebinding Host, a non-ASCII key), the
+largest answers the default limits allow, and an inspection of block_size characters (at the
+lab's size: 6 layers x 6 heads x 256 characters).
 """
 
 from __future__ import annotations
@@ -71,16 +73,14 @@ def health_seconds(port: int) -> float:
     return time.perf_counter() - start
 
 
-def measure(url: str, headers: dict, body: bytes) -> tuple[int, float, float, int]:
+def measure(url: str, path: str, headers: dict, body: bytes) -> tuple[int, float, float, int]:
     """(status, seconds to the answer, slowest /health meanwhile, answer bytes)."""
     port = int(url.rsplit(":", 1)[1])
     answer: list[httpx.Response] = []
     start = time.perf_counter()
 
     def ask() -> None:
-        answer.append(
-            httpx.post(url + "/v1/completions", content=body, headers=headers, timeout=300)
-        )
+        answer.append(httpx.post(url + path, content=body, headers=headers, timeout=300))
 
     asking = threading.Thread(target=ask)
     asking.start()
@@ -92,7 +92,11 @@ def measure(url: str, headers: dict, body: bytes) -> tuple[int, float, float, in
     return answer[0].status_code, time.perf_counter() - start, slowest, len(answer[0].content)
 
 
-def cases(model: str) -> list[tuple[str, dict, bytes]]:
+COMPLETIONS, INSPECT = "/v1/completions", "/v1/inspect"
+
+
+def cases(model: str, block_size: int) -> list[tuple[str, str, dict, bytes]]:
+    """(what, path, headers, body) of each request."""
     prompt = (load_text("shakespeare") * 2)[:16_384]
     json_type = {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}
 
@@ -100,15 +104,21 @@ def cases(model: str) -> list[tuple[str, dict, bytes]]:
         body = {"model": model, "prompt": prompt, "n": n, "echo": True, "max_tokens": 0}
         return httpx.Request("POST", "/", json={**body, "logprobs": logprobs}).read()
 
+    inspect = httpx.Request("POST", "/", json={"text": prompt[:block_size]}).read()
+    plain = {**json_type, "Content-Type": "text/plain"}
+    rebinding = {**json_type, "Host": "evil.example"}
+    accented = {**json_type, "Authorization": "Bearer clé".encode()}
     return [
-        ("n 64, echo, logprobs 5, 16,384 chars", json_type, echo(64, 5)),
-        ("n 16, echo, logprobs 5, 16,384 chars", json_type, echo(16, 5)),
-        ("text/plain body", {**json_type, "Content-Type": "text/plain"}, echo(1, None)),
-        ("Host evil.example", {**json_type, "Host": "evil.example"}, echo(1, None)),
-        ("bearer key 'clé'", {**json_type, "Authorization": "Bearer clé".encode()}, echo(1, None)),
-        ("largest allowed: n 2, logprobs 5", json_type, echo(2, 5)),
-        ("the same again", json_type, echo(2, 5)),
-        ("largest allowed: n 16, no logprobs", json_type, echo(16, None)),
+        ("n 64, echo, logprobs 5, 16,384 chars", COMPLETIONS, json_type, echo(64, 5)),
+        ("n 16, echo, logprobs 5, 16,384 chars", COMPLETIONS, json_type, echo(16, 5)),
+        ("text/plain body", COMPLETIONS, plain, echo(1, None)),
+        ("Host evil.example", COMPLETIONS, rebinding, echo(1, None)),
+        ("bearer key 'clé'", COMPLETIONS, accented, echo(1, None)),
+        ("largest allowed: n 2, logprobs 5", COMPLETIONS, json_type, echo(2, 5)),
+        ("the same again", COMPLETIONS, json_type, echo(2, 5)),
+        ("largest allowed: n 16, no logprobs", COMPLETIONS, json_type, echo(16, None)),
+        (f"/v1/inspect, {block_size} chars", INSPECT, json_type, inspect),
+        ("the same again", INSPECT, json_type, inspect),
     ]
 
 
@@ -117,13 +127,14 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="a tiny model")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        run_dir = save_model(Path(tmp), TINY if args.smoke else LAB)
+        config = TINY if args.smoke else LAB
+        run_dir = save_model(Path(tmp), config)
         process, url = start_server(run_dir, Path(tmp) / "serve.log")
         try:
             print("| request | status | answer s | slowest /health ms | answer bytes |")
             print("|---|---:|---:|---:|---:|")
-            for what, headers, body in cases(run_dir.name):
-                status, seconds, slowest, size = measure(url, headers, body)
+            for what, path, headers, body in cases(run_dir.name, config.block_size):
+                status, seconds, slowest, size = measure(url, path, headers, body)
                 print(f"| {what} | {status} | {seconds:.2f} | {slowest * 1000:.0f} | {size:,} |")
         finally:
             process.terminate()

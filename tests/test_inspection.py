@@ -1,6 +1,8 @@
+import base64
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 from torch.nn import functional as F
@@ -10,6 +12,7 @@ from chargpt.errors import ChargptError
 from chargpt.generation.generate import encode_prompt
 from chargpt.generation.inspection import NO_ATTENTION, inspect_text
 from chargpt.model import BigramLanguageModel, GPTLanguageModel
+from chargpt.model.cache import KVCache
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -99,19 +102,45 @@ def test_inspection_leaves_the_models_mode_alone(models):
     assert torch.equal(seen.attention, again.attention)  # no dropout while inspecting
 
 
-def test_to_dict_is_json_with_triangular_rounded_rows(models, tiny_config):
+def unpacked(head: str, T: int) -> np.ndarray:
+    """A packed head (base64 of the float16 lower triangle, row-major) back to (T, T), written
+    with numpy alone: the zeros above the diagonal filled in."""
+    triangle = np.frombuffer(base64.b64decode(head), dtype="<f2")
+    assert triangle.size == T * (T + 1) // 2
+    weights = np.zeros((T, T), dtype=np.float32)
+    weights[np.tril_indices(T)] = triangle  # numpy's order is row-major too
+    return weights
+
+
+def test_to_dict_is_json_with_packed_triangles_and_rounded_numbers(models, tiny_config):
     seen = inspect_text(models["fused"], TOKENIZER, "ROMEO:", top_k=3)
     data = json.loads(json.dumps(seen.to_dict(decimals=3)))
     assert data["chars"] == list("ROMEO:") and data["vocab"] == list(TOKENIZER.chars)
     assert (data["n_layer"], data["n_head"], data["note"]) == (2, 4, None)
-    head = data["attention"][1][2]
-    assert [len(row) for row in head] == [1, 2, 3, 4, 5, 6]
-    assert head == [
-        [round(w, 3) for w in row[: t + 1]] for t, row in enumerate(seen.attention[1, 2].tolist())
-    ]
-    assert all(len(str(w).split(".")[-1]) <= 3 for row in head for w in row)
+    assert [len(layer) for layer in data["attention"]] == [4, 4]
+    for layer in range(2):
+        for head in range(4):
+            weights = torch.from_numpy(unpacked(data["attention"][layer][head], 6))
+            expected = seen.attention[layer, head]  # float16 keeps 11 bits: within 2**-12
+            assert torch.allclose(weights, expected, atol=2**-12, rtol=0)
+            assert torch.equal(weights, expected.half().float())  # round to nearest, exactly
     assert [c["char"] for c in data["top"][2]] == [c for c, _ in seen.top(2)]
     assert data["logprobs"][4][0] == pytest.approx(seen.probs[4, 0].log().item(), abs=5e-4)
+
+
+@pytest.mark.parametrize("path", ["fused", "reference"])
+def test_reporting_the_weights_leaves_the_output_alone(models, tiny_config, path):
+    """The weights a block reports are the ones its output is made of; asking for them changes
+    nothing else, and a cache (decoding) cannot be combined with them."""
+    x = torch.randn(2, 10, tiny_config.n_embd)
+    for block in models[path].blocks:
+        with torch.no_grad():
+            y, wei = block(x, return_weights=True)
+            assert torch.allclose(y, block(x), atol=1e-5, rtol=0)
+            assert wei.shape == (2, tiny_config.n_head, 10, 10)
+    if path == "fused":
+        with pytest.raises(ValueError, match="pass no cache"):
+            models[path].blocks[0](x, KVCache(tiny_config.block_size), return_weights=True)
 
 
 def test_bigram_has_no_attention_and_says_so():

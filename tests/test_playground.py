@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import base64
 import math
 import re
 
+import numpy as np
 import pytest
 
 httpx = pytest.importorskip("httpx")
@@ -42,6 +44,7 @@ def test_the_page_and_its_files_come_from_the_server_alone(server):
         assert response.status_code == 200 and response.headers["content-type"].startswith(kind)
         assert not re.search(r"https?://", response.text), path  # no CDN, no external font
     page = httpx.get(server + "/", timeout=30).text
+    assert 'id="temperature"' in page and "<!-- controls.html -->" not in page  # written in
     for asset in re.findall(r'(?:src|href)="(/static/[^"]+)"', page):
         assert httpx.get(server + asset, timeout=30).status_code == 200
     missing = httpx.get(server + "/static/../playground.py", timeout=30)
@@ -60,15 +63,16 @@ def test_inspect_answers_what_inspect_text_computes(server, run_dir):
     assert [[c["char"] for c in row] for row in data["top"]] == [
         [c for c, _ in seen.top(t)] for t in range(len(TEXT))
     ]
-    head = data["attention"][1][0]
-    assert [len(row) for row in head] == list(range(1, len(TEXT) + 1))  # position t: t + 1 keys
-    assert all(sum(row) == pytest.approx(1, abs=0.01) for row in head)  # 3 decimals each
-    expected = seen.attention[1, 0]
-    assert all(
-        w == pytest.approx(expected[t, j].item(), abs=5e-4)
-        for t, row in enumerate(head)
-        for j, w in enumerate(row)
-    )
+    T = len(TEXT)
+    for layer, head in [(0, 0), (1, 0), (1, 1)]:
+        # base64 of float16s, little-endian: the lower triangle, row t of t + 1 weights after row
+        # t - 1, nothing above the diagonal
+        triangle = np.frombuffer(base64.b64decode(data["attention"][layer][head]), dtype="<f2")
+        assert triangle.size == T * (T + 1) // 2
+        rows = [triangle[t * (t + 1) // 2 : (t + 1) * (t + 2) // 2] for t in range(T)]
+        assert all(row.astype(float).sum() == pytest.approx(1, abs=T * 2**-11) for row in rows)
+        expected = seen.attention[layer, head].numpy()[np.tril_indices(T)]
+        assert np.allclose(triangle, expected, atol=2**-12, rtol=0)  # float16's precision
     assert math.exp(data["logprobs"][3][0]) == pytest.approx(seen.probs[3, 0].item(), rel=0.01)
 
 
@@ -125,3 +129,17 @@ def test_a_bigram_has_no_attention_and_the_answer_says_so(tmp_path):
         data = inspect(served.url, text=TEXT).json()
     assert data["n_layer"] == 0 and data["attention"] == []
     assert "bigram" in data["note"] and len(data["top"]) == len(TEXT)
+
+
+def test_inspections_larger_than_the_limit_are_refused_naming_it(run_dir):
+    """2 layers x 2 heads: 20 characters are 4 x 210 = 840 weights, 21 are 4 x 231 = 924."""
+    with serving(run_dir, max_inspect_weights=840) as served:
+        assert inspect(served.url, text=TEXT[:20]).status_code == 200
+        refused = inspect(served.url, text=TEXT[:21])
+        skipped = inspect(served.url, text=TEXT[:20] + "é", on_unknown="skip")
+    assert refused.status_code == 400 and skipped.status_code == 200  # what is read counts
+    error = refused.json()["error"]
+    assert (error["param"], error["code"]) == ("text", "inspection_too_large")
+    assert "2 layers x 2 heads x 231 weights = 924" in error["message"]
+    assert "840 (--max-inspect-weights)" in error["message"]
+    assert "send at most the last 20 characters" in error["message"]

@@ -3,13 +3,17 @@
 
 from __future__ import annotations
 
+import base64
 import functools
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 webdriver = pytest.importorskip("selenium.webdriver")
 
@@ -67,6 +71,17 @@ def open_page(browser, url: str) -> None:
     wait(browser, lambda: "parameters" in by_id(browser, "facts").text)
 
 
+def largest_weights(url: str, text: str, layer: int, head: int) -> list[tuple[str, int, float]]:
+    """The three largest weights of the last row of a head's `wei`, as /v1/inspect answers them
+    decoded by numpy: (character, its 1-based position, weight), largest first."""
+    answer = httpx.post(url + "/v1/inspect", json={"text": text}, timeout=30).json()
+    packed = base64.b64decode(answer["attention"][layer][head])
+    t = len(text) - 1
+    row = np.frombuffer(packed, dtype="<f2")[t * (t + 1) // 2 :].astype(float)  # t + 1 weights
+    best = sorted(range(t + 1), key=lambda i: -row[i])[:3]
+    return [(text[i], i + 1, row[i]) for i in best]
+
+
 def test_page_shows_the_models_facts_and_links_the_api_docs(browser, server):
     open_page(browser, server)
     facts = by_id(browser, "facts").text
@@ -106,6 +121,13 @@ def test_generate_then_inspect_a_character(browser, server):
     assert by_id(browser, "matrix-dialog").get_attribute("open") is not None
     title = by_id(browser, "matrix-title").text
     assert title == "Layer 1, head 1: wei, 5 \N{MULTIPLICATION SIGN} 5"  # the context up to "O"
+    # the page decodes the packed weights as numpy does: the row's three largest, in order
+    readout = by_id(browser, "matrix-readout").text
+    found = re.findall(r"“(.)” \((\d+)\) (\d\.\d+)", readout)
+    shown = [(char, int(at), float(weight)) for char, at, weight in found]
+    expected = largest_weights(server, "ROMEO", 1, 1)
+    assert [(c, at) for c, at, _ in shown] == [(c, at) for c, at, _ in expected], readout
+    assert [w for *_, w in shown] == pytest.approx([w for *_, w in expected], abs=0.006)
     by_id(browser, "matrix-close").send_keys(Keys.ESCAPE)
     wait(browser, lambda: by_id(browser, "matrix-dialog").get_attribute("open") is None)
 

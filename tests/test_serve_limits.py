@@ -1,6 +1,6 @@
 """Bounded work, off the event loop: the echo budget refuses what would build a huge answer, a
-large allowed answer never blocks `/health`, `/v1/inspect` runs a few at a time and leaves the
-engine's model alone; an empty prompt echoes as OpenAI's does."""
+large allowed answer never blocks `/health`, `/v1/inspect` runs a few at a time, lets a few wait
+and refuses more, and leaves the engine's model alone; an empty prompt echoes as OpenAI's does."""
 
 from __future__ import annotations
 
@@ -145,3 +145,37 @@ def test_inspect_runs_a_few_at_a_time_and_leaves_the_engines_model_alone(served,
     assert all(r.status_code == 200 for r in asyncio.run(burst()))
     assert 1 <= most <= playground.INSPECT_CONCURRENCY
     assert switched == [] and not model.training  # no .train()/.eval() on the served model
+
+
+def test_inspections_beyond_those_waiting_get_429_with_retry_after(served, monkeypatch):
+    """Two run, INSPECT_WAITING wait, and the next is refused at once; the rest all finish."""
+    release = threading.Event()
+    inspect_text = playground.inspect_text
+
+    def held(*args, **kwargs):
+        release.wait(30)
+        return inspect_text(*args, **kwargs)
+
+    monkeypatch.setattr(playground, "inspect_text", held)
+    turns = served.app.state.inspecting
+    room = playground.INSPECT_CONCURRENCY + playground.INSPECT_WAITING
+
+    async def crowd() -> tuple[httpx.Response, list[httpx.Response]]:
+        async with httpx.AsyncClient(base_url=served.url, timeout=60) as client:
+            asks = [
+                asyncio.ensure_future(client.post("/v1/inspect", json={"text": "ROMEO"}))
+                for _ in range(room)
+            ]
+            deadline = time.monotonic() + 30
+            while turns.inside < room and time.monotonic() < deadline:  # all running or waiting
+                await asyncio.sleep(0.01)
+            refused = await client.post("/v1/inspect", json={"text": "ROMEO"})
+            release.set()
+            return refused, await asyncio.gather(*asks)
+
+    refused, answered = asyncio.run(crowd())
+    assert all(r.status_code == 200 for r in answered)
+    assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
+    error = refused.json()["error"]
+    assert (error["type"], error["code"]) == ("rate_limit_error", "queue_full")
+    assert f"{playground.INSPECT_WAITING} inspections are waiting" in error["message"]

@@ -48,6 +48,11 @@ class ServeConfig:
         262_144, "prompt characters one request may echo back, x n x (1 + logprobs): its size"
     )
     max_body_bytes: int = option(1_048_576, "request body size in bytes; larger bodies get 413")
+    max_inspect_weights: int = option(
+        4_194_304,
+        "attention weights one /v1/inspect answer may hold: layers x heads x T(T+1)/2 for T "
+        "characters (2 bytes each in the answer)",
+    )
     device: str = option("auto", DEVICE_HELP)
     threads: int = option(0, "PyTorch intra-op threads (0: PyTorch's default)")
     dtype: Literal["auto", "fp32", "bf16"] = option(

@@ -2,6 +2,7 @@
 
     SITE/index.html       the page: prompt, streaming text, sampling controls, next-character bars
     SITE/chargpt.js       the decoding loop and `window.chargpt.generate` (docs/export.md)
+    SITE/common.js        what the page's script shares with the playground's (bars, sampling)
     SITE/playground.css   the playground's stylesheet; SITE/chargpt.css the page's own rules
     SITE/model.onnx       the graph of chargpt.export.onnx_graph
     SITE/model.json       vocabulary, model config and the window rule's numbers
@@ -32,8 +33,9 @@ from chargpt.runs.directory import Run, load_run
 
 ORT_WEB_VERSION = "1.31.1"  # the onnxruntime-web release the page is tested with
 ORT_FILES = ("ort.min.js", "ort-wasm-simd-threaded.jsep.mjs", "ort-wasm-simd-threaded.jsep.wasm")
-PAGE_FILES = ("index.html", "chargpt.js", "chargpt.css")
-STYLE = "playground.css"  # shared with the playground (chargpt serve)
+PAGE_FILES = ("chargpt.js", "chargpt.css")  # and index.html, with CONTROLS written in
+SHARED_FILES = ("playground.css", "common.js")  # the playground's (chargpt serve), shared
+CONTROLS = "controls.html"  # the playground's prompt and sampling controls, shared
 NPM_TIMEOUT = 600  # seconds for `npm pack` (a ~35 MB download)
 
 
@@ -63,8 +65,14 @@ def write_site(run: Run, run_dir: Path, site: Path, ort_files: Path) -> None:
     page = resources.files("chargpt.export") / "site"
     for name in PAGE_FILES:
         (site / name).write_bytes((page / name).read_bytes())
-    # the playground's stylesheet, read as package data (nothing of the server is imported)
-    (site / STYLE).write_bytes((resources.files("chargpt") / "serve/static" / STYLE).read_bytes())
+    # the playground's files the page shares, read as package data (nothing of the server is
+    # imported): its stylesheet, its script, and its controls, written into index.html
+    playground = resources.files("chargpt") / "serve/static"
+    for name in SHARED_FILES:
+        (site / name).write_bytes((playground / name).read_bytes())
+    index = (page / "index.html").read_text(encoding="utf-8")
+    controls = (playground / CONTROLS).read_text(encoding="utf-8").strip()
+    (site / "index.html").write_text(index.replace(f"<!-- {CONTROLS} -->", controls), "utf-8")
     for name in ORT_FILES:
         shutil.copyfile(ort_files / name, site / name)
     site.chmod(0o755)  # mkdtemp makes it 0700: a web server running as another user reads it

@@ -6,32 +6,30 @@
     wei = seen.attention[0, 2]     # (T, T): layer 0, head 2, the lab's `wei`
 
 The weights are the lab's `wei` (part d): softmax(q kᵀ / sqrt(head_size)) with the future masked
-out, after the softmax and before dropout, so each row sums to one. They are computed here, from
-each block's own query and key projections, while the model runs one block at a time; the
-model's normal forward pass (the fused kernel) is untouched and stays as fast as ever.
+out, after the softmax and before dropout, so each row sums to one. Each block reports its own
+(`DecoderBlock(x, return_weights=True)`, on either attention path) while the model runs one block
+at a time; the model's normal forward pass (the fused kernel) does not compute them.
+
+`Inspection.to_dict` packs each head's weights for JSON (`/v1/inspect`): its lower triangle, row
+after row (row t: how position t weighs positions 0..t, t + 1 weights; T(T + 1)/2 in all, none of
+the zeros above the diagonal), as little-endian float16 (2 bytes a weight, within 2**-12 of the
+weight), base64-encoded.
 """
 
 from __future__ import annotations
 
-import math
+import base64
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 from chargpt.data.tokenizer import CharTokenizer
 from chargpt.errors import ChargptError
 from chargpt.generation.generate import encode_prompt
-from chargpt.model import (
-    CausalSelfAttention,
-    DecoderBlock,
-    GPTLanguageModel,
-    LanguageModel,
-    eval_mode,
-)
-from chargpt.model.layers import RotaryAngles, rotate
+from chargpt.model import DecoderBlock, GPTLanguageModel, LanguageModel, eval_mode
+from chargpt.model.layers import RotaryAngles
 
 NO_ATTENTION = "a bigram model has no attention: each prediction reads only the character before"
 
@@ -65,10 +63,9 @@ class Inspection:
         return [(self.vocab[i], p) for p, i in zip(probs.tolist(), ids.tolist(), strict=True)]
 
     def to_dict(self, decimals: int = 4) -> dict[str, Any]:
-        """Plain JSON: attention rows cut to the preceding positions (row t has t + 1 weights),
-        probabilities and natural-log probabilities rounded to `decimals` places."""
+        """Plain JSON: each head's weights packed (`packed_triangles`), probabilities and
+        natural-log probabilities rounded to `decimals` places."""
         logprobs = self.probs.double().clamp_min(1e-30).log()
-        attention = rounded(self.attention, decimals)
         return {
             "chars": self.chars,
             "vocab": self.vocab,
@@ -80,10 +77,7 @@ class Inspection:
                 for t in range(len(self.chars))
             ],
             "logprobs": rounded(logprobs, decimals),
-            "attention": [
-                [[row[: t + 1] for t, row in enumerate(head)] for head in layer]
-                for layer in attention
-            ],
+            "attention": packed_triangles(self.attention),
         }
 
 
@@ -91,6 +85,26 @@ def rounded(values: torch.Tensor, decimals: int) -> list:
     """Nested lists of floats that print with at most `decimals` decimal places."""
     scale = 10.0**decimals
     return (values.double() * scale).round().div(scale).tolist()
+
+
+def packed_triangles(attention: torch.Tensor) -> list[list[str]]:
+    """(n_layer, n_head, T, T) weights -> [layer][head]: that head's lower triangle, row after
+    row, as little-endian float16 in base64 (the module's docstring). Tensor and byte operations
+    only: no Python loop over the weights."""
+    T = attention.shape[-1]
+    rows, keys = torch.tril_indices(T, T)  # row-major: (0, 0), (1, 0), (1, 1), (2, 0), ...
+    halves = attention[..., rows, keys].to(torch.float16).numpy().astype("<f2")  # (L, H, N)
+    return [
+        [base64.b64encode(head.tobytes()).decode("ascii") for head in layer] for layer in halves
+    ]
+
+
+def attention_size(model: LanguageModel, length: int) -> int:
+    """How many weights an inspection of `length` characters returns: n_layer x n_head x
+    T(T + 1)/2, each head's triangle (a bigram has none)."""
+    if not isinstance(model, GPTLanguageModel):
+        return 0
+    return model.config.n_layer * model.config.n_head * length * (length + 1) // 2
 
 
 def inspect_text(
@@ -136,8 +150,8 @@ def logits_and_attention(
     model: LanguageModel, idx: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T) ids -> (B, T, V) logits and (n_layer, n_head, B, T, T) attention weights. A GPT is
-    run by `GPTLanguageModel.run_blocks`, as `logits` runs it, taking each block's weights from
-    the normalised input its attention reads; a bigram has none (n_layer 0)."""
+    run by `GPTLanguageModel.run_blocks`, as `logits` runs it, each block reporting its own
+    weights (`return_weights`); a bigram has none (n_layer 0)."""
     B, T = idx.shape
     if not isinstance(model, GPTLanguageModel):
         return model.logits(idx), torch.zeros(0, 0, B, T, T)
@@ -146,37 +160,9 @@ def logits_and_attention(
     def run_and_watch(
         _i: int, block: DecoderBlock, x: torch.Tensor, rope: RotaryAngles | None
     ) -> torch.Tensor:
-        layers.append(attention_weights(block.sa, block.ln1(x), rope))  # (n_head, B, T, T)
-        return block(x, rope=rope)  # (B, T, C)
+        x, wei = block(x, rope=rope, return_weights=True)  # (B, T, C), (B, n_head, T, T)
+        layers.append(wei)
+        return x
 
     logits = model.run_blocks(idx, torch.arange(T, device=idx.device), run_and_watch)
-    return logits, torch.stack(layers)  # (B, T, V), (n_layer, n_head, B, T, T)
-
-
-def attention_weights(
-    sa: nn.Module, h: torch.Tensor, rope: RotaryAngles | None = None
-) -> torch.Tensor:
-    """Each head's `wei` for the block input `h` (B, T, C): (n_head, B, T, T). Works on both
-    attention paths: the fused `qkv` matrix or the lab's `Head` modules, with the recipe's
-    QK-norm and rotary positions (`rope`: the angles of the T positions) where the model has
-    them."""
-    if isinstance(sa, CausalSelfAttention):
-        B, T, C = h.shape
-        q, k, _ = sa.qkv(h).view(B, T, 3, sa.n_head, C // sa.n_head).permute(2, 3, 0, 1, 4)
-    else:
-        q = torch.stack([head.query(h) for head in sa.heads])  # (n_head, B, T, hs)
-        k = torch.stack([head.key(h) for head in sa.heads])  # (n_head, B, T, hs)
-    if sa.qk_norm:
-        q, k = sa.q_norm(q), sa.k_norm(k)
-    if rope is not None:
-        q, k = rotate(q, rope), rotate(k, rope)
-    return causal_softmax(q, k)  # q, k: (n_head, B, T, hs)
-
-
-def causal_softmax(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """(..., T, hs) queries and keys -> (..., T, T) weights: softmax(q kᵀ / sqrt(hs)) over the
-    keys at or before each query."""
-    T, hs = q.shape[-2:]
-    scores = q @ k.transpose(-2, -1) / math.sqrt(hs)  # (..., T, T)
-    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(diagonal=1)
-    return F.softmax(scores.float().masked_fill(future, float("-inf")), dim=-1)
+    return logits, torch.stack(layers).transpose(1, 2)  # (B, T, V), (n_layer, n_head, B, T, T)

@@ -24,6 +24,8 @@ from chargpt.model.layers import Rotary, RotaryAngles, make_activation, make_nor
 
 # the QK-norm of a block's queries and keys, shared by all its heads
 QKNorm = tuple[nn.Module, nn.Module]
+# an attention module's output, or with `return_weights=True` its output and its weights `wei`
+Attended = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 
 class Head(nn.Module):
@@ -48,7 +50,10 @@ class Head(nn.Module):
         self.register_buffer("tril", torch.tril(torch.ones(block_size, block_size)), False)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, rope: RotaryAngles | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: RotaryAngles | None = None, return_weights: bool = False
+    ) -> Attended:
+        """(B, T, C) -> (B, T, hs); with `return_weights`, also `wei` (B, T, T) before dropout."""
         B, T, C = x.shape
         k = self.key(x)  # (B, T, hs)
         q = self.query(x)  # (B, T, hs)
@@ -62,8 +67,8 @@ class Head(nn.Module):
         # the future is masked out; slicing the mask makes any T <= block_size work
         wei = wei.masked_fill(self.tril[:T, :T] == 0, float("-inf"))  # (B, T, T)
         wei = F.softmax(wei, dim=-1)  # (B, T, T): each row sums to 1
-        wei = self.dropout(wei)
-        return wei @ v  # weighted sum of values: (B, T, T) @ (B, T, hs) -> (B, T, hs)
+        out = self.dropout(wei) @ v  # weighted sum of values: (B, T, T) @ (B, T, hs) -> (B, T, hs)
+        return (out, wei) if return_weights else out
 
 
 class MultiHeadAttention(nn.Module):
@@ -88,9 +93,18 @@ class MultiHeadAttention(nn.Module):
         self.register_state_dict_post_hook(_heads_to_qkv)
         self.register_load_state_dict_pre_hook(_qkv_to_heads)
 
-    def forward(self, x: torch.Tensor, rope: RotaryAngles | None = None) -> torch.Tensor:
-        out = torch.cat([h(x, rope) for h in self.heads], dim=-1)  # (B, T, n_head * hs)
-        return self.dropout(self.proj(out))  # (B, T, C)
+    def forward(
+        self, x: torch.Tensor, rope: RotaryAngles | None = None, return_weights: bool = False
+    ) -> Attended:
+        """(B, T, C) -> (B, T, C); with `return_weights`, also every head's `wei`, stacked:
+        (B, n_head, T, T)."""
+        # each head's output and its wei (no extra work: a head computes its wei anyway)
+        outs, weights = zip(*[h(x, rope, return_weights=True) for h in self.heads], strict=True)
+        out = torch.cat(outs, dim=-1)  # (B, T, n_head * hs)
+        out = self.dropout(self.proj(out))  # (B, T, C)
+        if return_weights:
+            return out, torch.stack(weights, dim=1)  # and the heads' wei: (B, n_head, T, T)
+        return out
 
 
 def _heads_to_qkv(module: MultiHeadAttention, state_dict: dict, prefix: str, _meta) -> None:
@@ -139,9 +153,12 @@ class CausalSelfAttention(nn.Module):
         x: torch.Tensor,
         cache: AttentionCache | None = None,
         rope: RotaryAngles | None = None,
-    ) -> torch.Tensor:
+        return_weights: bool = False,
+    ) -> Attended:
         """(B, T, C) -> (B, T, C). With a `cache`, x holds the T positions after those cached;
-        `rope` holds the rotary angles of those T positions (recipe option)."""
+        `rope` holds the rotary angles of those T positions (recipe option). With
+        `return_weights` (and no cache), also each head's `wei`, (B, n_head, T, T), as the lab's
+        `Head` computes it: the output is then computed from those weights, not the fused kernel."""
         B, T, C = x.shape
         # (B, T, 3C) -> three (B, n_head, T, hs) tensors
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
@@ -150,6 +167,12 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:  # keys are rotated before they are cached: cached keys stay valid
             q, k = rotate(q, rope), rotate(k, rope)
         dropout_p = self.attn_dropout if self.training else 0.0
+        if return_weights:
+            if cache is not None:
+                raise ValueError("return_weights reads the whole text: pass no cache")
+            wei = causal_weights(q, k)  # (B, n_head, T, T): each row sums to 1
+            y = F.dropout(wei, dropout_p) @ v  # (B, n_head, T, hs)
+            return self.dropout(self.proj(y.transpose(1, 2).reshape(B, T, C))), wei
         if cache is None and dropout_p > 0 and x.device.type == "cpu":
             # the fused CPU kernel has no dropout; cache-sized chunks are faster: (B, n_head, T, hs)
             y = chunked_causal_attention(q, k, v, dropout_p)
@@ -183,6 +206,15 @@ class CausalSelfAttention(nn.Module):
         dropout_p = self.attn_dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # (B, n_head, 1, hs)
         return self.dropout(self.proj(y.view(B, 1, C)))  # heads side by side again: (B, 1, C)
+
+
+def causal_weights(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The lab's `wei` of (..., T, hs) queries and keys, written out: (..., T, T)."""
+    T, hs = q.shape[-2:]
+    # affinities between every query and every key, scaled to keep unit variance
+    wei = q @ k.transpose(-2, -1) * hs**-0.5  # (..., T, hs) @ (..., hs, T) -> (..., T, T)
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(diagonal=1)
+    return F.softmax(wei.masked_fill(future, float("-inf")), dim=-1)  # the past only
 
 
 class FeedForward(nn.Module):
@@ -223,13 +255,20 @@ class DecoderBlock(nn.Module):
         x: torch.Tensor,
         cache: AttentionCache | None = None,
         rope: RotaryAngles | None = None,
-    ) -> torch.Tensor:
+        return_weights: bool = False,
+    ) -> Attended:
+        """(B, T, C) -> (B, T, C); with `return_weights`, also its attention's `wei`,
+        (B, n_head, T, T)."""
         h = self.ln1(x)  # normalise: (B, T, C)
-        # a cache: fused path only
-        attended = self.sa(h, rope=rope) if cache is None else self.sa(h, cache, rope)
+        if cache is None:
+            attended = self.sa(h, rope=rope, return_weights=return_weights)
+        else:  # a cache: fused path only
+            attended = self.sa(h, cache, rope, return_weights=return_weights)
+        if return_weights:
+            attended, wei = attended  # (B, T, C), (B, n_head, T, T)
         x = x + attended  # attend, add back (residual): (B, T, C)
         x = x + self.ffwd(self.ln2(x))  # normalise, transform, add back (residual): (B, T, C)
-        return x
+        return (x, wei) if return_weights else x
 
     def step(
         self, x: torch.Tensor, cache: KVCache, rope: RotaryAngles | None = None

@@ -7,7 +7,6 @@ included, so a new page or endpoint is one more entry there.
 
 from __future__ import annotations
 
-import asyncio
 import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -33,7 +32,7 @@ from chargpt.serve.middleware import (
     is_loopback,
 )
 from chargpt.serve.openapi import BODY_ERRORS, errors, install_openapi, json_request
-from chargpt.serve.playground import INSPECT_CONCURRENCY, InspectRequest
+from chargpt.serve.playground import INSPECT_CONCURRENCY, INSPECT_WAITING, InspectRequest, Turns
 from chargpt.serve.playground import router as playground_router
 from chargpt.serve.responses import (
     CLIENT_CLOSED,
@@ -72,7 +71,7 @@ def create_app(run: Run, run_dir: Path, settings: ServeConfig) -> FastAPI:
     app.state.run = run
     app.state.settings = settings
     app.state.metrics = metrics
-    app.state.inspecting = asyncio.Semaphore(INSPECT_CONCURRENCY)
+    app.state.inspecting = Turns(INSPECT_CONCURRENCY, INSPECT_WAITING)
     app.state.model_id = Path(run_dir).resolve().name
     app.state.created = int((Path(run_dir) / WEIGHTS).stat().st_mtime)
     dtype = forward_dtype(run.model, settings.dtype, next(run.model.parameters()).device)

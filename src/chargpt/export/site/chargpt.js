@@ -9,12 +9,15 @@
 // onToken(char, next) is called for each new character (next: the distribution it was drawn
 // from); signal is an AbortSignal that stops early. Greedy text (temperature 0) is
 // `chargpt sample --temperature 0`'s; sampled text uses its own random numbers, not torch's.
+// What the page shares with the playground (the sampling distribution, the bars) is common.js's
+// `window.chargptPage`, loaded first.
 "use strict";
 
 (() => {
-  const GREEDY_BELOW = 1e-5; // chargpt.generation.sampling.GREEDY_BELOW
+  const { GREEDY_BELOW, $, shown, percent, setStatus } = window.chargptPage;
+  const { showTemperature, samplingDistribution, barRow } = window.chargptPage;
   const BARS = 10; // characters shown in the next-character bars
-  const SHOWN = { "\n": "↵", " ": "␣", "\t": "⇥" };
+  const DRAWN = { word: "drawn", says: "drawn" }; // the drawn character's bar's mark
 
   ort.env.wasm.numThreads = 1; // threads need cross-origin isolation, which static hosts lack
   ort.env.wasm.wasmPaths = new URL(".", document.currentScript.src).href; // this folder only
@@ -72,33 +75,6 @@
 
   function presentName(pastName) {
     return pastName.replace(/^past\./, "present.");
-  }
-
-  // The distribution chargpt.generation.sampling draws from: logits / temperature, the k
-  // likeliest (ties: the smaller id first), the nucleus of those, renormalised.
-  function samplingDistribution(logits, temperature, topK, topP) {
-    const order = [...logits.keys()].sort((a, b) => logits[b] - logits[a] || a - b);
-    const probs = new Float64Array(logits.length);
-    if (temperature < GREEDY_BELOW) {
-      probs[order[0]] = 1;
-      return probs;
-    }
-    const kept = topK > 0 ? order.slice(0, topK) : order;
-    const top = logits[kept[0]] / temperature;
-    const weights = kept.map((i) => Math.exp(logits[i] / temperature - top));
-    const total = weights.reduce((a, b) => a + b, 0);
-    let mass = 0;
-    let nucleusTotal = 0;
-    const nucleus = [];
-    kept.forEach((i, rank) => {
-      if (mass < topP) {
-        nucleus.push([i, weights[rank]]);
-        nucleusTotal += weights[rank];
-      }
-      mass += weights[rank] / total;
-    });
-    nucleus.forEach(([i, w]) => (probs[i] = w / nucleusTotal));
-    return probs;
   }
 
   function softmax(logits) {
@@ -184,21 +160,7 @@
 
   // ---- the page ----
 
-  const $ = (id) => document.getElementById(id);
   let controller = null;
-
-  function shown(char) {
-    return SHOWN[char] ?? char;
-  }
-
-  function percent(p) {
-    return p >= 0.1 ? `${(p * 100).toFixed(0)}%` : `${(p * 100).toFixed(1)}%`;
-  }
-
-  function setStatus(message, isError = false) {
-    $("status").textContent = message;
-    $("status").classList.toggle("error", isError);
-  }
 
   function renderBars(meta, char, next) {
     const model = softmax(next.logits);
@@ -207,31 +169,14 @@
     );
     const shownIds = order.slice(0, BARS);
     if (!shownIds.includes(next.id)) shownIds.push(next.id); // the drawn one, even if unlikely
-    const rows = shownIds.map((i) => barRow(meta.vocab[i], model[i], next.probs[i], i === next.id));
+    const rows = shownIds.map((i) =>
+      barRow(meta.vocab[i], model[i], next.probs[i], i === next.id ? DRAWN : null),
+    );
     $("bars").replaceChildren(...rows);
     $("bars-legend").hidden = false;
     $("position").textContent =
       `The model drew “${shown(char)}” (${percent(next.probs[next.id])} with these settings, ` +
       `${percent(model[next.id])} for the model).`;
-  }
-
-  function barRow(char, modelProb, sampledProb, isNext) {
-    const row = document.createElement("div");
-    row.className = isNext ? "bar-row next" : "bar-row";
-    row.setAttribute("role", "img");
-    row.setAttribute(
-      "aria-label",
-      `${char === " " ? "space" : char === "\n" ? "newline" : char}: ${percent(sampledProb)} ` +
-        `when sampling, ${percent(modelProb)} for the model` + (isNext ? ", drawn" : ""),
-    );
-    row.innerHTML =
-      '<span class="char"></span><span class="track"><span class="bar"></span>' +
-      '<span class="tick"></span></span><span class="value"></span>';
-    row.querySelector(".char").textContent = shown(char);
-    row.querySelector(".bar").style.width = `${sampledProb * 100}%`;
-    row.querySelector(".tick").style.left = `${modelProb * 100}%`;
-    row.querySelector(".value").textContent = percent(sampledProb) + (isNext ? " ← drawn" : "");
-    return row;
   }
 
   async function onGenerate() {
@@ -283,9 +228,7 @@
   }
 
   document.addEventListener("DOMContentLoaded", () => {
-    $("temperature").addEventListener("input", () => {
-      $("temperature-value").textContent = Number($("temperature").value).toFixed(2);
-    });
+    $("temperature").addEventListener("input", showTemperature);
     $("generate").addEventListener("click", onGenerate);
     $("stop").addEventListener("click", () => controller?.abort());
     document.addEventListener("keydown", (event) => {

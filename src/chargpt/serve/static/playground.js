@@ -1,8 +1,10 @@
 // The chargpt playground: stream text from /v1/completions, then show for any character what the
 // model expected next (/v1/inspect's probabilities) and where each head looked (its attention).
-// Plain JavaScript, no dependencies, no build step: the page works offline.
+// Plain JavaScript, no dependencies, no build step: the page works offline. What it shares with
+// the exported page (the sampling distribution, the bars) is common.js's `window.chargptPage`.
 
-const $ = (id) => document.getElementById(id);
+const { $, shown, percent, setStatus, showTemperature, samplingDistribution, barRow } =
+  window.chargptPage;
 
 // viridis (matplotlib's, CC0) at 17 evenly spaced stops, interpolated in between
 const VIRIDIS = [
@@ -10,8 +12,8 @@ const VIRIDIS = [
   "1fa088", "28ae80", "3fbc73", "5ec962", "84d44b", "addc30", "d8e219", "fde725",
 ].map((hex) => [0, 2, 4].map((i) => parseInt(hex.slice(i, i + 2), 16)));
 
-const SHOWN = { "\n": "↵", " ": "␣", "\t": "→" }; // characters that would print as nothing
 const KEY_STORAGE = "chargpt-api-key";
+const NEXT = { word: "next", says: "the text's next character" }; // its bar's mark
 const INTRO =
   "Generate some text, then pick a character: see what the model expects next and where it looked.";
 
@@ -32,19 +34,6 @@ function viridis(weight) {
   const f = x - i;
   const [r, g, b] = VIRIDIS[i].map((c, k) => Math.round(c + f * (VIRIDIS[i + 1][k] - c)));
   return `rgb(${r},${g},${b})`;
-}
-
-function shown(char) {
-  return SHOWN[char] ?? char;
-}
-
-function percent(p) {
-  return p >= 0.1 ? `${(p * 100).toFixed(0)}%` : `${(p * 100).toFixed(1)}%`;
-}
-
-function setStatus(message, isError = false) {
-  $("status").textContent = message;
-  $("status").classList.toggle("error", isError);
 }
 
 // --- talking to the server -------------------------------------------------------------------
@@ -312,6 +301,7 @@ async function inspectWindow(end) {
   try {
     const response = await api("/v1/inspect", { text, model: state.model?.id });
     inspection = await response.json();
+    inspection.attention = inspection.attention.map((layer) => layer.map(triangleRows));
   } catch (error) {
     reportError(error);
     return;
@@ -323,6 +313,32 @@ async function inspectWindow(end) {
   $("context-size").textContent = `${inspection.chars.length} characters`;
   $("text-legend").hidden = false;
   renderInspection();
+}
+
+// One head of /v1/inspect's `attention`: base64 of little-endian float16s, the lower triangle
+// row after row. Its rows: row t holds position t's t + 1 weights over positions 0..t.
+function triangleRows(packed) {
+  const bytes = Uint8Array.from(atob(packed), (c) => c.charCodeAt(0));
+  const halves = new DataView(bytes.buffer);
+  const weights = new Float32Array(bytes.length / 2);
+  for (let i = 0; i < weights.length; i++) weights[i] = fromFloat16(halves.getUint16(2 * i, true));
+  const rows = [];
+  for (let t = 0; (t * (t + 1)) / 2 < weights.length; t++) {
+    const start = (t * (t + 1)) / 2; // rows 0..t-1 hold 1 + 2 + ... + t weights
+    rows.push(weights.subarray(start, start + t + 1));
+  }
+  return rows;
+}
+
+// IEEE 754 half precision: 1 sign bit, 5 exponent bits, 10 fraction bits.
+function fromFloat16(bits) {
+  const exponent = (bits >> 10) & 0x1f;
+  const fraction = bits & 0x3ff;
+  let magnitude;
+  if (exponent === 0) magnitude = fraction * 2 ** -24; // subnormal
+  else if (exponent === 31) magnitude = fraction ? NaN : Infinity;
+  else magnitude = (1024 + fraction) * 2 ** (exponent - 25);
+  return bits & 0x8000 ? -magnitude : magnitude;
 }
 
 function renderInspection() {
@@ -354,33 +370,6 @@ function describePosition(seen, t) {
     (next === undefined ? "." : `; the text goes on with “${shown(next)}”.`);
 }
 
-// The distribution `chargpt.sampling` draws from: logits / temperature, the k likeliest,
-// the nucleus, renormalised. Temperature 0 is greedy.
-function samplingDistribution(logprobs, temperature, topK, topP) {
-  const order = logprobs.map((_, i) => i).sort((a, b) => logprobs[b] - logprobs[a] || a - b);
-  const probs = new Array(logprobs.length).fill(0);
-  if (temperature < 1e-5) {
-    probs[order[0]] = 1;
-    return probs;
-  }
-  const kept = topK > 0 ? order.slice(0, topK) : order;
-  const top = logprobs[kept[0]] / temperature;
-  const weights = kept.map((i) => Math.exp(logprobs[i] / temperature - top));
-  const total = weights.reduce((a, b) => a + b, 0);
-  let mass = 0;
-  let nucleusTotal = 0;
-  const nucleus = [];
-  kept.forEach((i, rank) => {
-    if (mass < topP) {
-      nucleus.push([i, weights[rank]]);
-      nucleusTotal += weights[rank];
-    }
-    mass += weights[rank] / total;
-  });
-  nucleus.forEach(([i, w]) => (probs[i] = w / nucleusTotal));
-  return probs;
-}
-
 function renderBars(seen, t) {
   const logprobs = seen.logprobs[t];
   const sampled = samplingDistribution(
@@ -395,29 +384,9 @@ function renderBars(seen, t) {
   if (next !== undefined && index.has(next) && !candidates.includes(next)) candidates.push(next);
   const rows = candidates.map((char) => {
     const i = index.get(char);
-    return barRow(char, Math.exp(logprobs[i]), sampled[i], char === next);
+    return barRow(char, Math.exp(logprobs[i]), sampled[i], char === next ? NEXT : null);
   });
   $("bars").replaceChildren(...rows);
-}
-
-function barRow(char, modelProb, sampledProb, isNext) {
-  const row = document.createElement("div");
-  row.className = isNext ? "bar-row next" : "bar-row";
-  row.setAttribute("role", "img");
-  row.setAttribute(
-    "aria-label",
-    `${char === " " ? "space" : char === "\n" ? "newline" : char}: ${percent(sampledProb)} ` +
-      `when sampling, ${percent(modelProb)} for the model` +
-      (isNext ? ", the text's next character" : ""),
-  );
-  row.innerHTML =
-    '<span class="char"></span><span class="track"><span class="bar"></span>' +
-    '<span class="tick"></span></span><span class="value"></span>';
-  row.querySelector(".char").textContent = shown(char);
-  row.querySelector(".bar").style.width = `${sampledProb * 100}%`;
-  row.querySelector(".tick").style.left = `${modelProb * 100}%`;
-  row.querySelector(".value").textContent = percent(sampledProb) + (isNext ? " ← next" : "");
-  return row;
 }
 
 // --- attention: a grid of layers x heads, each a strip of weights over the characters so far --
@@ -568,8 +537,7 @@ function readout(rows, q, k = undefined) {
       ? `${quote(q)} cannot see ${quote(k)}: it comes later.`
       : `${quote(q)} gives ${quote(k)} a weight of ${rows[q][k].toFixed(3)}.`;
   }
-  const best = rows[q]
-    .map((w, i) => [w, i])
+  const best = Array.from(rows[q], (w, i) => [w, i])
     .sort((a, b) => b[0] - a[0])
     .slice(0, 3)
     .map(([w, i]) => `${quote(i)} ${w.toFixed(2)}`);
@@ -614,14 +582,14 @@ function start() {
   $("text").addEventListener("keydown", moveSelection);
   for (const id of ["temperature", "top-k", "top-p"]) {
     $(id).addEventListener("input", () => {
-      $("temperature-value").textContent = Number($("temperature").value).toFixed(2);
+      showTemperature();
       renderInspection();
     });
   }
   $("matrix-close").addEventListener("click", () => $("matrix-dialog").close());
   $("matrix").addEventListener("mousemove", matrixPointer);
   new ResizeObserver(() => state.inspection && drawStrips()).observe($("heads"));
-  $("temperature-value").textContent = Number($("temperature").value).toFixed(2);
+  showTemperature();
   renderInspection();
   loadModel();
 }
