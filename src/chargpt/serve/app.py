@@ -95,7 +95,7 @@ def create_app(run: Run, run_dir: Path, settings: ServeConfig) -> FastAPI:
     if settings.api_key:
         app.add_middleware(RequireAPIKey, api_key=settings.api_key)
     if is_loopback(settings.host) or settings.allowed_host:
-        app.add_middleware(AllowHosts, hosts=settings.allowed_host)
+        app.add_middleware(AllowHosts, listening=settings.host, hosts=settings.allowed_host)
     app.add_middleware(CountRequests, metrics=metrics, paths=paths)
     return app
 

@@ -58,12 +58,29 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def url_host(host: str) -> str:
+    """A listening address as a URL writes it: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host else host
+
+
+def own_names(host: str) -> list[str]:
+    """The Host names of the server's own address `host`: as its banner prints the URL, and, for
+    IPv6, as browsers write it (compressed)."""
+    try:
+        compressed = ip_address(host).compressed
+    except ValueError:  # a name, such as localhost
+        return [host]
+    return list(dict.fromkeys([url_host(host), url_host(compressed)]))
+
+
 class AllowHosts:
     """Starlette's TrustedHostMiddleware (requests whose Host is not on the list never reach a
-    route: a page rebound to 127.0.0.1 by DNS sends its own name), refusing in OpenAI's shape."""
+    route: a page rebound to 127.0.0.1 by DNS sends its own name), refusing in OpenAI's shape.
+    The list: the loopback names, the server's own address `listening`, and `hosts`."""
 
-    def __init__(self, app: ASGIApp, hosts: Sequence[str]):
-        self.app, self.hosts = app, [*LOOPBACK_NAMES, *hosts]
+    def __init__(self, app: ASGIApp, listening: str, hosts: Sequence[str]):
+        self.app = app
+        self.hosts = list(dict.fromkeys([*LOOPBACK_NAMES, *own_names(listening), *hosts]))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
