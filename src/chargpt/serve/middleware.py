@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from chargpt.serve.errors import openai_error
+from chargpt.serve.errors import APIError
 from chargpt.serve.metrics import ServeMetrics
 
 # what the API key guards (the playground's page and files, /health and /metrics stay open)
@@ -43,7 +43,7 @@ class RequireAPIKey:
             else "You didn't provide an API key: send it as 'Authorization: Bearer KEY'"
         )
         headers = {"WWW-Authenticate": "Bearer"}
-        response = openai_error(401, message, code="invalid_api_key", headers=headers)
+        response = APIError(401, message, code="invalid_api_key", headers=headers).response()
         await response(scope, receive, send)
 
 
@@ -104,7 +104,7 @@ class AllowHosts:
                 f"This server does not answer to the Host {host!r}: if that name is yours, "
                 "start it with --allowed-host NAME"
             )
-            await openai_error(400, message, code="invalid_host")(scope, receive, send)
+            await APIError(400, message, code="invalid_host").response()(scope, receive, send)
 
 
 class LimitBodySize:
@@ -118,7 +118,7 @@ class LimitBodySize:
             return await self.app(scope, receive, send)
         declared = Headers(scope=scope).get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_bytes:
-            response = openai_error(413, self.message(), code="request_too_large")
+            response = APIError(413, self.message(), code="request_too_large").response()
             return await response(scope, receive, send)
         received = 0
 

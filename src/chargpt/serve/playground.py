@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
@@ -20,9 +20,9 @@ from starlette.concurrency import run_in_threadpool
 from chargpt.generation.inspection import inspect_text, max_text_length
 from chargpt.runs.directory import Run
 from chargpt.serve.encoding import json_in_pieces
-from chargpt.serve.errors import APIError, json_body
+from chargpt.serve.errors import APIError, require_json
 from chargpt.serve.limits import check_known, check_model
-from chargpt.serve.openapi import BODY_ERRORS, errors, json_request
+from chargpt.serve.openapi import BODY_ERRORS, errors
 
 STATIC = Path(__file__).parent / "static"
 ASSETS = {"playground.css": "text/css", "playground.js": "text/javascript"}
@@ -64,15 +64,14 @@ def asset(name: str) -> Response:
         200: {"content": {"application/json": {"schema": {"type": "object"}}}},
         **errors(*BODY_ERRORS),
     },
-    openapi_extra=json_request(InspectRequest),
+    dependencies=[Depends(require_json)],
 )
-async def inspect(request: Request) -> Response:
+async def inspect(body: InspectRequest, request: Request) -> Response:
     """What the model computes at every position of `text`. `attention[layer][head][t]` holds
     position t's weights over positions 0..t (the lab's `wei`: softmax(q kᵀ / √head_size),
     causal, before dropout); `top[t]` lists the likeliest characters to follow position t;
     `logprobs[t]` holds the natural log-probability of each character of `vocab`. A bigram
     model has no attention: `n_layer` is 0 and `note` says why."""
-    body = await json_body(request, InspectRequest)  # as the completions endpoint reads its body
     state = request.app.state
     check_model(body.model, request)
     check_text(body.text, body.on_unknown, state.run)
