@@ -177,6 +177,13 @@ def test_an_api_key_is_required_when_set(run_dir):
         assert httpx.get(served.url + "/health").status_code == 200  # probes need no key
 
 
+# 2,001 ids, one over the server's --max-prompt-chars, in a body under its --max-body-bytes
+ID_PROMPT_OVER_LIMIT = b'{"model": "%s", "prompt": [%s]}' % (
+    MODEL.encode(),
+    b",".join([b"0"] * 2001),
+)
+
+
 def error_of(response: httpx.Response, status: int) -> dict:
     assert response.status_code == status, response.text
     error = response.json()["error"]
@@ -193,7 +200,12 @@ def error_of(response: httpx.Response, status: int) -> dict:
         ({"model": MODEL, "prompt": "A", "max_tokens": "5"}, 400, "max_tokens", "integer"),
         ({"model": MODEL, "prompt": "A", "temperature": -1}, 400, "temperature", "temperature"),
         ({"model": MODEL, "prompt": "A", "stop": ["a"] * 5}, 400, "stop", "at most 4"),
-        ({"model": MODEL, "prompt": [1, 2]}, 400, "prompt", "token-id"),
+        ({"model": MODEL, "prompt": [1, "a"]}, 400, "prompt", "list of token ids"),
+        ({"model": MODEL, "prompt": [1, True]}, 400, "prompt", "list of token ids"),
+        ({"model": MODEL, "prompt": []}, 400, "prompt", "empty list"),
+        ({"model": MODEL, "prompt": [[5, 6], [0, 10_000]]}, 400, "prompt[1][1]", "is 10000"),
+        ({"model": MODEL, "prompt": [5, -1]}, 400, "prompt[1]", "is -1"),
+        (ID_PROMPT_OVER_LIMIT, 400, "prompt", "--max-prompt-chars"),
         ({"model": MODEL, "prompt": "A", "wat": 1}, 400, "wat", "Unrecognized"),
         ({"model": MODEL, "prompt": "A", "best_of": 3}, 400, "best_of", "not supported"),
         ({"model": MODEL, "prompt": "A", "n": 2, "seed": 2**64 - 2}, 400, "seed", "less than"),
@@ -202,6 +214,7 @@ def error_of(response: httpx.Response, status: int) -> dict:
         ({"model": MODEL, "prompt": "A", "n": 4, "max_tokens": 200}, 400, "max_tokens", "800"),
         ({"model": MODEL, "prompt": "A", "n": 65}, 400, "n", "--max-queue"),
         ({"model": "gpt-4", "prompt": "A"}, 404, "model", "does not exist"),
+        (b'{"model": "\\ud800", "prompt": "A"}', 404, "model", "'\ud800'"),  # not UTF-8: no 500
         ({"model": MODEL, "prompt": "A" * 5000}, 413, None, "--max-body-bytes"),
         ({"model": MODEL, "prompt": ["A" * 1500] * 2}, 400, "prompt", "--max-prompt-chars"),
     ],
@@ -214,6 +227,34 @@ def test_bad_requests_get_openai_shaped_errors(server, body, status, param, says
         sent = httpx.post(url, json=body)
     error = error_of(sent, status)
     assert error["param"] == param and says in error["message"]
+
+
+def test_token_id_prompts_read_as_their_text(client, run):
+    """OpenAI's other prompt shapes: token ids, and lists of them, as /tokenize returns them:
+    the same completion, echo and logprobs as the text they spell."""
+    ids = run.tokenizer.encode(PROMPT)
+    for asked in [dict(), dict(echo=True), dict(echo=True, logprobs=2), dict(logprobs=0)]:
+        controls = dict(model=MODEL, max_tokens=20, seed=5, **asked)
+        expected = client.completions.create(prompt=PROMPT, **controls)
+        for prompt in (ids, [ids]):
+            reply = client.completions.create(prompt=prompt, **controls)
+            assert_same_choices(reply, expected)
+            assert reply.usage == expected.usage
+    several = dict(model=MODEL, max_tokens=10, seed=3, echo=True, logprobs=1)
+    as_ids = client.completions.create(prompt=[ids, [], run.tokenizer.encode("JULIET")], **several)
+    as_text = client.completions.create(prompt=[PROMPT, "", "JULIET"], **several)
+    assert_same_choices(as_ids, as_text)  # an empty list of ids is an empty prompt
+
+
+def assert_same_choices(reply, expected) -> None:
+    assert [c.text for c in reply.choices] == [c.text for c in expected.choices]
+    for choice, other in zip(reply.choices, expected.choices, strict=True):
+        if other.logprobs is None:
+            assert choice.logprobs is None
+            continue
+        assert choice.logprobs.tokens == other.logprobs.tokens
+        assert choice.logprobs.text_offset == other.logprobs.text_offset
+        assert choice.logprobs.token_logprobs == pytest.approx(other.logprobs.token_logprobs)
 
 
 def test_unknown_characters_can_be_skipped(client):

@@ -56,6 +56,16 @@ def test_the_echo_budget_counts_characters_n_and_logprobs(served):
     assert completion(served, prompt="A" * 1000, n=30, logprobs=5, max_tokens=1).is_success
 
 
+def test_the_echo_budget_counts_a_token_id_as_a_character(served):
+    newline = served.app.state.run.tokenizer.stoi["\n"]
+    body = dict(n=4, echo=True, logprobs=5, max_tokens=0)
+    assert completion(served, prompt=[newline] * 1000, **body).is_success
+    refused = completion(served, prompt=[[newline] * 1001], **body)
+    assert refused.status_code == 400, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "echo_too_large" and "24,024" in error["message"]
+
+
 def test_an_empty_prompt_echoes_nothing(served):
     reply = completion(served, prompt="", echo=True, max_tokens=0).json()
     assert reply["choices"][0]["text"] == ""

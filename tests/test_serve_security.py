@@ -4,14 +4,20 @@ keys are no 500), and a warning when the server listens beyond loopback without 
 
 from __future__ import annotations
 
+import ipaddress
+import re
+
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 from serve_support import MODEL, make_run, serving
 
 from chargpt.cli.main import main
 from chargpt.config import ServeConfig
 from chargpt.errors import ChargptError
-from chargpt.serve.server import exposure_warning
+from chargpt.runs.directory import load_run
+from chargpt.serve.app import create_app
+from chargpt.serve.server import banner, exposure_warning
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 BODY = {"model": MODEL, "prompt": "A", "max_tokens": 2}
@@ -65,6 +71,32 @@ def test_other_host_names_are_refused(served, host):
     sent = httpx.post(served.v1 + "/completions", json=BODY, headers={"Host": host}, timeout=30)
     error = error_of(sent, 400)
     assert error["code"] == "invalid_host" and "--allowed-host" in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("host", "allowed"),
+    [
+        ("127.0.0.2", ()),
+        ("0:0:0:0:0:0:0:1", ()),
+        ("::1", ()),
+        ("0.0.0.0", ("chargpt.lan",)),
+        ("2001:db8:0:0:0:0:0:1", ("chargpt.lan",)),
+    ],
+)
+def test_the_server_answers_to_the_url_its_banner_prints(run_dir, host, allowed):
+    """What `chargpt serve --host HOST` prints is what its users open (the app alone, through
+    ASGI: 127.0.0.2 or ::1 may not be reachable here); IPv6 also as browsers write it."""
+    settings = ServeConfig(host=host, allowed_host=allowed)
+    app = create_app(load_run(run_dir), run_dir, settings)
+    url = re.search(r"at (http://\S+)/v1 ", banner(MODEL, settings, 8000)).group(1)  # type: ignore[union-attr]
+    written = [url, url.removesuffix(":8000")]  # with and without the port
+    if ":" in host:
+        written.append(f"http://[{ipaddress.ip_address(host).compressed}]:8000")
+    for base in written:
+        sent = TestClient(app, base_url=base).get("/v1/models")
+        assert sent.status_code == 200, (base, sent.text)
+    refused = TestClient(app, base_url="http://evil.example:8000").get("/v1/models")
+    assert error_of(refused, 400)["code"] == "invalid_host"
 
 
 def test_keys_are_compared_as_bytes_and_401s_say_bearer(run_dir):

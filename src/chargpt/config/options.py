@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from chargpt.errors import ChargptError
+from chargpt.errors import ChargptError, OptionError
 
 
 def option(default: Any, help: str, **choices: Any) -> Any:
@@ -213,22 +213,31 @@ class SampleConfig:
     def validate(self) -> None:
         check_quantize_dtype(self.quantize, self.dtype)
         if self.max_new_tokens < 0:
-            raise ChargptError(f"max_new_tokens must not be negative, got {self.max_new_tokens}")
+            raise OptionError(
+                "max_new_tokens", f"max_new_tokens must not be negative, got {self.max_new_tokens}"
+            )
         if not 0.0 <= self.temperature < float("inf"):
-            raise ChargptError(f"temperature must be 0 (greedy) or more, got {self.temperature}")
+            raise OptionError(
+                "temperature", f"temperature must be 0 (greedy) or more, got {self.temperature}"
+            )
         if self.top_k < 0:
-            raise ChargptError(f"top_k must be at least 1 (or 0 for no limit), got {self.top_k}")
+            raise OptionError(
+                "top_k", f"top_k must be at least 1 (or 0 for no limit), got {self.top_k}"
+            )
         if not 0.0 < self.top_p <= 1.0:
-            raise ChargptError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise OptionError("top_p", f"top_p must be in (0, 1], got {self.top_p}")
         if "" in self.stop:
-            raise ChargptError("a stop string must not be empty")
+            raise OptionError("stop", "a stop string must not be empty")
         positive("num_samples", self.num_samples)
         if not -1 <= self.seed <= MAX_SEED:
-            raise ChargptError(
-                f"seed must be an integer in 0..{MAX_SEED} (or -1: a random one), got {self.seed}"
+            raise OptionError(
+                "seed",
+                f"seed must be an integer in 0..{MAX_SEED} (or -1: a random one), got {self.seed}",
             )
         if not 0.0 < self.window_keep < 1.0:
-            raise ChargptError(f"window_keep must be in (0, 1), got {self.window_keep}")
+            raise OptionError(
+                "window_keep", f"window_keep must be in (0, 1), got {self.window_keep}"
+            )
 
 
 @dataclass

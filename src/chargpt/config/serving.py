@@ -24,7 +24,9 @@ class ServeConfig:
 
     host: str = option("127.0.0.1", "address to listen on: loopback unless told otherwise")
     allowed_host: tuple[str, ...] = option(
-        (), "Host name to answer besides localhost, 127.0.0.1 and [::1] (repeatable; *.domain)"
+        (),
+        "Host name to answer besides localhost, 127.0.0.1, [::1] and --host itself "
+        "(repeatable; *.domain)",
     )
     port: int = option(8000, "TCP port to listen on")
     api_key: str = option(

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from chargpt import __version__
@@ -20,9 +20,9 @@ from chargpt.config import ServeConfig
 from chargpt.model.precision import forward_dtype
 from chargpt.runs.directory import WEIGHTS, Run
 from chargpt.serve.engine import Engine
-from chargpt.serve.errors import APIError, install_error_handlers, json_body
+from chargpt.serve.errors import APIError, install_error_handlers, require_json
 from chargpt.serve.jobs import Job, QueueFull, ShuttingDown, Submission
-from chargpt.serve.limits import build_job, check_model
+from chargpt.serve.limits import check_model
 from chargpt.serve.metrics import ServeMetrics
 from chargpt.serve.middleware import (
     AllowHosts,
@@ -31,8 +31,8 @@ from chargpt.serve.middleware import (
     RequireAPIKey,
     is_loopback,
 )
-from chargpt.serve.openapi import BODY_ERRORS, errors, install_openapi, json_request
-from chargpt.serve.playground import INSPECT_CONCURRENCY, INSPECT_WAITING, InspectRequest, Turns
+from chargpt.serve.openapi import BODY_ERRORS, errors, install_openapi
+from chargpt.serve.playground import INSPECT_CONCURRENCY, INSPECT_WAITING, Turns
 from chargpt.serve.playground import router as playground_router
 from chargpt.serve.responses import (
     CLIENT_CLOSED,
@@ -42,13 +42,9 @@ from chargpt.serve.responses import (
     event_stream,
 )
 from chargpt.serve.schemas import Completion, CompletionRequest, Health, ModelCard, ModelList
-from chargpt.serve.tokens import DetokenizeRequest, TokenizeRequest
 from chargpt.serve.tokens import router as tokens_router
 
 router = APIRouter()
-
-
-REQUEST_BODIES = [CompletionRequest, InspectRequest, TokenizeRequest, DetokenizeRequest]
 
 
 def api_routers() -> list[APIRouter]:
@@ -85,7 +81,7 @@ def create_app(run: Run, run_dir: Path, settings: ServeConfig) -> FastAPI:
         deterministic=settings.deterministic,
     )
     install_error_handlers(app)
-    install_openapi(app, REQUEST_BODIES)
+    install_openapi(app)
     routers = api_routers()
     for api in routers:
         app.include_router(api)
@@ -94,7 +90,7 @@ def create_app(run: Run, run_dir: Path, settings: ServeConfig) -> FastAPI:
     if settings.api_key:
         app.add_middleware(RequireAPIKey, api_key=settings.api_key)
     if is_loopback(settings.host) or settings.allowed_host:
-        app.add_middleware(AllowHosts, hosts=settings.allowed_host)
+        app.add_middleware(AllowHosts, listening=settings.host, hosts=settings.allowed_host)
     app.add_middleware(CountRequests, metrics=metrics, paths=paths)
     return app
 
@@ -161,13 +157,12 @@ def model_card(request: Request) -> ModelCard:
         },
         **errors(*BODY_ERRORS, 429, 503),
     },
-    openapi_extra=json_request(CompletionRequest),
+    dependencies=[Depends(require_json)],
 )
-async def create_completion(request: Request) -> Response:
-    body = await json_body(request, CompletionRequest)
+async def create_completion(body: CompletionRequest, request: Request) -> Response:
     state = request.app.state
     check_model(body.model, request)
-    job = build_job(body, state.run.tokenizer, state.settings)
+    job = body.job(state.run.tokenizer, state.settings)
     submission = submit(state.engine, job, state.settings)
     prompt_tokens = sum(len(ids) for ids in job.prompts)
     reply = Reply(state.model_id, prompt_tokens, logprobs=body.logprobs is not None)

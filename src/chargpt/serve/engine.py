@@ -225,7 +225,9 @@ class Engine:
 
     def admit(self) -> None:
         """Start queued sequences while slots are free, reading at most about one block of
-        prompt positions per iteration (at least one sequence), so running ones keep going."""
+        prompt positions per iteration (at least one sequence), so running ones keep going.
+        `admitting` names the sequence being started while it is: a sequence left waiting for a
+        slot is no part of a step that breaks."""
         budget = self.model.context_length
         while self.queue and budget > 0:
             seq = self.admitting = self.queue[0]
@@ -233,7 +235,7 @@ class Engine:
                 budget -= seq.prompt.score.run(self.model, budget)
                 continue
             if seq.config.max_new_tokens > 0 and not self.free_slots:
-                return
+                break
             self.queue.popleft()
             self.queued = len(self.queue)
             budget -= self.begin(seq)

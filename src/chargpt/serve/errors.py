@@ -1,20 +1,21 @@
 """Every rejection in OpenAI's error shape: `{"error": {"message", "type", "param", "code"}}`.
 
-Routes raise `APIError`; `install_error_handlers` turns it, malformed or mistyped bodies (400,
-not FastAPI's 422), unknown URLs (404), other HTTP errors and unexpected failures (500) into that
-shape. Other routers (the playground) reuse `APIError` and `openai_error`.
+Routes raise `APIError` (middleware answers its `response()`); `install_error_handlers` turns it,
+malformed or mistyped bodies (FastAPI's RequestValidationError: 400, not FastAPI's 422), unknown
+URLs (404), other HTTP errors and unexpected failures (500) into that shape. Routes that take a
+JSON body depend on `require_json` (415 for any other content type).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
 log = logging.getLogger("chargpt.serve")
@@ -37,39 +38,25 @@ class APIError(Exception):
         self.param, self.code, self.headers = param, code, headers
 
     def response(self) -> JSONResponse:
-        return openai_error(
-            self.status, self.message, self.type, self.param, self.code, self.headers
-        )
+        return ErrorJSON(self.body(), self.status, headers=self.headers)
 
     def body(self) -> dict[str, Any]:
-        return error_body(self.message, self.type, self.param, self.code)
+        fields = dict(message=self.message, type=self.type, param=self.param, code=self.code)
+        return {"error": fields}
 
 
-def error_body(
-    message: str, type: str, param: str | None = None, code: str | None = None
-) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+class ErrorJSON(JSONResponse):
+    """JSON written in ASCII: an error may quote what a request sent, and a JSON string may hold
+    a lone surrogate (a valid escape, but no UTF-8)."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode()
 
 
-def openai_error(
-    status: int,
-    message: str,
-    type: str = "invalid_request_error",
-    param: str | None = None,
-    code: str | None = None,
-    headers: Mapping[str, str] | None = None,
-) -> JSONResponse:
-    """An OpenAI-shaped error response."""
-    return JSONResponse(error_body(message, type, param, code), status, headers=headers)
-
-
-Body = TypeVar("Body", bound=BaseModel)
-
-
-async def json_body(request: Request, model: type[Body]) -> Body:
-    """The request's JSON body as `model`: a body not declared `application/json` is a 415 (a
-    web page can send text/plain or a form to 127.0.0.1 without asking; JSON it cannot), one
-    that is not valid JSON or not a valid `model` is a 400."""
+def require_json(request: Request) -> None:
+    """A dependency of the routes that take a JSON body: a body not declared `application/json`
+    is a 415 (a web page can send text/plain or a form to 127.0.0.1 without asking; JSON it
+    cannot). FastAPI runs it before it validates the body, so it comes before any 400."""
     media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
     if media_type != "application/json":
         shown = f"'{media_type}'" if media_type else "none"
@@ -79,10 +66,6 @@ async def json_body(request: Request, model: type[Body]) -> Body:
             f"(got {shown})",
             code="unsupported_media_type",
         )
-    try:
-        return model.model_validate_json(await request.body())
-    except ValidationError as err:
-        raise RequestValidationError(err.errors(include_url=False)) from None
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -103,7 +86,7 @@ async def handle_validation_error(_request: Request, err: Exception) -> JSONResp
     assert isinstance(err, RequestValidationError)
     first = err.errors()[0]
     param = None if first.get("type") == "json_invalid" else field_name(first.get("loc", ()))
-    return openai_error(400, validation_message(first, param), param=param)
+    return APIError(400, validation_message(first, param), param=param).response()
 
 
 def field_name(loc: Sequence[Any]) -> str | None:
@@ -119,11 +102,17 @@ def field_name(loc: Sequence[Any]) -> str | None:
 
 def validation_message(error: Mapping[str, Any], param: str | None) -> str:
     kind, ctx = error.get("type"), error.get("ctx") or {}
-    if kind == "json_invalid":
-        return f"We could not parse the JSON body of your request ({ctx.get('error')}): send JSON"
+    if kind == "json_invalid":  # FastAPI's: the loc ends with the character where parsing stopped
+        where = error.get("loc", ())[-1:]
+        at = f" at character {where[0]}" if where and isinstance(where[0], int) else ""
+        return (
+            f"We could not parse the JSON body of your request ({ctx.get('error')}{at}): send JSON"
+        )
     if param is None:
         if kind == "value_error":
             return str(ctx.get("error", error.get("msg")))
+        if kind == "missing":
+            return "The request body is empty: send a JSON object"
         return "The request body must be a JSON object"
     if kind == "extra_forbidden":
         return f"Unrecognized request argument supplied: {param}"
@@ -144,11 +133,10 @@ async def handle_http_error(request: Request, err: Exception) -> JSONResponse:
         message = f"Method {request.method} is not allowed on {request.url.path}"
     else:
         message = str(err.detail)
-    return openai_error(err.status_code, message, headers=err.headers)
+    return APIError(err.status_code, message, headers=err.headers).response()
 
 
 async def handle_unexpected_error(_request: Request, err: Exception) -> JSONResponse:
     log.error("unexpected error", exc_info=err)
-    return openai_error(
-        500, "The server had an error while processing your request", "server_error"
-    )
+    message = "The server had an error while processing your request"
+    return APIError(500, message, "server_error").response()

@@ -1,10 +1,11 @@
-"""What a request may ask, checked before the engine sees it: the model's id, the vocabulary, and
-the server's limits (`ServeConfig`), each refusal a 400 or 404 that names the limit and its flag.
+"""What a request may ask, checked before the engine sees it: the model's id, the vocabulary
+(characters, token ids), and the server's limits (`ServeConfig`), each refusal a 400 or 404 that
+names the limit and its flag.
 
 The work a request makes is bounded up front: characters generated (prompts x n x max_tokens,
-`--max-tokens-limit`), prompt characters (`--max-prompt-chars`), and characters echoed back
-(`--max-echo-chars`, counted as characters x n x (1 + logprobs), since each logprob adds an
-entry per character to the answer).
+`--max-tokens-limit`), prompt characters (`--max-prompt-chars`; a token id is one), and
+characters echoed back (`--max-echo-chars`, counted as characters x n x (1 + logprobs), since
+each logprob adds an entry per character to the answer).
 """
 
 from __future__ import annotations
@@ -13,10 +14,7 @@ from fastapi import Request
 
 from chargpt.config import SampleConfig, ServeConfig
 from chargpt.data.tokenizer import CharTokenizer, UnknownCharactersError
-from chargpt.generation.generate import encode_prompt
 from chargpt.serve.errors import APIError
-from chargpt.serve.jobs import Job
-from chargpt.serve.schemas import CompletionRequest
 
 
 def check_model(model_id: str | None, request: Request) -> None:
@@ -44,26 +42,17 @@ def check_known(text: str, where: str, param: str, tokenizer: CharTokenizer) -> 
         ) from None
 
 
-def build_job(body: CompletionRequest, tokenizer: CharTokenizer, settings: ServeConfig) -> Job:
-    """The engine's job for a valid request, after the server's limits and the vocabulary."""
-    config = body.sample_config()
-    prompts = body.prompts
-    check_prompt_length(sum(map(len, prompts)), settings)
-    if config.on_unknown == "error":
-        for i, text in enumerate(prompts):
-            where = "prompt" if isinstance(body.prompt, str) else f"prompt[{i}]"
-            check_known(text, where, "prompt", tokenizer)
-    check_size(len(prompts), config, settings)
-    # the text each prompt echoes, as the model reads it (an empty one reads a newline)
-    kept = [kept_text(text, tokenizer, config.on_unknown) for text in prompts]
-    if body.echo:
-        check_echo(sum(map(len, kept)), config.num_samples, body.logprobs, settings)
-    ids = [encode_prompt(tokenizer, text, config.on_unknown) for text in prompts]
-    return Job(ids, config, body.logprobs, bool(body.echo), kept)
-
-
-def kept_text(text: str, tokenizer: CharTokenizer, on_unknown: str) -> str:
-    return "".join(c for c in text if c in tokenizer.stoi) if on_unknown == "skip" else text
+def check_ids(ids: list[int], where: str, tokenizer: CharTokenizer) -> None:
+    """400 naming the first of `ids` outside the vocabulary by its position."""
+    for j, token in enumerate(ids):
+        if token not in tokenizer.itos:
+            raise APIError(
+                400,
+                f"{where}[{j}] is {token}, not a token id of this model (0 to "
+                f"{tokenizer.vocab_size - 1}): send ids as /tokenize returns them",
+                param=f"{where}[{j}]",
+                code="invalid_token_id",
+            )
 
 
 def check_prompt_length(length: int, settings: ServeConfig) -> None:

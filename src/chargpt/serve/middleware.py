@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from chargpt.serve.errors import openai_error
+from chargpt.serve.errors import APIError
 from chargpt.serve.metrics import ServeMetrics
 
 # what the API key guards (the playground's page and files, /health and /metrics stay open)
@@ -43,7 +43,7 @@ class RequireAPIKey:
             else "You didn't provide an API key: send it as 'Authorization: Bearer KEY'"
         )
         headers = {"WWW-Authenticate": "Bearer"}
-        response = openai_error(401, message, code="invalid_api_key", headers=headers)
+        response = APIError(401, message, code="invalid_api_key", headers=headers).response()
         await response(scope, receive, send)
 
 
@@ -58,12 +58,29 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def url_host(host: str) -> str:
+    """A listening address as a URL writes it: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host else host
+
+
+def own_names(host: str) -> list[str]:
+    """The Host names of the server's own address `host`: as its banner prints the URL, and, for
+    IPv6, as browsers write it (compressed)."""
+    try:
+        compressed = ip_address(host).compressed
+    except ValueError:  # a name, such as localhost
+        return [host]
+    return list(dict.fromkeys([url_host(host), url_host(compressed)]))
+
+
 class AllowHosts:
     """Starlette's TrustedHostMiddleware (requests whose Host is not on the list never reach a
-    route: a page rebound to 127.0.0.1 by DNS sends its own name), refusing in OpenAI's shape."""
+    route: a page rebound to 127.0.0.1 by DNS sends its own name), refusing in OpenAI's shape.
+    The list: the loopback names, the server's own address `listening`, and `hosts`."""
 
-    def __init__(self, app: ASGIApp, hosts: Sequence[str]):
-        self.app, self.hosts = app, [*LOOPBACK_NAMES, *hosts]
+    def __init__(self, app: ASGIApp, listening: str, hosts: Sequence[str]):
+        self.app = app
+        self.hosts = list(dict.fromkeys([*LOOPBACK_NAMES, *own_names(listening), *hosts]))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -87,7 +104,7 @@ class AllowHosts:
                 f"This server does not answer to the Host {host!r}: if that name is yours, "
                 "start it with --allowed-host NAME"
             )
-            await openai_error(400, message, code="invalid_host")(scope, receive, send)
+            await APIError(400, message, code="invalid_host").response()(scope, receive, send)
 
 
 class LimitBodySize:
@@ -101,7 +118,7 @@ class LimitBodySize:
             return await self.app(scope, receive, send)
         declared = Headers(scope=scope).get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_bytes:
-            response = openai_error(413, self.message(), code="request_too_large")
+            response = APIError(413, self.message(), code="request_too_large").response()
             return await response(scope, receive, send)
         received = 0
 

@@ -1,15 +1,12 @@
-"""The OpenAPI document at /openapi.json (and /docs): every request body a `$ref` into
-`components/schemas` that resolves (the bodies are parsed by hand, by `json_body`, so FastAPI
-does not see them), every status a route answers documented with its media type, and no
-FastAPI 422 (validation errors are OpenAI's 400)."""
+"""The OpenAPI document at /openapi.json (and /docs), as FastAPI generates it from the typed
+request bodies, with every status a route answers documented with its media type (`errors`), the
+error shape among the components, and no FastAPI 422 (validation errors are OpenAI's 400)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.openapi.utils import get_openapi
-from pydantic import BaseModel
 
 from chargpt.serve.schemas import ErrorResponse
 
@@ -33,24 +30,18 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {s: {"description": STATUSES[s], "content": content} for s in statuses}
 
 
-def json_request(model: type[BaseModel]) -> dict[str, Any]:
-    """`openapi_extra=` for a route whose required JSON body is `model`."""
-    schema = {"$ref": REF.format(model=model.__name__)}
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
-
-
-def install_openapi(app: FastAPI, bodies: list[type[BaseModel]]) -> None:
-    """Build the document once, adding the request `bodies` and the error shape to its
-    components."""
+def install_openapi(app: FastAPI) -> None:
+    """Build FastAPI's document once, with the error shape added to its components and its
+    422s taken out."""
+    generate = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            schema = generate()
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in [*bodies, ErrorResponse]:
-                found = model.model_json_schema(ref_template=REF)
-                components.update(found.pop("$defs", {}))
-                components[model.__name__] = found
+            found = ErrorResponse.model_json_schema(ref_template=REF)
+            components.update(found.pop("$defs", {}))
+            components["ErrorResponse"] = found
             for path in schema["paths"].values():
                 for operation in path.values():
                     operation["responses"].pop("422", None)

@@ -19,7 +19,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, HTMLResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
@@ -29,9 +29,9 @@ from chargpt.generation.generate import encode_prompt
 from chargpt.generation.inspection import attention_size, inspect_text, max_text_length
 from chargpt.runs.directory import Run
 from chargpt.serve.encoding import json_in_pieces
-from chargpt.serve.errors import APIError, json_body
+from chargpt.serve.errors import APIError, require_json
 from chargpt.serve.limits import check_known, check_model
-from chargpt.serve.openapi import BODY_ERRORS, errors, json_request
+from chargpt.serve.openapi import BODY_ERRORS, errors
 
 STATIC = Path(__file__).parent / "static"
 ASSETS = {
@@ -117,9 +117,9 @@ class Turns:
         200: {"content": {"application/json": {"schema": {"type": "object"}}}},
         **errors(*BODY_ERRORS, 429),
     },
-    openapi_extra=json_request(InspectRequest),
+    dependencies=[Depends(require_json)],
 )
-async def inspect(request: Request) -> Response:
+async def inspect(body: InspectRequest, request: Request) -> Response:
     """What the model computes at every position of `text`. `attention[layer][head]` is a
     string: base64 of that head's weights as little-endian float16 (2 bytes each), its lower
     triangle row after row, no zeros above the diagonal: row t (T(T + 1)/2 weights in all, row t
@@ -130,7 +130,6 @@ async def inspect(request: Request) -> Response:
     to 3 decimals). A bigram model has no attention: `n_layer` is 0, `attention` is empty and
     `note` says why. An answer holds at most `--max-inspect-weights` weights (n_layer x n_head x
     T(T + 1)/2; more: 400); two inspections run at a time and a few wait (more: 429)."""
-    body = await json_body(request, InspectRequest)  # as the completions endpoint reads its body
     state = request.app.state
     check_model(body.model, request)
     check_text(body.text, body.on_unknown, state.run)

@@ -21,7 +21,7 @@ from chargpt.model.precision import resolve_device
 from chargpt.model.quantize import quantized
 from chargpt.runs.directory import load_run
 from chargpt.serve.app import create_app
-from chargpt.serve.middleware import is_loopback
+from chargpt.serve.middleware import is_loopback, url_host
 
 
 class GracefulServer(uvicorn.Server):
@@ -90,8 +90,7 @@ def exposure_warning(settings: ServeConfig) -> str | None:
 
 
 def banner(model_id: str, settings: ServeConfig, port: int) -> str:
-    host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    url = f"http://{host}:{port}"
+    url = f"http://{url_host(settings.host)}:{port}"
     body = f'{{"model": "{model_id}", "prompt": "\\n", "max_tokens": 100}}'
     key = ' -H "Authorization: Bearer $CHARGPT_API_KEY"' if settings.api_key else ""
     return (

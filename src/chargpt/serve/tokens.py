@@ -8,13 +8,13 @@ They sit behind the API key like /v1/, and answer the completions endpoint's err
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
 from chargpt.data.tokenizer import CharTokenizer
-from chargpt.serve.errors import APIError, json_body
+from chargpt.serve.errors import APIError, require_json
 from chargpt.serve.limits import check_known, check_model, check_prompt_length
-from chargpt.serve.openapi import BODY_ERRORS, errors, json_request
+from chargpt.serve.openapi import BODY_ERRORS, errors
 from chargpt.serve.schemas import Strict
 
 router = APIRouter(tags=["vLLM tokenizer extension"])
@@ -68,12 +68,9 @@ async def tokenizer_info(request: Request) -> TokenizerInfo:
     )
 
 
-@router.post(
-    "/tokenize", responses=errors(*BODY_ERRORS), openapi_extra=json_request(TokenizeRequest)
-)
-async def tokenize(request: Request) -> TokenizeResponse:
+@router.post("/tokenize", responses=errors(*BODY_ERRORS), dependencies=[Depends(require_json)])
+async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     """The prompt's token ids (an empty prompt has none); unknown characters are a 400."""
-    body = await json_body(request, TokenizeRequest)
     check_model(body.model, request)
     state = request.app.state
     check_prompt_length(len(body.prompt), state.settings)
@@ -87,12 +84,9 @@ async def tokenize(request: Request) -> TokenizeResponse:
     )
 
 
-@router.post(
-    "/detokenize", responses=errors(*BODY_ERRORS), openapi_extra=json_request(DetokenizeRequest)
-)
-async def detokenize(request: Request) -> DetokenizeResponse:
+@router.post("/detokenize", responses=errors(*BODY_ERRORS), dependencies=[Depends(require_json)])
+async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
     """The text of token ids; an id outside the vocabulary is a 400."""
-    body = await json_body(request, DetokenizeRequest)
     check_model(body.model, request)
     state = request.app.state
     limit = state.settings.max_prompt_chars
