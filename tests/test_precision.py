@@ -158,7 +158,8 @@ def test_a_training_precision_survives_json_and_codes(attention) -> None:
     "saved",
     [
         {},
-        {"autocast": "fp16", "attention": None, "newton_schulz": "fp32"},
+        {"autocast": "fp8", "attention": None, "newton_schulz": "fp32"},
+        {"autocast": "bf16", "attention": None, "newton_schulz": "fp16"},  # never fp16
         {"autocast": None, "attention": None, "newton_schulz": "fp32"},
     ],
 )
