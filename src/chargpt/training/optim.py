@@ -188,7 +188,7 @@ class Muon(torch.optim.Optimizer):
         blocks = torch.cat([update.reshape(-1, rows, cols) for _, update in members])
         ns = (group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype)
         orthogonal = newton_schulz(blocks[0] if len(blocks) == 1 else blocks, *ns)
-        orthogonal = orthogonal.to(params[0].dtype).reshape(-1, rows * cols)
+        orthogonal = orthogonal.to(params[0].dtype).reshape(-1, rows, cols)  # views, if fp32
         pieces = orthogonal.split([p.numel() // (rows * cols) for p in params])
         updates = [piece.reshape(p.shape) for piece, p in zip(pieces, params, strict=True)]
         torch._foreach_mul_(params, 1 - lr * group["weight_decay"])  # decoupled weight decay
