@@ -19,6 +19,10 @@ replaces the rows it measures), then budget.md (the table) and budget.png (the c
     python benchmarks/budget.py --out docs/results/budget                  # ~90 minutes
     python benchmarks/budget.py --out /tmp/b --budgets 90s --isas native --recipes default
     python benchmarks/budget.py --out docs/results/budget --report         # table and plot only
+    python benchmarks/budget.py --out /tmp/g --device cuda --isas native --budgets 30s,90s \
+        --recipes default --variant 'd1=--dropout 0.1'                    # fitting the GPU's table
+
+`train_for` (one budget, any flags) is what benchmarks/gpu.py runs on a GPU too.
 """
 
 from __future__ import annotations
@@ -57,41 +61,68 @@ RECIPES: dict[str, list[str]] = {
 ISAS = {"native": {}, "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}}
 
 
-def run_once(budget: str, recipe: str, isa: str, data: str, workdir: Path) -> dict[str, Any]:
-    """Train one recipe for one budget in a subprocess; the val curve is stamped with wall time
-    as metrics.jsonl grows."""
+def run_once(
+    budget: str, recipe: str, isa: str, data: str, workdir: Path, device: str = "cpu"
+) -> dict[str, Any]:
+    """Train one recipe for one budget under one CPU ISA, on `device` (see train_for)."""
     out = workdir / f"{recipe}-{isa}-{budget}"
-    max_time = f"{TRAINING_SHARE * parse_duration(budget) - START_UP:g}s"
-    command = [sys.executable, "-m", "chargpt", "train", "--data", data, "--out", str(out)]
-    command += ["--max-time", max_time, *RECIPES[recipe]]
     env = {**os.environ, **ISAS[isa]}
-    curve: list[tuple[float, float]] = []
-    header = ""
-    start = time.perf_counter()
-    output = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    with subprocess.Popen(command, env=env, **output) as process:
-        assert process.stdout is not None
-        for line in process.stdout:  # a line per estimate (tqdm's \r ends lines too): stamp it
-            if line.startswith("step ") and "val loss" in line:
-                curve.append((time.perf_counter() - start, float(line.rsplit(" ", 1)[1])))
-            elif line.startswith("recipe:"):
-                header = line.strip()
-    wall = time.perf_counter() - start
-    if process.returncode:
-        raise SystemExit(f"{' '.join(command)} failed with exit code {process.returncode}")
-    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
-    dataset, _, _ = load_corpus(data)
-    full = evaluate_run(load_run(out, torch.device("cpu")), dataset, torch.device("cpu"))
-    row = {"budget": budget, "recipe": recipe, "isa": isa, "max_time": max_time}
-    steps = read_metrics(out)[-1]["step"]  # config.json's step is the best weights'
-    row.update(wall_s=round(wall, 1), steps=steps, best_step=config["step"], header=header)
-    row.update(best_val=round(config["best_val_loss"], 4), full_val=round(full.full_val.nats, 4))
-    row.update(model=config["model"], train=config["train"], curve=curve)
+    flags = [*RECIPES[recipe], *(["--device", device] if device != "cpu" else [])]
+    row = train_for(budget, recipe, flags, data, out, env, device)
     print(
         f"{budget} {recipe} {isa}: {row['steps']} steps in {row['wall_s']} s, "
         f"best val {row['best_val']}, full-pass val {row['full_val']}",
         flush=True,
     )
+    return {**row, "isa": isa}
+
+
+def train_for(
+    budget: str,
+    recipe: str,
+    flags: list[str],
+    data: str,
+    out: Path,
+    env: dict[str, str] | None = None,
+    device: str = "cpu",
+    full_pass_chars: int | None = None,
+) -> dict[str, Any]:
+    """Train `chargpt train FLAGS` for one wall-time budget in a subprocess into `out` (its output
+    in OUT.log beside it); the val curve is stamped with wall time as the estimates appear, the
+    run's header lines are kept, and the best weights get a full pass over the validation split
+    (or its first `full_pass_chars` characters) on `device` afterwards."""
+    max_time = f"{TRAINING_SHARE * parse_duration(budget) - START_UP:g}s"
+    command = [sys.executable, "-m", "chargpt", "train", "--data", data, "--out", str(out)]
+    command += ["--max-time", max_time, *flags]
+    curve: list[tuple[float, float]] = []
+    header, notes, lines = "", [], []
+    start = time.perf_counter()
+    output = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with subprocess.Popen(command, env=env, **output) as process:
+        assert process.stdout is not None
+        for line in process.stdout:  # a line per estimate (tqdm's \r ends lines too): stamp it
+            lines.append(line)
+            if line.startswith("step ") and "val loss" in line:
+                curve.append((time.perf_counter() - start, float(line.rsplit(" ", 1)[1])))
+            elif line.startswith("recipe:"):
+                header = line.strip()
+            elif line.startswith(("training ", "torch.compile")):
+                notes.append(line.strip())
+    wall = time.perf_counter() - start
+    log = out.parent / f"{out.name}.log"
+    log.write_text("".join(lines), encoding="utf-8")
+    if process.returncode:
+        raise SystemExit(f"{' '.join(command)} failed with exit code {process.returncode}: {log}")
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    dataset, _, _ = load_corpus(data)
+    on = torch.device(device)
+    full = evaluate_run(load_run(out, on), dataset, on, max_chars=full_pass_chars)
+    row = {"budget": budget, "recipe": recipe, "max_time": max_time}
+    steps = read_metrics(out)[-1]["step"]  # config.json's step is the best weights'
+    row.update(wall_s=round(wall, 1), steps=steps, best_step=config["step"], header=header)
+    row.update(notes=notes)
+    row.update(best_val=round(config["best_val_loss"], 4), full_val=round(full.full_val.nats, 4))
+    row.update(model=config["model"], train=config["train"], curve=curve)
     return row
 
 
@@ -121,7 +152,7 @@ def write_report(results: dict[str, Any], out: Path) -> str:
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     """Val loss (estimate) against wall time, a panel per budget: a colour per recipe, solid
-    native, dashed AVX2."""
+    native (or on a GPU), dashed AVX2."""
     budgets = sorted({r["budget"] for r in rows}, key=parse_duration)
     recipes = sorted({r["recipe"] for r in rows})
     figure = new_figure(4 * len(budgets), 4.5)
@@ -129,9 +160,10 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         axes = figure.add_subplot(1, len(budgets), i + 1)
         for r in (r for r in rows if r["budget"] == budget and r["curve"]):
             seconds, losses = zip(*r["curve"], strict=True)
-            style = "-" if r["isa"] == "native" else "--"
+            isa = r.get("isa", "")
+            style = "--" if isa == "avx2" else "-"
             color = f"C{recipes.index(r['recipe']) % 10}"
-            label = f"{r['recipe']}, {r['isa']}"
+            label = f"{r['recipe']}, {isa}" if isa else r["recipe"]
             axes.plot(seconds, losses, style, color=color, marker=".", markersize=3, label=label)
         axes.set(title=f"{budget} of wall time", xlabel="wall time (s)", ylim=(1.4, 2.4))
         axes.grid(alpha=0.3)
@@ -148,6 +180,7 @@ def main() -> None:
     parser.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated")
     parser.add_argument("--isas", default=",".join(ISAS), help="native, avx2 (emulated)")
     parser.add_argument("--data", default="shakespeare", help="corpus (default: shakespeare)")
+    parser.add_argument("--device", default="cpu", help="train on (e.g. cuda: --isas native)")
     parser.add_argument("--report", action="store_true", help="only write the table and plot")
     parser.add_argument(
         "--variant",
@@ -171,7 +204,7 @@ def main() -> None:
             for budget in args.budgets.split(","):
                 for isa in args.isas.split(","):
                     for recipe in args.recipes.split(","):
-                        row = run_once(budget, recipe, isa, args.data, Path(workdir))
+                        row = run_once(budget, recipe, isa, args.data, Path(workdir), args.device)
                         same = (budget, recipe, isa)
                         kept = [
                             r

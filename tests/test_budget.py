@@ -1,5 +1,5 @@
-"""The `cpu` preset's recipe follows the budget (chargpt.config.budget): the table's row for a
-time budget, warmup and moving average fitted to a step budget, options given kept."""
+"""The `cpu` and `gpu` presets' recipes follow the budget (chargpt.config.budget): the table's
+row for a time budget, warmup and moving average fitted to a step budget, options given kept."""
 
 from __future__ import annotations
 
@@ -11,14 +11,16 @@ from hypothesis import strategies as st
 
 from chargpt.config import ModelConfig, TrainConfig, build_configs
 from chargpt.config.budget import (
-    BUDGET_TABLE,
+    BUDGET_TABLES,
+    CPU_TABLE,
     EMA_HORIZON_FRACTION,
+    GPU_TABLE,
     budget_row,
     describe_recipe,
 )
 from chargpt.errors import ChargptError
 
-TABLE_FIELDS = [f.name for f in dataclasses.fields(BUDGET_TABLE[0]) if f.name != "up_to_seconds"]
+TABLE_FIELDS = [f.name for f in dataclasses.fields(CPU_TABLE[0]) if f.name != "up_to_seconds"]
 
 
 def settings(model: ModelConfig, train: TrainConfig) -> dict:
@@ -26,15 +28,16 @@ def settings(model: ModelConfig, train: TrainConfig) -> dict:
     return {name: both[name] for name in TABLE_FIELDS}
 
 
-def test_the_table_covers_every_budget_in_order() -> None:
-    limits = [row.up_to_seconds for row in BUDGET_TABLE]
+@pytest.mark.parametrize("table", BUDGET_TABLES.values())
+def test_each_table_covers_every_budget_in_order(table) -> None:
+    limits = [row.up_to_seconds for row in table]
     assert limits == sorted(limits) and limits[-1] == float("inf")
 
 
 @pytest.mark.parametrize(("max_time", "row"), [("75s", 0), ("2.5m", 0), ("270s", 1), ("804s", 1)])
 def test_a_time_budget_takes_its_rows_settings(max_time, row) -> None:
     model, train = build_configs("cpu", False, {"max_time": max_time})
-    assert settings(model, train) == BUDGET_TABLE[row].settings()
+    assert settings(model, train) == CPU_TABLE[row].settings()
 
 
 def test_the_default_run_is_the_five_minute_row() -> None:
@@ -130,3 +133,60 @@ def test_a_time_budget_of_the_wrong_type_is_one_line() -> None:
     the table is read."""
     with pytest.raises(ChargptError, match="max_time must be of type str, got 90"):
         build_configs("cpu", False, {"max_time": 90})
+
+
+# the GPU's table, consulted wherever training runs on a CUDA device (none is needed to build the
+# configs: the device named, or `has_gpu` for device auto, decides)
+GPU_RUNS = [({"device": "cuda"}, False), ({"device": "cuda:1"}, False), ({}, True)]
+
+
+@pytest.mark.parametrize(("flags", "has_gpu"), GPU_RUNS)
+@pytest.mark.parametrize(("max_time", "row"), [("21s", 0), ("34.5s", 0), ("75s", 1), ("804s", 2)])
+def test_a_cuda_run_takes_the_gpu_tables_row(flags, has_gpu, max_time, row) -> None:
+    model, train = build_configs("auto", has_gpu, {**flags, "max_time": max_time})
+    assert settings(model, train) == GPU_TABLE[row].settings()
+    assert (model.pos_emb, model.norm, train.optimizer) == ("rope", "rmsnorm", "muon")
+
+
+def test_the_default_cuda_run_is_the_90_second_row() -> None:
+    model, train = build_configs("auto", True)
+    assert train.max_time == "75s"  # 90 s of wall time, start-up and estimates included
+    assert settings(model, train) == budget_row(75, "gpu").settings()
+
+
+def test_a_cpu_run_on_a_gpu_machine_takes_the_cpu_table() -> None:
+    model, train = build_configs("auto", True, {"device": "cpu", "max_time": "75s"})
+    assert settings(model, train) == budget_row(75, "cpu").settings()
+
+
+@given(
+    seconds=st.sampled_from(["20s", "75s", "15m"]),
+    dropout=st.sampled_from([0.0, 0.05, 0.3]),
+    compile=st.booleans(),
+    n_layer=st.integers(1, 8),
+)
+def test_options_given_win_over_the_gpu_table(seconds, dropout, compile, n_layer) -> None:
+    flags = {"max_time": seconds, "dropout": dropout, "compile": compile, "n_layer": n_layer}
+    model, train = build_configs("auto", False, {"device": "cuda", **flags})
+    assert (model.dropout, train.compile, model.n_layer) == (dropout, compile, n_layer)
+
+
+def test_the_lab_preset_on_a_gpu_is_still_the_notebooks() -> None:
+    model, train = build_configs("lab", True, {"device": "cuda", "max_time": "75s"})
+    on_cpu = build_configs("lab", False, {"max_time": "75s"})
+    assert (model, dataclasses.replace(train, device="auto")) == on_cpu
+
+
+def test_the_cuda_header_names_the_gpu_row_and_why() -> None:
+    flags = {"device": "cuda", "max_time": "20s", "dropout": 0.3}
+    model, train = build_configs("auto", False, flags)
+    line = describe_recipe("gpu", model, train, set(flags))
+    row = budget_row(20, "gpu")
+    assert line.startswith(f"recipe: model {row.n_layer} x {row.n_embd}, batch {row.batch_size} ")
+    assert "dropout 0.3" in line and "compiled" not in line
+    assert "20s of training: on a CUDA GPU, the row for up to 40 s of docs/gpu.md's table" in line
+    assert "not measured yet" in line
+    assert line.endswith("given: dropout)")
+    model, train = build_configs("auto", False, {"device": "cuda", "max_time": "5m"})
+    line = describe_recipe("gpu", model, train, set())
+    assert ", compiled (5m of training: on a CUDA GPU, the row for over 150 s" in line

@@ -17,17 +17,17 @@ def test_lab_preset_is_the_notebooks_settings():
     assert (train.warmup_iters, train.grad_clip) == (0, 0.0)
 
 
-def test_auto_preset_picks_lab_on_gpu_and_cpu_otherwise():
-    assert build_configs("auto", has_gpu=True) == build_configs("lab", has_gpu=True)
+def test_auto_preset_picks_gpu_on_gpu_and_cpu_otherwise():
+    assert build_configs("auto", has_gpu=True) == build_configs("gpu", has_gpu=True)
     assert build_configs("auto", has_gpu=False) == build_configs("cpu", has_gpu=False)
 
 
 @pytest.mark.parametrize(
     ("has_gpu", "device", "preset"),
-    [(True, "cpu", "cpu"), (True, "cuda:1", "lab"), (False, "cuda", "lab"), (True, "mps", "cpu")],
+    [(True, "cpu", "cpu"), (True, "cuda:1", "gpu"), (False, "cuda", "gpu"), (True, "mps", "cpu")],
 )
 def test_auto_preset_follows_the_device_training_runs_on(has_gpu, device, preset):
-    """--device cpu on a GPU host trains the cpu preset, not the 5,000-step lab one."""
+    """--device cpu on a GPU host trains the cpu preset, not the GPU's."""
     flags = {"device": device}
     assert build_configs("auto", has_gpu, flags) == build_configs(preset, has_gpu, flags)
 
@@ -115,9 +115,9 @@ def test_help_gives_each_presets_default():
     """--help names the values the presets give, not only the dataclass defaults (the lab's)."""
     train = build_parser()._subparsers._group_actions[0].choices["train"]
     help_text = " ".join(train.format_help().split())
-    assert "(default by --preset: lab 384, cpu 128, modern 384, tiny 32)" in help_text  # --n-embd
-    assert "(default by --preset: lab 5000, cpu 5000, modern 5000, tiny 60)" in help_text
-    max_time = "(default by --preset: lab off, cpu 270s, modern off, tiny off)"
+    assert "(default by --preset: lab 384, cpu 128, gpu 384, modern 384, tiny 32)" in help_text
+    assert "(default by --preset: lab 5000, cpu 5000, gpu 5000, modern 5000, tiny 60)" in help_text
+    max_time = "(default by --preset: lab off, cpu 270s, gpu 75s, modern off, tiny off)"
     assert max_time in help_text
     assert "(default: 1337)" in help_text  # --seed: the same in every preset
 

@@ -1,4 +1,5 @@
-"""benchmarks/gpu.sh runs end to end on the CPU in its smoke mode and prints its summary."""
+"""benchmarks/gpu.sh runs every section end to end on the CPU in its smoke mode, and writes its
+tables, plot, log and each run's output into the --out directory."""
 
 from __future__ import annotations
 
@@ -9,7 +10,14 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNS = ("lab-bf16", "lab-fp32", "modern-bf16", "modern-bf16-compile")
+SETTINGS = [
+    "lab",
+    "lab, its own code (reference heads, fp32)",
+    "modern",
+    "gpu default (90-s row)",
+    "gpu default (90-s row), compiled",
+    "nanogpt (compiled)",
+]
 
 
 def test_gpu_script_smoke_on_cpu(tmp_path):
@@ -23,13 +31,21 @@ def test_gpu_script_smoke_on_cpu(tmp_path):
         timeout=300,
         check=False,
     )
-    assert result.returncode == 0, result.stderr[-2000:]
-    table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
-    assert [line.split(" | ")[0].removeprefix("| ") for line in table[1:]] == list(RUNS)
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert [r["run"] for r in summary["runs"]] == list(RUNS)
-    for run in summary["runs"]:
-        assert run["ms_per_iter"] > 0 and run["chars_per_s_batch64"] > 0
-        assert [step for step, _ in run["val_curve"]] == [0, 2, 4]
-    modern = json.loads((tmp_path / "modern-bf16" / "config.json").read_text())
-    assert modern["model"]["pos_emb"] == "rope" and modern["train"]["optimizer"] == "muon"
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert list(results["sections"]) == ["probe", "steps", "budgets"]
+    assert results["sections"]["probe"]["chosen"] in ("fp32", "bf16")
+    steps = results["sections"]["steps"]
+    assert list(steps) == SETTINGS and all(row["ms_min"] > 0 for row in steps.values())
+    runs = results["sections"]["budgets"]["rows"]
+    assert [(r["budget"], r["recipe"]) for r in runs] == [("7s", "default"), ("7s", "nanogpt")]
+    for run in runs:
+        assert run["curve"] and all(0 < at < 300 for at, _ in run["curve"])  # wall seconds
+        assert (tmp_path / "runs" / f"{run['recipe']}-7s.log").is_file()
+    nanogpt = json.loads((tmp_path / "runs" / "nanogpt-7s" / "config.json").read_text())
+    assert nanogpt["model"]["tie_embeddings"] and nanogpt["model"]["mlp"] == "gelu"
+    report = (tmp_path / "gpu.md").read_text()
+    assert all(f"| {name} |" in report for name in SETTINGS)
+    assert "| 7s | nanogpt |" in report and "![val loss against wall time](gpu.png)" in report
+    assert (tmp_path / "gpu.png").is_file()
+    assert "done:" in (tmp_path / "gpu.log").read_text()

@@ -1,4 +1,5 @@
-"""bf16 or fp32, by measurement: the autocast of `--dtype auto` and Muon's Newton-Schulz."""
+"""bf16, fp16 or fp32, by measurement on the device given: the autocast of `--dtype auto` (with a
+gradient scaler for fp16), Muon's Newton-Schulz, and sampling's forward passes."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import chargpt.training.precision as training_precision
 from chargpt.config import ModelConfig, TrainConfig
 from chargpt.model import CausalSelfAttention, GPTLanguageModel
 from chargpt.model.cpu_attention import fused_causal_attention
-from chargpt.model.precision import bf16_is_fast, cpu_bf16_speedup, resolve_dtype
+from chargpt.model.precision import bf16_is_fast, cpu_bf16_speedup, forward_dtype, resolve_dtype
 from chargpt.training.distributed import World, agreed_precision
 from chargpt.training.optim import NS_COEFFICIENTS, NS_STEPS, configure_optimizer, newton_schulz
 from chargpt.training.precision import TrainingPrecision
@@ -158,7 +159,8 @@ def test_a_training_precision_survives_json_and_codes(attention) -> None:
     "saved",
     [
         {},
-        {"autocast": "fp16", "attention": None, "newton_schulz": "fp32"},
+        {"autocast": "fp8", "attention": None, "newton_schulz": "fp32"},
+        {"autocast": "bf16", "attention": None, "newton_schulz": "fp16"},  # never fp16
         {"autocast": None, "attention": None, "newton_schulz": "fp32"},
     ],
 )
@@ -249,3 +251,82 @@ def test_a_resumed_run_keeps_its_precision_unless_given_a_dtype(
     header = capsys.readouterr().err
     assert "bfloat16 (the run's own, although a bf16 matmul measured 0.02x" in header
     assert "resume with --dtype auto to choose again)" in header
+
+
+CUDA = torch.device("cuda", 0)  # built, never used: the probe is faked
+FP32, BF16, FP16 = torch.float32, torch.bfloat16, torch.float16
+
+
+@pytest.fixture
+def gpu_measured(monkeypatch):
+    """Fake a GPU's matmul timings: `gpu_measured(fp32, bf16, fp16)`; returns the devices asked."""
+    asked = []
+
+    def fake(fp32: float, bf16: float, fp16: float) -> list:
+        def probe(device: torch.device) -> dict[torch.dtype, float]:
+            asked.append(device)
+            return {FP32: fp32, BF16: bf16, FP16: fp16}
+
+        monkeypatch.setattr(precision, "gpu_matmul_seconds", probe)
+        return asked
+
+    return fake
+
+
+# (fp32, bf16, fp16) seconds as GPUs measure them (the probe's size on an H200, a T4, a GPU
+# whose half precision is slow) and what each trains in: autocast, Newton-Schulz
+GPUS = {
+    "native bf16 (A100, H200)": ((1.0, 0.07, 0.07), TrainingPrecision(BF16, None, BF16)),
+    "emulated bf16 (T4, V100)": ((1.0, 0.9, 0.12), TrainingPrecision(FP16, None, FP32)),
+    "slow half precision": ((1.0, 3.0, 2.0), TrainingPrecision(FP32, None, FP32)),
+}
+
+
+@pytest.mark.parametrize(("seconds", "expected"), GPUS.values(), ids=GPUS)
+def test_a_gpus_precision_is_measured_on_the_gpu_given(gpu_measured, seconds, expected) -> None:
+    asked = gpu_measured(*seconds)
+    chosen = TrainingPrecision.measured("auto", torch.device("cuda", 1))
+    assert chosen == expected
+    assert chosen.scales_gradients == (expected.autocast == FP16)  # fp16: a gradient scaler
+    assert set(asked) == {torch.device("cuda", 1)}  # the device given, not the current one
+    assert TrainingPrecision.measured("fp32", CUDA).autocast == FP32  # a given dtype wins
+    assert TrainingPrecision.measured("fp16", CUDA).scales_gradients
+
+
+@pytest.mark.parametrize(("seconds", "expected"), GPUS.values(), ids=GPUS)
+def test_sampling_on_a_gpu_runs_in_the_measured_dtype(gpu_measured, seconds, expected) -> None:
+    """Sampling and serving: fp16 where bf16 is emulated, as for training; a CPU stays fp32."""
+    gpu_measured(*seconds)
+    model = GPTLanguageModel(ModelConfig(block_size=8, n_embd=16, n_head=2, n_layer=1), 10)
+    assert forward_dtype(model, "auto", CUDA) == expected.autocast
+    assert forward_dtype(model, "auto", CPU) == FP32
+    assert forward_dtype(model, "fp16", CPU) == FP16
+
+
+@pytest.mark.parametrize(
+    ("seconds", "expected"),
+    [
+        ({FP32: 1.0, BF16: 0.5}, BF16),  # a CPU's probe times no fp16: bf16 when faster
+        ({FP32: 1.0, BF16: 1.0}, BF16),  # as fast: bf16 (the CPU's rule before fp16 existed)
+        ({FP32: 1.0, BF16: 1.5}, FP32),
+        ({FP32: 1.0, BF16: 0.14, FP16: 0.1}, BF16),  # within NATIVE_BF16_MARGIN of fp16's
+        ({FP32: 1.0, BF16: 0.5, FP16: 0.1}, FP16),  # 5x fp16's time: emulated
+        ({FP32: 1.0, BF16: 2.0, FP16: 0.9}, FP16),
+        ({FP32: 1.0, BF16: 2.0, FP16: 1.0}, FP32),  # no faster: fp32 needs no scaler
+    ],
+)
+def test_the_dtype_rule(seconds, expected) -> None:
+    assert precision.choose_dtype(seconds) == expected
+
+
+def test_the_header_says_what_a_gpus_probe_measured(gpu_measured) -> None:
+    gpu_measured(1.0, 0.5, 0.1)
+    assert precision.describe_probe(CUDA) == "matmuls measured bf16 2x, fp16 10x fp32's speed here"
+    assert precision.describe_probe(torch.device("mps")) == ""
+
+
+def test_a_precision_saved_before_fp16_existed_reads_as_it_was() -> None:
+    """The JSON of last.safetensors from runs saved before: the same three names."""
+    saved = {"autocast": "bf16", "attention": "fp32", "newton_schulz": "bf16"}
+    assert TrainingPrecision.from_json(saved) == TrainingPrecision(BF16, FP32, BF16)
+    assert TrainingPrecision.from_json({**saved, "autocast": "fp16"}).scales_gradients

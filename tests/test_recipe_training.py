@@ -119,7 +119,13 @@ def test_muon_trains_the_fused_and_the_reference_attention_alike(corpus):
 
 
 @pytest.mark.parametrize(
-    "changes", [dict(optimizer="muon"), dict(ema_decay=0.9), dict(optimizer="muon", ema_decay=0.9)]
+    "changes",
+    [
+        dict(optimizer="muon"),
+        dict(ema_decay=0.9),
+        dict(optimizer="muon", ema_decay=0.9),
+        dict(optimizer="muon", ema_decay=0.9, dtype="fp16"),  # with its loss scale
+    ],
 )
 def test_stop_and_resume_is_exact_with_muon_and_ema(corpus, tmp_path, changes):
     straight, straight_losses = make_trainer(corpus, tmp_path / "straight", **changes)
@@ -219,6 +225,7 @@ def write_as_version_1(run: Path) -> None:
     scalars["optimizer_groups"] = groups["adamw"] + muon_groups
     scalars["scheduler"] = {"last_epoch": scalars["step"], "_step_count": scalars["step"] + 1}
     del scalars["train"]["lr_decay_iters"]
+    del scalars["grad_scaler"]
     scalars["format_version"] = 1
     save_file(old, str(run / LAST), {"format": "pt", STATE_KEY: json.dumps(scalars)})
     config = json.loads((run / CONFIG).read_text())
@@ -265,3 +272,22 @@ def test_a_state_of_an_unknown_format_version_is_refused(corpus, tmp_path, versi
     save_file(tensors, str(tmp_path / LAST), {"format": "pt", STATE_KEY: json.dumps(scalars)})
     with pytest.raises(ChargptError, match=f"{LAST} has (an )?{message}"):
         load_trainer_state(tmp_path)
+
+
+def test_fp16_trains_on_the_cpu_with_a_loss_scale(corpus, tmp_path):
+    """fp16 autocast with torch.amp.GradScaler, for real on the CPU: the loss falls and the
+    scale is saved with the run; a scale that overflows the gradients skips the step (the
+    weights stay) and is halved."""
+    trainer, losses = make_trainer(corpus, tmp_path, dtype="fp16", max_iters=30, eval_interval=30)
+    assert trainer.dtype == torch.float16 and trainer.scaler.is_enabled()
+    trainer.run()
+    assert sum(losses[-5:]) < sum(losses[:5]) - 0.5  # it learns
+    _, scalars = load_trainer_state(tmp_path)
+    assert scalars["grad_scaler"]["scale"] == trainer.scaler.get_scale() > 1
+    weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**100)  # inf gradients
+    trainer.train_step()
+    assert all(torch.equal(v, weights[k]) for k, v in trainer.model.state_dict().items())
+    assert trainer.scaler.get_scale() == 2.0**99
+    fp32, _ = make_trainer(corpus, tmp_path / "fp32", dtype="fp32")
+    assert not fp32.scaler.is_enabled() and fp32.state_dict()["grad_scaler"] == {}

@@ -16,7 +16,7 @@ from chargpt.config.presets import build_configs, resolve_preset
 from chargpt.config.sources import given_fields, load_toml
 from chargpt.data.dataset import load_corpus
 from chargpt.errors import ChargptError
-from chargpt.model.precision import cpu_bf16_speedup, resolve_device
+from chargpt.model.precision import describe_probe, resolve_device
 from chargpt.runs.directory import check_new_run_dir, removed_if_failed
 from chargpt.training.distributed import backend
 from chargpt.training.finetune import finetune_run
@@ -80,6 +80,10 @@ def train_and_report(trainer: Trainer, recipe: str = "") -> int:
     )
     if recipe:
         report(recipe)
+    if trainer.compile_seconds:
+        report(
+            f"torch.compile: {trainer.compile_seconds:.1f} s to compile, counted as training time"
+        )
     try:
         result = trainer.run()
     finally:
@@ -99,11 +103,11 @@ def train_and_report(trainer: Trainer, recipe: str = "") -> int:
 
 
 def measured_dtype(trainer: Trainer) -> str:
-    """Why `--dtype auto` chose what it did on a CPU: the start-up matmul timing; or that a
-    resumed run keeps the dtypes it started with where this machine would choose others."""
-    if trainer.cfg.dtype != "auto" or trainer.device.type != "cpu":
+    """Why `--dtype auto` chose what it did: the start-up matmul timing; or that a resumed run
+    keeps the dtypes it started with where this machine would choose others."""
+    measured = describe_probe(trainer.device) if trainer.cfg.dtype == "auto" else ""
+    if not measured:
         return ""
-    measured = f"a bf16 matmul measured {cpu_bf16_speedup():.2g}x fp32's speed here"
     if trainer.precision != TrainingPrecision.measured("auto", trainer.device):
         return f" (the run's own, although {measured}: resume with --dtype auto to choose again)"
     return f" ({measured})"

@@ -14,11 +14,16 @@ def option(default: Any, help: str, **choices: Any) -> Any:
 
 
 Quantize = Literal["none", "int8"]  # the weight formats of chargpt.model.quantize
+Dtype = Literal["auto", "fp32", "bf16", "fp16"]  # the precisions of chargpt.model.precision
 # the largest seed: int64's, as OpenAI's API; sample i's `seed + i` still fits torch's uint64
 MAX_SEED = 2**63 - 1
 # a preset's warmup is at most this fraction of a step-count run (so `--max-iters 50` works)
 PRESET_WARMUP_FRACTION = 0.1
 DEVICE_HELP = "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps"
+FORWARD_DTYPE_HELP = (
+    "precision of the forward passes; auto picks bf16 on GPUs that run it natively, fp16 on "
+    "GPUs that only emulate bf16 (measured at start-up), fp32 on CPUs"
+)
 QUANTIZE_HELP = (
     "none: the weights as trained; int8: int8 weights, faster on the CPU (quantized in memory "
     "after loading: the run keeps its fp32 weights)"
@@ -127,10 +132,11 @@ class TrainConfig:
     grad_clip: float = option(0.0, "clip the gradient norm to this value (0: off)")
     seed: int = option(1337, "random seed for init, batches and dropout")
     device: str = option("auto", DEVICE_HELP)
-    dtype: Literal["auto", "fp32", "bf16"] = option(
+    dtype: Dtype = option(
         "auto",
-        "training precision: bf16 autocast with fp32 weights, or fp32; auto picks bf16 "
-        "where the hardware runs it fast",
+        "training precision: bf16 or fp16 autocast with fp32 weights (fp16 with a gradient "
+        "scaler), or fp32; auto measures at start-up: bf16 where the device runs it natively, "
+        "else fp16 where it is fast (GPUs that emulate bf16), else fp32",
     )
     compile: bool = option(False, "torch.compile the model")
     sample_chars: int = option(200, "characters sampled at each evaluation (0: none)")
@@ -205,9 +211,7 @@ class SampleConfig:
     window_keep: float = option(
         0.5, "window mode: fraction of block_size kept when the cache fills, in (0, 1)"
     )
-    dtype: Literal["auto", "fp32", "bf16"] = option(
-        "auto", "precision of the forward passes; auto picks bf16 on GPUs that run it, fp32 on CPUs"
-    )
+    dtype: Dtype = option("auto", FORWARD_DTYPE_HELP)
     quantize: Quantize = option("none", QUANTIZE_HELP)
 
     def validate(self) -> None:
@@ -264,9 +268,9 @@ class LoadConfig:
 
 
 def check_quantize_dtype(quantize: str, dtype: str) -> None:
-    if quantize == "int8" and dtype == "bf16":
+    if quantize == "int8" and dtype in ("bf16", "fp16"):
         raise ChargptError(
-            "quantize int8 runs everything but its int8 products in fp32: drop --dtype bf16"
+            f"quantize int8 runs everything but its int8 products in fp32: drop --dtype {dtype}"
         )
 
 

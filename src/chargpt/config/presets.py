@@ -6,12 +6,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from chargpt.config.budget import fit_to_budget, fit_to_steps
+from chargpt.config.budget import BUDGET_TABLES, fit_to_budget, fit_to_steps
 from chargpt.config.options import ModelConfig, TrainConfig
 from chargpt.config.sources import from_dict
 from chargpt.errors import ChargptError
 
-# Presets override the dataclass defaults; `auto` resolves to `lab` on a GPU and `cpu` otherwise.
+# Presets override the dataclass defaults; `auto` resolves to `gpu` on a CUDA GPU and `cpu`
+# otherwise.
 PRESETS: dict[str, dict[str, Any]] = {
     # The notebook's exact settings: AdamW at a constant 3e-4, no clipping, no schedule.
     "lab": {},
@@ -42,7 +43,33 @@ PRESETS: dict[str, dict[str, Any]] = {
         optimizer="muon",
         ema_decay=0.995,
     ),
-    # For GPUs: the lab's sizes and training settings with the `cpu` preset's options.
+    # A CUDA GPU's, 90 seconds of wall time (start-up and evaluations included): the lab's
+    # sizes, the `cpu` preset's options (rotary positions, RMSNorm, Muon, EMA) and nanoGPT's
+    # shakespeare_char schedule (cosine to a tenth of the peak, beta2 0.99, clipping), short
+    # estimates (50 batches: the val split is 111k characters, a batch 16k) every 250 steps.
+    # Dropout, EMA, warmup, rates and compilation are those of chargpt.config.budget's GPU row
+    # for the run's time budget (below: 90 seconds'), which await measurement (docs/gpu.md).
+    "gpu": dict(
+        block_size=256,
+        n_embd=384,
+        n_head=6,
+        n_layer=6,
+        pos_emb="rope",
+        norm="rmsnorm",
+        batch_size=64,
+        max_time="75s",
+        eval_interval=250,
+        eval_iters=50,
+        learning_rate=1e-3,
+        min_lr=1e-4,
+        warmup_iters=100,
+        lr_schedule="cosine",
+        weight_decay=0.1,
+        beta2=0.99,
+        grad_clip=1.0,
+        optimizer="muon",
+    ),
+    # The lab's sizes and training settings with the `cpu` preset's options.
     "modern": dict(
         pos_emb="rope",
         norm="rmsnorm",
@@ -73,7 +100,7 @@ PRESET_NAMES = ("auto", *PRESETS)
 
 def resolve_preset(name: str, on_gpu: bool) -> str:
     if name == "auto":
-        return "lab" if on_gpu else "cpu"
+        return "gpu" if on_gpu else "cpu"
     if name not in PRESETS:
         raise ChargptError(f"unknown preset {name!r}: choose one of {', '.join(PRESET_NAMES)}")
     return name
@@ -96,10 +123,11 @@ def build_configs(
 ) -> tuple[ModelConfig, TrainConfig]:
     """Defaults, then the preset, then each override in turn (TOML file, then CLI flags).
     A step count given (`max_iters`) replaces a preset's time budget (`max_time`). The `cpu`
-    preset's recipe is fitted to the budget, and any preset's warmup and moving average to a
-    run of few steps (chargpt.config.budget); options given are checked, never changed.
-    `auto` is `lab` when training runs on a CUDA GPU: the device the overrides name, or for
-    device auto, whether a CUDA GPU is available (`has_gpu`)."""
+    and `gpu` presets' recipes are fitted to the budget, and any preset's warmup and moving
+    average to a run of few steps (chargpt.config.budget); options given are checked, never
+    changed.
+    `auto` is `gpu` when training runs on a CUDA GPU (the device the overrides name, or for
+    device auto, whether a CUDA GPU is available: `has_gpu`), else `cpu`."""
     given: dict[str, Any] = {}
     for layer in overrides:
         given.update(layer)
@@ -112,8 +140,8 @@ def build_configs(
     model_values, train_values = split_overrides({**preset_values, **given})
     model = from_dict(ModelConfig, model_values)
     train = from_dict(TrainConfig, train_values)
-    if name == "cpu":
-        model, train = fit_to_budget(model, train, set(given))
+    if name in BUDGET_TABLES:
+        model, train = fit_to_budget(name, model, train, set(given))
     train = dataclasses.replace(train, **fit_to_steps(train, set(given)))
     model.validate()
     train.validate()

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal
 
 from chargpt.config.options import (
     DEVICE_HELP,
+    FORWARD_DTYPE_HELP,
     QUANTIZE_HELP,
+    Dtype,
     Quantize,
     check_quantize_dtype,
     option,
@@ -57,9 +58,7 @@ class ServeConfig:
     )
     device: str = option("auto", DEVICE_HELP)
     threads: int = option(0, "PyTorch intra-op threads (0: PyTorch's default)")
-    dtype: Literal["auto", "fp32", "bf16"] = option(
-        "auto", "precision of the forward passes; auto picks bf16 on GPUs that run it, fp32 on CPUs"
-    )
+    dtype: Dtype = option("auto", FORWARD_DTYPE_HELP)
     grace_period: float = option(
         10.0, "seconds that requests in flight get to finish after SIGTERM before they are cut"
     )

@@ -52,6 +52,11 @@ class TrainingClock:
         elif step % self.agree_every == 0:
             self.elapsed = all_reduce(torch.tensor([now]), self.world, op="max").item()
 
+    def charge(self, seconds: float) -> None:
+        """Count `seconds` spent for training outside the steps (compiling the model)."""
+        self.train_time += seconds
+        self.elapsed += seconds
+
     def set(self, train_time: float) -> None:
         """Go on from a saved run's `train_time`."""
         self.train_time = self.elapsed = train_time

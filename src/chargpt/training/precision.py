@@ -1,5 +1,6 @@
-"""A training run's precision: the autocast dtype, the fused attention's and Muon's, decided once
-at the start (measured, for `--dtype auto`) and saved with the run."""
+"""A training run's precision: the autocast dtype (with a gradient scaler for fp16), the fused
+attention's and Muon's, decided once at the start (measured, for `--dtype auto`) and saved with
+the run."""
 
 from __future__ import annotations
 
@@ -12,7 +13,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from chargpt.model import CausalSelfAttention
-from chargpt.model.precision import BOTH, DTYPE_NAMES, fastest_dtype, fastest_seconds, resolve_dtype
+from chargpt.model.precision import (
+    BOTH,
+    DTYPE_NAMES,
+    PROBED,
+    bf16_is_fast,
+    fastest_seconds,
+    resolve_dtype,
+)
 
 CODES = tuple(DTYPE_NAMES)
 
@@ -36,29 +44,40 @@ def cpu_bf16_attention_speedup() -> float:
     return seconds[torch.float32] / seconds[torch.bfloat16]
 
 
+def newton_schulz_dtype(device: torch.device) -> torch.dtype:
+    """Muon's orthogonalisation in bf16 where `device` runs it natively, else in fp32."""
+    return torch.bfloat16 if bf16_is_fast(device) else torch.float32
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainingPrecision:
     """The dtypes of one training run, decided once at its start (measured, for `--dtype auto`)
     and saved with it: a resumed run, and every process of a multi-process one, computes in the
     same dtypes, although each process's timings differ and may fall either side of a choice."""
 
-    autocast: torch.dtype  # the projections' (fp32: no autocast)
+    autocast: torch.dtype  # the projections' (fp32: no autocast; fp16: a gradient scaler)
     attention: torch.dtype | None  # the fused attention's; None: its inputs'
     newton_schulz: torch.dtype  # Muon's orthogonalisation
 
     def __post_init__(self) -> None:
-        if self.autocast not in BOTH or self.newton_schulz not in BOTH:
+        if self.autocast not in PROBED or self.newton_schulz not in BOTH:
             raise ValueError(f"no training precision: {self}")
+
+    @property
+    def scales_gradients(self) -> bool:
+        """Whether the loss is scaled (torch.amp.GradScaler): fp16's narrow range would
+        flush small gradients to zero; bf16 has fp32's range."""
+        return self.autocast == torch.float16
 
     @classmethod
     def measured(cls, name: str, device: torch.device) -> TrainingPrecision:
         """`name`'s autocast (see resolve_dtype); attention in fp32 under bf16 autocast on a
         CPU where bf16's fused attention is measured slower (its backward pass); Newton-Schulz
-        in bf16 where bf16 matmuls are fast."""
+        in bf16 where the device runs bf16 natively, else in fp32."""
         autocast = resolve_dtype(name, device)
         slow = autocast == torch.bfloat16 and device.type == "cpu"
         slow = slow and cpu_bf16_attention_speedup() < 1
-        return cls(autocast, torch.float32 if slow else None, fastest_dtype(device))
+        return cls(autocast, torch.float32 if slow else None, newton_schulz_dtype(device))
 
     def apply(self, model: nn.Module) -> None:
         """Set the attention dtype of `model`'s layers."""

@@ -3,8 +3,8 @@
 One file holds everything `train --resume` needs to go on exactly as if training had never
 stopped (a `Trainer.state_dict()`): the weights (and their moving average, with `ema_decay`),
 the optimiser's state (AdamW's moments, Muon's momentum) and every random stream training draws
-from, as tensors, with the trainer's scalars (step, best val loss, schedule, configs) as JSON in
-the same file's header, so that one rename replaces all of it at once.
+from, as tensors, with the trainer's scalars (step, best val loss, schedule, configs, fp16's
+loss scale) as JSON in the same file's header, so that one rename replaces all of it at once.
 
 The random streams are the generator of each micro-batch stream and, for each process, the
 streams its dropout draws from (torch's global generators while a step runs): the CPU's, and
@@ -121,6 +121,7 @@ def save_trainer_state(path: Path, state: dict[str, Any], world: World) -> None:
     scalars.update(model=state["model_config"], train=state["train_config"])
     groups = {part: saved["param_groups"] for part, saved in state["optimizer"].items()}
     scalars.update(optimizer_groups=groups, precision=state["precision"])
+    scalars.update(grad_scaler=state["grad_scaler"])
     header = {"format": "pt", STATE_KEY: json.dumps({"format_version": FORMAT_VERSION, **scalars})}
     if world.is_main:
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp), header))
@@ -190,6 +191,7 @@ def trainer_state_dict(
         model=unprefixed("model.", tensors),
         ema=ema or None,
         optimizer=optimizer,
+        grad_scaler=scalars.get("grad_scaler", {}),  # a run saved before fp16 training had none
         rng={"batches": {int(k): v for k, v in unprefixed("rng.batches.", tensors).items()}},
     )
     state["rng"].update(unprefixed(f"rng.rank{rank}.", tensors))

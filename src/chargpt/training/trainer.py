@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from chargpt.config import ModelConfig, TrainConfig, parse_duration
@@ -27,6 +27,7 @@ from chargpt.model.precision import autocast, resolve_device, tf32_matmuls
 from chargpt.runs.directory import LAST, save_run
 from chargpt.runs.metrics import append_metrics, keep_metrics_up_to
 from chargpt.training.clock import TrainingClock
+from chargpt.training.compiled import compiled_forward
 from chargpt.training.distributed import (
     agreed_precision,
     all_reduce,
@@ -37,6 +38,7 @@ from chargpt.training.distributed import (
     init_world,
     micro_batch_streams,
 )
+from chargpt.training.ema import ExponentialMovingAverage
 from chargpt.training.estimate import estimate_and_sample
 from chargpt.training.optim import configure_optimizer, lr_multiplier
 from chargpt.training.outcome import TrainingDiverged, TrainResult, diverged, stop_on_signals
@@ -93,19 +95,36 @@ class Trainer:
         self.precision.apply(self.model)
         if init_weights is not None:  # fine-tuning: a trained run's (chargpt.training.finetune)
             self.model.load_state_dict(init_weights)
-        average = get_ema_multi_avg_fn(cfg.ema_decay)
-        self.ema = AveragedModel(self.model, multi_avg_fn=average) if cfg.ema_decay else None
+        self.ema = ExponentialMovingAverage(self.model, cfg.ema_decay) if cfg.ema_decay else None
         self.tokens_per_step = cfg.batch_size * cfg.grad_accum * model_config.block_size
         time_limit = parse_duration(cfg.max_time) if cfg.max_time else 0.0  # seconds
         self.clock = TrainingClock(self.world, time_limit, cfg.log_interval, self.tokens_per_step)
         self.optimizer = configure_optimizer(self.model, cfg, self.precision.newton_schulz)
-        forward = torch.compile(self.model) if cfg.compile else self.model
+        # fp16 autocast scales the loss so that small gradients survive (a no-op otherwise)
+        scaling = self.precision.scales_gradients
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=scaling)
+        # with `compile`, compiled now (or the model itself, where compiling fails); the time
+        # it takes is training time, charged when the run starts (see `run`)
+        self.compile_seconds, self.uncharged_seconds = 0.0, 0.0
+        forward = self.compile_model() if cfg.compile else self.model
         self.forward = data_parallel(forward, self.world, self.device)  # gradients averaged
         self.step, self.best_val_loss, self.best_step = 0, math.inf, -1
         self.last_eval_step = -1  # a resumed run does not estimate the losses of its step again
         self.saved_step = -1  # the step of last.safetensors on disk
         self.stop_signal: int | None = None
         self.tensorboard = TensorBoardLog()  # `run` opens it with --tensorboard
+
+    def compile_model(self) -> torch.nn.Module:
+        """The model compiled (see chargpt.training.compiled), with the time it took (the
+        slowest process's, so that all share one schedule); or the model itself, where
+        compiling fails, with one line saying so."""
+        shape = (self.cfg.batch_size, self.model_config.block_size)
+        forward, seconds, failure = compiled_forward(self.model, shape, self.precision)
+        if failure and self.world.is_main:
+            print(failure, file=sys.stderr)
+        seconds = all_reduce(torch.tensor([seconds]), self.world, op="max").item()
+        self.compile_seconds = self.uncharged_seconds = seconds
+        return forward
 
     def close(self) -> None:
         """Under torchrun, leave the process group. The DDP wrapper goes first: freed as the
@@ -127,6 +146,8 @@ class Trainer:
         losses: list[torch.Tensor] = []  # this process's step losses since the last report
         logs_to = self.out_dir if self.cfg.tensorboard and self.world.is_main else None
         self.tensorboard = TensorBoardLog(logs_to, self.saved_step)  # saved: a resumed run
+        self.clock.charge(self.uncharged_seconds)  # compiling: spent before the run, for it
+        self.uncharged_seconds = 0.0
         self.clock.start()
         with stop_on_signals(self.request_stop), tf32_matmuls(self.device), self.tensorboard:
             while True:
@@ -173,13 +194,15 @@ class Trainer:
                 with gradient_sync(self.forward, now=i == len(generators) - 1):
                     with autocast(self.device, self.dtype):
                         _, loss = self.forward(x, y)
-                    (loss / len(generators)).backward()  # gradients add up to the mean's
+                    # gradients add up to the mean's (times the loss scale, with fp16)
+                    self.scaler.scale(loss / len(generators)).backward()
                 total += loss.detach()
         if cfg.grad_clip > 0:
+            self.optimizer.unscale(self.scaler)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        self.optimizer.step()
+        self.optimizer.step(self.scaler)
         if self.ema is not None:
-            self.ema.update_parameters(self.model)
+            self.ema.update(self.model)
         self.step += 1
         self.clock.step_done(self.step)  # a time budget paces the next step's rate
         return total / cfg.grad_accum
@@ -283,8 +306,9 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything `load_state_dict` needs to go on exactly as if training had never stopped:
-        counters, configs, weights (and their average), optimisers and this process's random
-        streams (the schedule follows from the step and the training time)."""
+        counters, configs, weights (and their average), optimisers, the loss scale (fp16) and
+        this process's random streams (the schedule follows from the step and the training
+        time)."""
         return {
             "step": self.step,
             "best_val_loss": self.best_val_loss,
@@ -297,6 +321,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "ema": None if self.ema is None else self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "grad_scaler": self.scaler.state_dict(),  # empty without fp16
             "rng": self.random.state_dict(),
         }
 
@@ -307,6 +332,8 @@ class Trainer:
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler.is_enabled() and state.get("grad_scaler"):  # fp16 then and now
+            self.scaler.load_state_dict(state["grad_scaler"])
         self.random.load_state_dict(state["rng"])
         self.step, self.best_step = int(state["step"]), int(state["best_step"])
         self.best_val_loss = float(state["best_val_loss"])
