@@ -22,7 +22,7 @@ from chargpt.config import ModelConfig, TrainConfig
 from chargpt.export import web
 from chargpt.export.onnx_graph import CONFIG_KEY, VOCAB_KEY, export_model, fused_copy
 from chargpt.export.runtime import OnnxDecoder, OnnxModel
-from chargpt.generation.decoders import CachedDecoder, window_length
+from chargpt.generation.decoders import Rows, make_decoder
 from chargpt.model import build_model
 from chargpt.runs.directory import save_run
 
@@ -73,13 +73,13 @@ def test_decode_steps_match_the_cached_decoder_past_block_size(exported):
     ids = torch.randint(
         0, TOKENIZER.vocab_size, (2, 3 * BLOCK + 5), generator=torch.Generator().manual_seed(0)
     )
-    keep = window_length(BLOCK, 0.5)
     for exact in (False, True):
         prompt = ids[:, :5]
+        mode = "exact" if exact else "window"
         with torch.no_grad():
             ours, theirs = (
-                OnnxDecoder(graph, prompt, exact, keep),
-                CachedDecoder(model, prompt, exact, keep),
+                Rows(OnnxDecoder(graph, 2, 0.5, exact), prompt),
+                make_decoder(model, prompt, long_context=mode),
             )
             for t in range(5, ids.shape[1]):
                 np.testing.assert_allclose(ours.logits, theirs.logits, atol=TOLERANCE, rtol=0)
