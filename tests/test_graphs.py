@@ -13,9 +13,15 @@ import torch
 from model_support import BLOCK, TOKENIZER, tiny_gpt
 
 from chargpt.generation import graphs
-from chargpt.generation.decoders import Rows, SlotDecoder, make_decoder
+from chargpt.generation.decoders import (
+    GraphDecoder,
+    Rows,
+    SlotDecoder,
+    graph_or_slot_decoder,
+    make_decoder,
+)
 from chargpt.generation.generate import generate_ids
-from chargpt.generation.graphs import GraphDecoder, graph_or_slot_decoder, spans_for
+from chargpt.generation.graphs import spans_for
 from chargpt.generation.sampling import (
     Controls,
     counter_uniforms,
@@ -80,9 +86,9 @@ def test_the_static_step_runs_one_shape_per_span_whatever_the_positions(monkeypa
         return step(idx, caches)
 
     monkeypatch.setattr(model, "step", recording)
-    addresses = decoder.inputs.data_ptr(), decoder.next_logits.data_ptr()
+    addresses = decoder.static.inputs.data_ptr(), decoder.next_logits.data_ptr()
     greedy_schedule(decoder, 2 * BLOCK)
-    assert (decoder.inputs.data_ptr(), decoder.next_logits.data_ptr()) == addresses
+    assert (decoder.static.inputs.data_ptr(), decoder.next_logits.data_ptr()) == addresses
     spans = {idx[0] for idx, _, _ in shapes}
     assert spans <= set(spans_for(5, deterministic=False)) and len(spans) > 1
     assert shapes == {((span, 1), BLOCK, (span, 1, 1, BLOCK)) for span in spans}

@@ -11,8 +11,8 @@ behind it:
 
 * `SlotDecoder`: the fused GPT in PyTorch, a KV cache per slot (`chargpt.model.cache`): rows at
   one position take the lean step, rows at different positions a masked one;
-* `GraphDecoder` (`chargpt.generation.graphs`): the same with static shapes, captured as CUDA
-  graphs on a GPU;
+* `GraphDecoder`: the same with static shapes, captured as CUDA graphs on a GPU
+  (`chargpt.generation.graphs`);
 * `LoopDecoder`: the lab's loop, for the bigram and the `reference` attention (no cache);
 * `OnnxDecoder` (`chargpt.export.runtime`): the exported graph in onnxruntime.
 
@@ -22,19 +22,22 @@ Past block_size, every back end with a cache follows the one `Window` rule, appl
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
-from chargpt.generation.sampling import Controls, Generators, sample_next
+from chargpt.generation.graphs import GraphUnavailable, StaticStep
+from chargpt.generation.sampling import Controls, Generators, sample_next, sample_seeded
 from chargpt.model.cache import SlotKVCache, SlotStep
 
 if TYPE_CHECKING:
     from chargpt.model.base import LanguageModel
     from chargpt.model.gpt import GPTLanguageModel
 
+log = logging.getLogger("chargpt.generation")
 KEY_BUCKET = 32  # SlotDecoder's masked steps read keys in multiples of this many positions
 
 
@@ -170,7 +173,7 @@ class Decoder:
 
     # --- shared by the back ends
 
-    def read(self, slots: list[int], run: ...) -> None:
+    def read(self, slots: list[int], run: Callable[[list[int]], None]) -> None:
         """`run` (prefill or recompute) over `slots`, one pass per batch of them (`batches`)."""
         for batch in self.batches(slots):
             run(batch)
@@ -343,6 +346,60 @@ class SlotDecoder(Decoder):
             self.lengths[slot] += 1
 
 
+class GraphDecoder(SlotDecoder):
+    """`SlotDecoder` whose steps have static shapes (`chargpt.generation.graphs.StaticStep`):
+    on a GPU each is a captured CUDA graph; with capture=False the same step runs eagerly.
+    Prefills and exact-mode recomputes stay eager (one per prompt or restart). Greedy ids are
+    those of the plain step; sampled ones come from `sample_seeded` on the device where each
+    slot has its own generator (its seed is the generator's initial seed), so they differ from
+    the plain path's draws. Raises `GraphUnavailable` where a capture cannot be made."""
+
+    def __init__(self, model: GPTLanguageModel, slots: int, capture: bool = True, **options: Any):
+        """`options`: `SlotDecoder`'s (window_keep, dtype, deterministic, exact)."""
+        super().__init__(model, slots, **options)
+        self.static = StaticStep(model, self.caches, self.next_logits, self.deterministic, capture)
+        self.draws = [0] * slots  # ids each slot's sequence has drawn (sample_seeded's count)
+
+    def step(self, next_ids: dict[int, int]) -> None:
+        self.static(next_ids, self.lengths)
+        for slot in next_ids:
+            self.lengths[slot] += 1
+
+    def start_batch(self, prompts: Mapping[int, Sequence[int]]) -> None:
+        for slot in prompts:
+            self.draws[slot] = 0
+        super().start_batch(prompts)
+
+    def choose(
+        self, slots: Sequence[int], controls: Controls, generator: Generators
+    ) -> torch.Tensor:
+        """With a generator per slot: `sample_seeded`, each slot's seed the initial seed of its
+        generator and its count the ids it drew since its start; else `sample_next`'s draw."""
+        if generator is None or isinstance(generator, torch.Generator):
+            return super().choose(slots, controls, generator)
+        device = self.next_logits.device
+        seeds = torch.tensor([g.initial_seed() for g in generator], device=device)
+        counts = torch.tensor([self.draws[slot] for slot in slots], device=device)
+        for slot in slots:
+            self.draws[slot] += 1
+        return sample_seeded(self.logits(slots), *controls, seeds, counts)
+
+
+def graph_or_slot_decoder(
+    model: GPTLanguageModel, slots: int, cuda_graphs: bool | None = None, **options: Any
+) -> SlotDecoder:
+    """A `GraphDecoder` where `cuda_graphs` asks for one (None: on a CUDA device) and it can be
+    captured; else the plain `SlotDecoder`, with one line saying why when it was asked for.
+    `options`: `SlotDecoder`'s."""
+    device = next(model.parameters()).device
+    if cuda_graphs if cuda_graphs is not None else device.type == "cuda":
+        try:
+            return GraphDecoder(model, slots, **options)
+        except GraphUnavailable as why:
+            log.warning("decoding without CUDA graphs (%s): the plain step instead", why)
+    return SlotDecoder(model, slots, **options)
+
+
 class Rows:
     """A (B, T) batch of prompts decoded together in slots 0..B-1 of a `Decoder`, as tensors:
     `logits` (B, V), `choose` (B, 1) ids, `append` (B, 1) ids. What `chargpt sample` runs."""
@@ -382,9 +439,6 @@ def new_decoder(
         raise ValueError(f"long_context must be 'window' or 'exact', got {long_context!r}")
     if not kv_cache or not getattr(model, "supports_kv_cache", False):
         return LoopDecoder(model, slots, deterministic)
-    # imported here: graphs.GraphDecoder subclasses SlotDecoder, so graphs imports this module
-    from chargpt.generation.graphs import graph_or_slot_decoder
-
     gpt: GPTLanguageModel = model  # type: ignore[assignment]  # it has a KV cache
     return graph_or_slot_decoder(
         gpt, slots, cuda_graphs, window_keep=window_keep, dtype=dtype,

@@ -2,7 +2,8 @@
 
 A small model on a GPU is bound by kernel launches and host round trips, not arithmetic: the
 plain step of the lab-size GPT is about a hundred small kernels, each launched by Python, and
-its shapes change with every position. `GraphDecoder` runs a step of fixed shapes instead:
+its shapes change with every position. `StaticStep` (what `decoders.GraphDecoder` steps with)
+runs a step of fixed shapes instead:
 the first `span` slots (a power of two covering the busy ones, or all slots), every one over
 all block_size keys through a mask, with its new id, its position and whether it steps read
 from preallocated device tensors, and the logits written in place. Nothing in it reads a value
@@ -11,27 +12,23 @@ made, and each step is one copy of the inputs to the device and one graph replay
 stays on the device too (`sample_seeded`: no generator state, one set of operations for all
 rows), so a step copies only the chosen ids back to the host.
 
-Without CUDA, or when a capture fails, `graph_or_slot_decoder` says so in one line and returns
-the plain `SlotDecoder`. On a CPU, `GraphDecoder(capture=False)` runs the same static step
-eagerly: the math that the graphs replay, which the tests compare with the plain step.
+Without CUDA, or when a capture fails, `StaticStep` raises `GraphUnavailable`, and
+`decoders.graph_or_slot_decoder` says so in one line and returns the plain `SlotDecoder`. On a
+CPU, `StaticStep(capture=False)` runs the same step eagerly: the math that the graphs replay,
+which the tests compare with the plain step.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
-from chargpt.generation.decoders import SlotDecoder
-from chargpt.generation.sampling import Controls, Generators, sample_seeded
-from chargpt.model.cache import SlotStep
+from chargpt.model.cache import SlotKVCache, SlotStep
 
 if TYPE_CHECKING:
     from chargpt.model.gpt import GPTLanguageModel
-
-log = logging.getLogger("chargpt.generation")
 
 
 class GraphUnavailable(Exception):
@@ -68,21 +65,25 @@ def capture_graph(run: Callable[[], None]) -> torch.cuda.CUDAGraph:
     return graph
 
 
-class GraphDecoder(SlotDecoder):
-    """`SlotDecoder` whose steps have static shapes (see the module docstring): on a GPU each
-    `span` is a captured CUDA graph (`capture`); with capture=False the same step runs eagerly.
-    Prefills and exact-mode recomputes stay eager (one per prompt or restart). Greedy ids are
-    those of the plain step; sampled ones come from `sample_seeded` where each slot has its own
-    generator (its seed is the generator's initial seed), so they differ from the plain path's."""
+class StaticStep:
+    """One decode position for the first `span` slots of `caches`, each over all block_size
+    keys, with shapes that never change: the step a CUDA graph captures (one graph per span,
+    made here when `capture`; without, the same step runs eagerly). Inputs and outputs are
+    preallocated: `inputs` holds each slot's new id, its position and whether it steps; the
+    logits of the slots that step replace theirs in `logits` in place."""
 
-    def __init__(self, model: GPTLanguageModel, slots: int, capture: bool = True, **options: Any):
-        """`options`: `SlotDecoder`'s (window_keep, dtype, deterministic, exact)."""
-        super().__init__(model, slots, **options)
-        device = self.next_logits.device
-        # the step's inputs: each slot's new id, its position, 1 if it steps (else 0)
-        self.inputs = torch.zeros(3, slots, dtype=torch.long, device=device)
-        self.draws = [0] * slots  # ids each slot's sequence has drawn (sample_seeded's count)
-        self.spans = spans_for(slots, self.deterministic)
+    def __init__(
+        self,
+        model: GPTLanguageModel,
+        caches: Sequence[SlotKVCache],
+        logits: torch.Tensor,
+        deterministic: bool,
+        capture: bool,
+    ):
+        self.model, self.caches, self.logits = model, caches, logits  # logits: (slots, V)
+        self.slots, self.n_head, self.keys = caches[0].k.shape[:3]
+        self.inputs = torch.zeros(3, self.slots, dtype=torch.long, device=logits.device)
+        self.spans = spans_for(self.slots, deterministic)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         if capture:
             self.capture()
@@ -90,7 +91,7 @@ class GraphDecoder(SlotDecoder):
     def capture(self) -> None:
         """A graph per span, recorded before any prefill (the warm-up runs write only into
         empty caches), under the autocast of the caches' dtype (the graph keeps its casts)."""
-        check_cuda(self.next_logits.device)
+        check_cuda(self.logits.device)
         cache_dtype = self.caches[0].k.dtype
         bf16 = cache_dtype != next(self.model.parameters()).dtype
         try:
@@ -102,27 +103,26 @@ class GraphDecoder(SlotDecoder):
             raise GraphUnavailable(text[0] if text else type(err).__name__) from err
 
     def run(self, span: int) -> None:
-        """The static step of the first `span` slots: every one over all block_size keys, at
-        `inputs`' positions; the logits of the slots that step replace their old ones."""
+        """The step of the first `span` slots, from `inputs` to `logits`; nothing is read back
+        to the host."""
         ids, positions, stepping = self.inputs[:, :span]  # (span,) each
-        keys = self.window.block_size  # all of them: the same shapes at every position
-        step = SlotStep(slice(0, span), positions, keys, self.n_head, keys)
+        step = SlotStep(slice(0, span), positions, self.keys, self.n_head, self.keys)
         for cache in self.caches:
             cache.select(step)
         logits = self.model.step(ids[:, None], self.caches).float()  # (span, V)
-        old = self.next_logits[:span]
+        old = self.logits[:span]
         old.copy_(torch.where(stepping[:, None].bool(), logits, old))
 
-    def step(self, next_ids: dict[int, int]) -> None:
-        """One position for every slot in `next_ids`: the smallest span that covers them, run
-        as its graph (or eagerly). The other slots of the span run on id 0 at their next free
-        position (a full slot: its last, and it restarts before anything reads it) and keep
-        their logits."""
+    def __call__(self, next_ids: Mapping[int, int], lengths: Sequence[int]) -> None:
+        """One position for every slot in `next_ids` (slot -> id) after its `lengths` cached
+        ones: the smallest span that covers them, replayed (or run). The other slots of the
+        span run on id 0 at their next free position (a full slot: its last, and it restarts
+        before anything reads it) and keep their logits."""
         span = next(s for s in self.spans if s > max(next_ids))
-        last = self.window.block_size - 1
+        last = self.keys - 1
         host = [
             [next_ids.get(slot, 0) for slot in range(span)],
-            [min(self.lengths[slot], last) for slot in range(span)],
+            [min(lengths[slot], last) for slot in range(span)],
             [int(slot in next_ids) for slot in range(span)],
         ]
         self.inputs[:, :span].copy_(torch.tensor(host))  # one copy to the device per step
@@ -130,40 +130,3 @@ class GraphDecoder(SlotDecoder):
             self.graphs[span].replay()
         else:
             self.run(span)
-        for slot in next_ids:
-            self.lengths[slot] += 1
-
-    def start_batch(self, prompts: Mapping[int, Sequence[int]]) -> None:
-        for slot in prompts:
-            self.draws[slot] = 0
-        super().start_batch(prompts)
-
-    def choose(
-        self, slots: Sequence[int], controls: Controls, generator: Generators
-    ) -> torch.Tensor:
-        """With a generator per slot: `sample_seeded` on the device, each slot's seed the
-        initial seed of its generator and its count the ids drawn since its start; otherwise
-        `sample_next`'s draw."""
-        if generator is None or isinstance(generator, torch.Generator):
-            return super().choose(slots, controls, generator)
-        device = self.next_logits.device
-        seeds = torch.tensor([g.initial_seed() for g in generator], device=device)
-        counts = torch.tensor([self.draws[slot] for slot in slots], device=device)
-        for slot in slots:
-            self.draws[slot] += 1
-        return sample_seeded(self.logits(slots), *controls, seeds, counts)
-
-
-def graph_or_slot_decoder(
-    model: GPTLanguageModel, slots: int, cuda_graphs: bool | None = None, **options: Any
-) -> SlotDecoder:
-    """A `GraphDecoder` where `cuda_graphs` asks for one (None: on a CUDA device) and it can be
-    captured; else the plain `SlotDecoder`, with one line saying why when it was asked for.
-    `options`: `SlotDecoder`'s."""
-    device = next(model.parameters()).device
-    if cuda_graphs if cuda_graphs is not None else device.type == "cuda":
-        try:
-            return GraphDecoder(model, slots, **options)
-        except GraphUnavailable as why:
-            log.warning("decoding without CUDA graphs (%s): the plain step instead", why)
-    return SlotDecoder(model, slots, **options)
