@@ -6,9 +6,9 @@ The scheduler thread repeats one iteration:
 1. admit: queued sequences take free slots, and each one's prompt is read alone (a prefill);
    prompts whose log-probabilities `echo` asked for are scored first, a few windows at a time;
 2. sample: every running sequence draws its next character from its own logits with its own
-   `torch.Generator` (`chargpt.generation.sampling.sample_next`); its text goes through a
-   `StopFilter` to its request's events; a sequence that is done leaves the batch and frees its
-   slot;
+   `torch.Generator` (the decoder's `choose`); its text goes through a `StopFilter` to its
+   request's events, which the event loop gets together when the iteration ends (`Outbox`); a
+   sequence that is done leaves the batch and frees its slot;
 3. decode: one forward pass gives every continuing sequence its next logits.
 
 Requests join and leave between iterations. The engine decodes through the package's decoder
@@ -40,7 +40,16 @@ from chargpt.generation.generate import StopFilter, resolve_seed
 from chargpt.generation.sampling import Controls
 from chargpt.model import LanguageModel
 from chargpt.model.precision import autocast
-from chargpt.serve.jobs import Failure, Finish, Job, Piece, QueueFull, ShuttingDown, Submission
+from chargpt.serve.jobs import (
+    Event,
+    Failure,
+    Finish,
+    Job,
+    Piece,
+    QueueFull,
+    ShuttingDown,
+    Submission,
+)
 from chargpt.serve.metrics import ServeMetrics
 from chargpt.serve.scoring import PromptScore, TokenLogprob, token_logprobs
 
@@ -57,6 +66,36 @@ class Prompt:
     ids: list[int]
     text: str  # as echo sends it back
     score: PromptScore | None  # echo with logprobs: the prompt's own log-probabilities
+
+
+class Outbox:
+    """The events an iteration posts, handed to the event loop together once it ends: one
+    wake-up of the loop (a write to its self-pipe, a system call) per iteration rather than per
+    character. Each request's events keep their order."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[Submission, Event]] = []
+
+    def post(self, submission: Submission, event: Event) -> None:
+        self.events.append((submission, event))
+
+    def flush(self) -> None:
+        events, self.events = self.events, []
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Submission, Event]]] = {}
+        for submission, event in events:
+            by_loop.setdefault(submission.loop, []).append((submission, event))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(deliver, batch)
+            except RuntimeError:  # the event loop is closed: nobody is listening any more
+                for submission, _ in batch:
+                    submission.cancel()
+
+
+def deliver(batch: list[tuple[Submission, Event]]) -> None:
+    """In the event loop: each event to its request's queue."""
+    for submission, event in batch:
+        submission.queue.put_nowait(event)
 
 
 @dataclass(eq=False)
@@ -112,6 +151,7 @@ class Engine:
         self.admitting: Sequence | None = None  # the queued sequence being started
         self.max_batch = max_batch
         self.ended = False  # the scheduler thread has finished: stopped or broken
+        self.outbox = Outbox()  # the scheduler thread's events, sent once per iteration
         self.thread = threading.Thread(target=self.run, name="chargpt-engine", daemon=True)
 
     def start(self) -> None:
@@ -169,6 +209,7 @@ class Engine:
                     except Exception:  # a bug or an out-of-memory: fail these, keep serving
                         log.exception("engine step failed")
                         self.recover()
+                    self.outbox.flush()  # after what broke it, its errors
         except Exception:  # outside any request: the server must say it can no longer serve
             log.exception("the engine's thread ended after an error")
         finally:  # stopped, or (a bug outside any request) broken: nobody is left waiting
@@ -176,7 +217,8 @@ class Engine:
                 self.ended = True
             ending = Failure(STOPPED) if self.stopping else Failure(ENDED, 503)
             for seq in [*self.running.values(), *self.queue, *self.incoming]:
-                seq.submission.post(ending)
+                self.outbox.post(seq.submission, ending)
+            self.outbox.flush()
 
     def recover(self) -> None:
         """Fail what the broken iteration was working on; if that breaks too, forget every
@@ -186,7 +228,7 @@ class Engine:
         except Exception:
             log.exception("engine recovery failed: resetting the batch")
             for seq in self.running.values():
-                seq.submission.post(Failure(FAILED))
+                self.outbox.post(seq.submission, Failure(FAILED))
             self.running.clear()
             self.free_slots = list(range(self.max_batch))  # sorted: a valid heap
             self.admitting = None
@@ -306,10 +348,10 @@ class Engine:
         if job.logprobs is not None:
             entries, seq.held = seq.held[: len(text)], seq.held[len(text) :]
         if text:
-            seq.submission.post(Piece(seq.choice, text, entries))
+            self.outbox.post(seq.submission, Piece(seq.choice, text, entries))
         if reason is None:
             return True
-        seq.submission.post(Finish(seq.choice, reason, seq.produced))
+        self.outbox.post(seq.submission, Finish(seq.choice, reason, seq.produced))
         self.release(seq)
         return False
 
@@ -325,6 +367,6 @@ class Engine:
     def fail(self, seq: Sequence, message: str) -> None:
         """Its request gets the error first, then the sequence (and its request's others, at the
         next step) leaves."""
-        seq.submission.post(Failure(message))
+        self.outbox.post(seq.submission, Failure(message))
         seq.submission.cancel()
         self.release(seq)
