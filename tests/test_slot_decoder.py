@@ -1,7 +1,8 @@
 """Batched decoding with per-sequence positions (`SlotDecoder`, what `chargpt serve` runs): each
-slot computes what a single-sequence `CachedDecoder` computes; the lean step (active slots, keys
-in buckets) computes what the fixed-shape step computes, through few shapes; and with fixed
-shapes (`deterministic`) a slot's numbers do not depend on what the other slots hold."""
+slot computes what a single-sequence decoder (`chargpt sample`'s) computes; the masked step (busy
+slots, keys in buckets) computes what the fixed-shape step computes, through few shapes; rows at
+one position take `chargpt sample`'s lean step, bit for bit; and with fixed shapes
+(`deterministic`) a slot's numbers do not depend on what the other slots hold."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def random_ids(n: int, seed: int) -> list[int]:
 
 
 def single_sequence_logits(model, prompt: list[int], continuation: list[int]) -> list[torch.Tensor]:
-    """The next-token logits a batch-of-one CachedDecoder (`chargpt sample`) gives before each id
+    """The next-token logits a batch of one (`chargpt sample`) gives before each id
     of `continuation` and after the last, in window mode with window_keep 0.5."""
     decoder = make_decoder(model, torch.tensor([prompt]), long_context="window", window_keep=0.5)
     out = [decoder.logits[0]]
