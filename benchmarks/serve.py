@@ -39,7 +39,8 @@ without HTTP), side by side in one process, interleaved, the best of --step-repe
 the masked step), 16 rows spread over 64-244 positions (the masked step, keys up to the
 longest), 16 rows at one position (the lean step), against one row at position 160. The rows'
 lengths are restored after each step, so every repetition runs the same step. --profile adds
-torch.profiler's top operations (self CPU time) of the one-row and the spread 16-row steps.
+torch.profiler's top operations (self CPU time) of the one-row and the spread 16-row steps;
+--cpu-time times by the thread's CPU time (one thread on a shared machine).
 """
 
 from __future__ import annotations
@@ -89,6 +90,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", action="store_true", help="16-row against 1-row step times")
     parser.add_argument("--profile", action="store_true", help="--steps: torch.profiler tables")
     parser.add_argument("--step-repeats", type=int, default=30, help="--steps: the best counts")
+    parser.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="--steps: time by this thread's CPU time, not the wall clock (with --threads 1 on a "
+        "shared machine, time spent waiting for a core then does not count)",
+    )
     parser.add_argument("--levels", default="1,4,16,64", help="concurrent clients per row")
     parser.add_argument("--max-tokens", type=int, default=200, help="characters per request")
     parser.add_argument("--requests-per-client", type=int, default=2)
@@ -281,6 +288,8 @@ class StepCase:
     """A decoder with `lengths` busy slots (slot i holds lengths[i] positions), whose step of
     every busy slot can be repeated: the lengths are put back after each."""
 
+    clock = time.perf_counter
+
     def __init__(self, what: str, model: GPTLanguageModel, lengths: list[int], slots: int):
         self.what, self.times = what, []
         generator = torch.Generator().manual_seed(len(lengths))
@@ -299,13 +308,15 @@ class StepCase:
         self.decoder.lengths = lengths
 
     def timed(self) -> None:
-        start = time.perf_counter()
+        start = self.clock()
         self.step()
-        self.times.append(time.perf_counter() - start)
+        self.times.append(self.clock() - start)
 
 
 @torch.inference_mode()
 def print_step_times(config: ModelConfig, args: argparse.Namespace) -> None:
+    if args.cpu_time:
+        StepCase.clock = time.thread_time
     torch.manual_seed(0)
     model = GPTLanguageModel(config, 65).eval()
     scale = config.block_size / 256  # the positions below are the lab size's

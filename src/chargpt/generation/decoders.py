@@ -241,8 +241,8 @@ class LoopDecoder(Decoder):
 
 
 def activation_dtype(model: torch.nn.Module, device: torch.device) -> torch.dtype:
-    """The dtype the model's keys and values come out in: autocast's where it is on (this
-    process, this device), else the parameters'."""
+    """The dtype the model's keys and values come out in: autocast's where this thread has it
+    on for `device`, else the parameters'."""
     if torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return next(model.parameters()).dtype
@@ -341,7 +341,9 @@ class SlotDecoder(Decoder):
                 cache.select(step)
             logits = self.model.step(ids[:, None], self.caches)  # (R, V)
             stepped = sorted(next_ids)
-            self.set_logits(stepped, logits[[slot - rows.start for slot in stepped]])
+            if len(stepped) < len(span):  # the rows of the slots that stepped
+                logits = logits[[slot - rows.start for slot in stepped]]
+            self.set_logits(stepped, logits)
         for slot in next_ids:
             self.lengths[slot] += 1
 
@@ -392,7 +394,7 @@ def graph_or_slot_decoder(
     captured; else the plain `SlotDecoder`, with one line saying why when it was asked for.
     `options`: `SlotDecoder`'s."""
     device = next(model.parameters()).device
-    if cuda_graphs if cuda_graphs is not None else device.type == "cuda":
+    if device.type == "cuda" if cuda_graphs is None else cuda_graphs:
         try:
             return GraphDecoder(model, slots, **options)
         except GraphUnavailable as why:
