@@ -31,7 +31,7 @@ import torch
 
 from chargpt.generation.graphs import GraphUnavailable, StaticStep
 from chargpt.generation.sampling import Controls, Generators, sample_next, sample_seeded
-from chargpt.model.cache import SlotKVCache, SlotStep
+from chargpt.model.cache import KVCache, SlotKVCache, SlotStep
 
 if TYPE_CHECKING:
     from chargpt.model.base import LanguageModel
@@ -283,6 +283,8 @@ class SlotDecoder(Decoder):
         shape = (slots, c.n_head, c.block_size, c.n_embd // c.n_head)
         dtype = dtype or activation_dtype(model, device)  # the forward passes' (bf16 autocast)
         self.caches = [SlotKVCache(*shape, device, dtype) for _ in model.blocks]
+        # a span of slots as one KVCache per block, made once: the lean step's views
+        self.views: dict[range, list[KVCache]] = {}
 
     def prefill(self, slots: list[int]) -> None:
         """Fill consecutive `slots` with the keys and values of their ids, from position 0."""
@@ -325,9 +327,13 @@ class SlotDecoder(Decoder):
         if self.lockstep(next_ids):
             first, last = min(next_ids), max(next_ids)
             ids = torch.tensor([[next_ids[s]] for s in range(first, last + 1)], device=device)
-            length = self.lengths[first]
-            caches = [cache.rows(first, last + 1, length) for cache in self.caches]
-            self.set_logits(range(first, last + 1), self.model.step(ids, caches))  # (R, V)
+            span = range(first, last + 1)
+            if span not in self.views:
+                self.views[span] = [cache.rows(first, last + 1) for cache in self.caches]
+            caches = self.views[span]
+            for cache in caches:
+                cache.length = self.lengths[first]
+            self.set_logits(span, self.model.step(ids, caches))  # (R, V)
         else:
             rows, keys = self.step_shape(next_ids)
             span = range(rows.start, rows.stop)
