@@ -71,7 +71,7 @@ def decode_alone_and_beside_others(deterministic: bool, steps: int = 40) -> tupl
         rows = []
         for t in range(steps):
             decoder.append({slot: ids[slot][60 + t] for slot in range(slots)})
-            rows.append(decoder.logits[0].clone())
+            rows.append(decoder.logits([0])[0])
         return torch.stack(rows)
 
     alone, beside = run(1), run(4)

@@ -30,6 +30,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.nn import functional as F
@@ -39,7 +40,7 @@ from chargpt.data.corpus import load_text
 from chargpt.data.dataset import CharDataset
 from chargpt.data.tokenizer import CharTokenizer
 from chargpt.eval.evaluate import full_pass_loss, validation_stream
-from chargpt.generation.decoders import CachedDecoder, Decoder, window_length
+from chargpt.generation.decoders import LoopDecoder, Rows, SlotDecoder, make_decoder
 from chargpt.generation.generate import generate_ids
 from chargpt.generation.sampling import sample_next
 from chargpt.model import GPTLanguageModel
@@ -58,49 +59,53 @@ def lab_size_models() -> tuple[GPTLanguageModel, GPTLanguageModel]:
     return reference, fused
 
 
-class GeneralStepDecoder(CachedDecoder):
-    """The cached decoder before the lean step: each new id is concatenated to `idx` and its
-    position runs through the general `logits(idx, caches)` (positions, mask, transposes)."""
-
-    def append(self, idx_next: torch.Tensor) -> None:
-        self.idx = self.window.context(torch.cat([self.idx, idx_next], dim=1))
-        if self.window.has_room(self.caches[0].length):
-            self.logits = self.model.logits(idx_next, self.caches)[:, -1, :]
-        elif self.exact:
-            self.logits = self.model.logits(self.idx)[:, -1, :]
-        else:
-            self.idx = self.window.restart(self.idx)
-            self.prefill()
+StepRun = Callable[[torch.Tensor, list], torch.Tensor]  # (B, 1) ids, caches -> (B, V) logits
+MakeDecoder = Callable[[GPTLanguageModel, torch.Tensor], Rows]
 
 
-class CompiledStepDecoder(CachedDecoder):
-    """The lean step through a `torch.compile`d version of it."""
+class LockstepDecoder(SlotDecoder):
+    """Rows that step together (a batch of samples), each step through `run(ids, caches)` on
+    `KVCache` views of the rows: the variants of the decode step that the rows below compare."""
 
-    def __init__(self, model: GPTLanguageModel, idx: torch.Tensor, keep: int, step: Callable):
-        self.compiled_step = step
-        super().__init__(model, idx, exact=False, keep=keep)
+    def __init__(self, model: GPTLanguageModel, slots: int, run: StepRun, **options: Any):
+        super().__init__(model, slots, **options)
+        self.run = run
 
-    def append(self, idx_next: torch.Tensor) -> None:
-        if self.window.has_room(self.caches[0].length):
-            self.stepped.append(idx_next)
-            self.logits = self.compiled_step(idx_next, self.caches)
-        else:
-            super().append(idx_next)
-
-
-MakeDecoder = Callable[[GPTLanguageModel, torch.Tensor], Decoder]
+    def step(self, next_ids: dict[int, int]) -> None:
+        first, last = min(next_ids), max(next_ids)
+        ids = torch.tensor([[next_ids[slot]] for slot in range(first, last + 1)])  # (B, 1)
+        caches = [cache.rows(first, last + 1, self.lengths[first]) for cache in self.caches]
+        self.set_logits(range(first, last + 1), self.run(ids, caches))  # (B, V)
+        for slot in next_ids:
+            self.lengths[slot] += 1
 
 
-def cached(kind: type[CachedDecoder], exact: bool = False, keep: float = 0.5) -> MakeDecoder:
-    """`kind` of cached decoder, window mode (or exact) as `make_decoder` sets it up."""
-    return lambda model, idx: kind(model, idx, exact, window_length(model.context_length, keep))
+def general_step(model: GPTLanguageModel) -> StepRun:
+    """The cached step before the lean one: each new position through the general
+    `logits(idx, caches)` (positions, mask, transposes)."""
+    return lambda ids, caches: model.logits(ids, caches)[:, -1]
+
+
+def cached(exact: bool = False, keep: float = 0.5) -> MakeDecoder:
+    """The KV-cached decoder of `chargpt sample` (the lean step), window mode or exact."""
+    mode = "exact" if exact else "window"
+    return lambda model, idx: make_decoder(model, idx, long_context=mode, window_keep=keep)
+
+
+def stepping(step: Callable[[GPTLanguageModel], StepRun]) -> MakeDecoder:
+    """Window mode, each step through `step(model)`."""
+    return lambda model, idx: Rows(LockstepDecoder(model, idx.shape[0], step(model)), idx)
 
 
 def compiled(model: GPTLanguageModel) -> MakeDecoder:
     """Window mode, with `model.step` compiled once (on first use) for every decoder."""
     step = torch.compile(model.step)
-    keep = window_length(model.context_length, 0.5)
-    return lambda model, idx: CompiledStepDecoder(model, idx, keep, step)
+    return stepping(lambda _: step)
+
+
+def lab_loop(model: GPTLanguageModel, idx: torch.Tensor) -> Rows:
+    """The lab's loop: the whole context re-run for every character."""
+    return Rows(LoopDecoder(model, idx.shape[0]), idx)
 
 
 @dataclass
@@ -134,15 +139,15 @@ class Row:
 def speed_rows(args: argparse.Namespace) -> list[Row]:
     reference, fused = lab_size_models()
     int8 = quantized(fused, "int8")
-    lab = Decoder  # on the reference model: the lab's loop exactly
+    lab = lab_loop  # on the reference model: the lab's loop exactly
     rows = []
     for batch, chars in ((1, args.chars), (8, args.batch_chars)):
         rows += [
             Row("lab: reference, recompute", batch, chars, reference, lab, once=True),
-            Row("before: fused + KV cache", batch, chars, fused, cached(GeneralStepDecoder)),
-            Row("lean step", batch, chars, fused, cached(CachedDecoder)),
-            Row("int8, step as before", batch, chars, int8, cached(GeneralStepDecoder)),
-            Row("int8 + lean step", batch, chars, int8, cached(CachedDecoder)),
+            Row("before: fused + KV cache", batch, chars, fused, stepping(general_step)),
+            Row("lean step", batch, chars, fused, cached()),
+            Row("int8, step as before", batch, chars, int8, stepping(general_step)),
+            Row("int8 + lean step", batch, chars, int8, cached()),
         ]
         if args.compile:
             rows.append(Row("int8 + compiled step", batch, chars, int8, compiled(int8)))
@@ -150,10 +155,10 @@ def speed_rows(args: argparse.Namespace) -> list[Row]:
     rows = [
         *rows,
         Row("lab: reference, recompute", 1, long, reference, lab, once=True),
-        Row("lean: exact", 1, long, fused, cached(CachedDecoder, exact=True)),
-        Row("lean: window, keep 0.5", 1, long, fused, cached(CachedDecoder)),
-        Row("lean: window, keep 0.75", 1, long, fused, cached(CachedDecoder, keep=0.75)),
-        Row("int8 + lean: window 0.5", 1, long, int8, cached(CachedDecoder)),
+        Row("lean: exact", 1, long, fused, cached(exact=True)),
+        Row("lean: window, keep 0.5", 1, long, fused, cached()),
+        Row("lean: window, keep 0.75", 1, long, fused, cached(keep=0.75)),
+        Row("int8 + lean: window 0.5", 1, long, int8, cached()),
     ]
     if args.cpu_time:  # one thread on a shared machine: waiting for a core does not count
         for row in rows:

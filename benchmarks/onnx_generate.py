@@ -6,7 +6,7 @@
 
 Rows, measured side by side in interleaved rounds (the best round counts: the least disturbed
 on a shared machine), each the decoding loop of `chargpt sample` at temperature 1 from a
-1-character prompt: PyTorch's lean decode step (fp32, `CachedDecoder`), the same with int8
+1-character prompt: PyTorch's lean decode step (fp32, `make_decoder`), the same with int8
 weights (`--quantize int8`), and the exported graph in onnxruntime (`OnnxDecoder`, what
 `--backend onnxruntime` runs). The lab size: 6 layers, 384 wide, 6 heads, block 256,
 vocabulary 65, random weights; the text stays within block_size, so no window restarts.
@@ -28,7 +28,7 @@ from chargpt.config import ModelConfig
 from chargpt.data.tokenizer import CharTokenizer
 from chargpt.export.onnx_graph import export_model
 from chargpt.export.runtime import OnnxDecoder, OnnxModel
-from chargpt.generation.decoders import CachedDecoder, window_length
+from chargpt.generation.decoders import Rows, make_decoder
 from chargpt.generation.sampling import sample_next
 from chargpt.model import GPTLanguageModel
 from chargpt.model.quantize import quantized
@@ -57,11 +57,10 @@ def rows(config: ModelConfig, folder: Path, threads: int) -> dict[str, Decode]:
     path = folder / "model.onnx"
     export_model(model, CharTokenizer(tuple(chr(32 + i) for i in range(VOCAB))), path)
     graph = OnnxModel(path, threads=threads)
-    keep = window_length(config.block_size, 0.5)
     return {
-        "pytorch fp32 (lean step)": lambda idx: CachedDecoder(model, idx, False, keep),
-        "pytorch int8 (lean step)": lambda idx: CachedDecoder(int8, idx, False, keep),
-        "onnxruntime fp32": lambda idx: OnnxDecoder(graph, idx, False, keep),
+        "pytorch fp32 (lean step)": lambda idx: make_decoder(model, idx),
+        "pytorch int8 (lean step)": lambda idx: make_decoder(int8, idx),
+        "onnxruntime fp32": lambda idx: Rows(OnnxDecoder(graph, len(idx)), idx),
     }
 
 

@@ -5,6 +5,8 @@ the server as it runs by default, with --quantize int8 and with --deterministic,
     python benchmarks/serve.py              # the lab model size (about 5 minutes on 2 cores)
     python benchmarks/serve.py --smoke      # a tiny model and little work: checks that it runs
     python benchmarks/serve.py --agreement  # served logits against `chargpt sample`'s (seconds)
+    python benchmarks/serve.py --steps      # one decode step: 16 rows against 1 (a minute)
+    python benchmarks/serve.py --steps --profile  # ... and torch.profiler's top operations
 
 The model is the lab's size (6 layers, 384 wide, 6 heads, block 256, vocabulary 65) with random
 weights, saved as a run in a temporary directory and served by `chargpt serve` in a subprocess
@@ -26,9 +28,19 @@ the server's own single-stream rate. The server and the baseline use --threads P
 
 --agreement measures how far the server's numbers are from `chargpt sample`'s: three sequences
 at different positions share batched steps (`SlotDecoder`, 16 slots, lean and fixed shapes) past
-block_size, beside each decoded alone (the batch-of-one `CachedDecoder` that `chargpt sample`
-uses), in fp32 and in bf16 autocast; it prints the largest difference of a logit and of a
-probability. The model is the lab size with random weights, or a trained run's with --run RUN.
+block_size, beside each decoded alone (the batch of one that `chargpt sample` runs), in fp32 and
+in bf16 autocast; it prints the largest difference of a logit and of a probability. The model is
+the lab size with random weights, or a trained run's with --run RUN.
+
+--steps times one decode step of the server's decoder with 16 busy slots against the one-row
+step of `chargpt sample` (what "16 clients against sequential `chargpt sample`" comes down to,
+without HTTP), side by side in one process, interleaved, the best of --step-repeats each, on
+--threads threads: 16 rows a few positions apart (as 16 clients that started together stream;
+the masked step), 16 rows spread over 64-244 positions (the masked step, keys up to the
+longest), 16 rows at one position (the lean step), against one row at position 160. The rows'
+lengths are restored after each step, so every repetition runs the same step. --profile adds
+torch.profiler's top operations (self CPU time) of the one-row and the spread 16-row steps;
+--cpu-time times by the thread's CPU time (one thread on a shared machine).
 """
 
 from __future__ import annotations
@@ -75,6 +87,15 @@ def parse_args() -> argparse.Namespace:
         "--agreement", action="store_true", help="batched against batch-of-one numbers"
     )
     parser.add_argument("--run", type=Path, help="--agreement: a trained run's model instead")
+    parser.add_argument("--steps", action="store_true", help="16-row against 1-row step times")
+    parser.add_argument("--profile", action="store_true", help="--steps: torch.profiler tables")
+    parser.add_argument("--step-repeats", type=int, default=30, help="--steps: the best counts")
+    parser.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="--steps: time by this thread's CPU time, not the wall clock (with --threads 1 on a "
+        "shared machine, time spent waiting for a core then does not count)",
+    )
     parser.add_argument("--levels", default="1,4,16,64", help="concurrent clients per row")
     parser.add_argument("--max-tokens", type=int, default=200, help="characters per request")
     parser.add_argument("--requests-per-client", type=int, default=2)
@@ -234,7 +255,7 @@ def agreement(
             batched.start(slot, prompt)
         for t in range(steps + 1):
             for slot, decoder in enumerate(alone):
-                a, b = batched.logits[slot].float(), decoder.logits[0].float()
+                a, b = batched.logits([slot])[0], decoder.logits[0]
                 logit = max(logit, (a - b).abs().max().item())
                 prob = max(prob, (a.softmax(-1) - b.softmax(-1)).abs().max().item())
             if t == steps:
@@ -261,6 +282,69 @@ def print_agreement(config: ModelConfig, run_dir: Path | None) -> None:
             logit, prob = agreement(model, dtype, deterministic)
             shapes = "fixed (--deterministic)" if deterministic else "lean (default)"
             print(f"| {name} | {shapes} | {logit:.1e} | {prob:.1e} |")
+
+
+class StepCase:
+    """A decoder with `lengths` busy slots (slot i holds lengths[i] positions), whose step of
+    every busy slot can be repeated: the lengths are put back after each."""
+
+    clock = time.perf_counter
+
+    def __init__(self, what: str, model: GPTLanguageModel, lengths: list[int], slots: int):
+        self.what, self.times = what, []
+        generator = torch.Generator().manual_seed(len(lengths))
+        ids = [torch.randint(65, (n,), generator=generator).tolist() for n in lengths]
+        if slots == 1:  # `chargpt sample`'s decoder: a batch of one
+            self.decoder = make_decoder(model, torch.tensor(ids)).decoder
+        else:
+            self.decoder = SlotDecoder(model, slots)
+            for slot, prompt in enumerate(ids):
+                self.decoder.start(slot, prompt)
+        self.next_ids = {slot: slot % 65 for slot in range(len(lengths))}
+
+    def step(self) -> None:
+        lengths = list(self.decoder.lengths)
+        self.decoder.step(self.next_ids)
+        self.decoder.lengths = lengths
+
+    def timed(self) -> None:
+        start = self.clock()
+        self.step()
+        self.times.append(self.clock() - start)
+
+
+@torch.inference_mode()
+def print_step_times(config: ModelConfig, args: argparse.Namespace) -> None:
+    if args.cpu_time:
+        StepCase.clock = time.thread_time
+    torch.manual_seed(0)
+    model = GPTLanguageModel(config, 65).eval()
+    scale = config.block_size / 256  # the positions below are the lab size's
+    near = [round((150 + s % 5) * scale) for s in range(16)]
+    spread = [round((64 + 12 * s) * scale) for s in range(16)]
+    one = StepCase("1 row (`chargpt sample`)", model, [round(160 * scale)], 1)
+    cases = [
+        one,
+        StepCase("16 rows, a few positions apart", model, near, 16),
+        StepCase("16 rows spread over 64-244", model, spread, 16),
+        StepCase("16 rows at one position", model, [near[0]] * 16, 16),
+    ]
+    for case in cases:  # warm-up
+        case.step()
+    for _ in range(args.step_repeats):
+        for case in cases:
+            case.timed()
+    print("| step | ms (best) | x the 1-row step |\n|---|---:|---:|")
+    best = {case.what: min(case.times) for case in cases}
+    for what, seconds in best.items():
+        print(f"| {what} | {1000 * seconds:.2f} | {seconds / best[one.what]:.2f} |")
+    if args.profile:
+        for case in (one, cases[2]):
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                for _ in range(20):
+                    case.step()
+            print(f"\n{case.what}, 20 steps:")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 
 def measure(run_dir: Path, texts: list[str], args, variant: str, log: Path) -> dict[int, dict]:
@@ -321,6 +405,8 @@ def main() -> None:
     config = SMOKE if args.smoke else LAB
     if args.agreement:
         return print_agreement(config, args.run)
+    if args.steps:
+        return print_step_times(config, args)
     print(
         f"model {config.n_layer} x {config.n_embd}, block {config.block_size}; "
         f"{args.max_tokens} characters per request from {args.prompt_chars}-character "

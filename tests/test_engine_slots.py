@@ -50,13 +50,13 @@ def test_a_failed_step_fails_the_running_request_not_the_queued_one(tmp_path, mo
     run = load_run(make_run(tmp_path))
     prompt = run.tokenizer.encode("ROMEO:")
     engine = Engine(run.model, run.tokenizer, 1, 4, ServeMetrics(1))
-    append = engine.backend.append
+    append = engine.decoder.append
 
     def broken(next_ids: dict[int, int]) -> None:
-        monkeypatch.setattr(engine.backend, "append", append)  # fails once
+        monkeypatch.setattr(engine.decoder, "append", append)  # fails once
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(engine.backend, "append", broken)
+    monkeypatch.setattr(engine.decoder, "append", broken)
 
     async def events_of(submission: Submission) -> list[Event]:
         return [event async for event in submission.events()]

@@ -22,7 +22,7 @@ from chargpt.config import ModelConfig, TrainConfig
 from chargpt.export import web
 from chargpt.export.onnx_graph import CONFIG_KEY, VOCAB_KEY, export_model, fused_copy
 from chargpt.export.runtime import OnnxDecoder, OnnxModel
-from chargpt.generation.decoders import CachedDecoder, window_length
+from chargpt.generation.decoders import Rows, SlotDecoder, make_decoder
 from chargpt.model import build_model
 from chargpt.runs.directory import save_run
 
@@ -73,18 +73,44 @@ def test_decode_steps_match_the_cached_decoder_past_block_size(exported):
     ids = torch.randint(
         0, TOKENIZER.vocab_size, (2, 3 * BLOCK + 5), generator=torch.Generator().manual_seed(0)
     )
-    keep = window_length(BLOCK, 0.5)
     for exact in (False, True):
         prompt = ids[:, :5]
+        mode = "exact" if exact else "window"
         with torch.no_grad():
             ours, theirs = (
-                OnnxDecoder(graph, prompt, exact, keep),
-                CachedDecoder(model, prompt, exact, keep),
+                Rows(OnnxDecoder(graph, 2, 0.5, exact), prompt),
+                make_decoder(model, prompt, long_context=mode),
             )
             for t in range(5, ids.shape[1]):
                 np.testing.assert_allclose(ours.logits, theirs.logits, atol=TOLERANCE, rtol=0)
                 ours.append(ids[:, t : t + 1])
                 theirs.append(ids[:, t : t + 1])
+
+
+def test_onnx_slots_that_start_step_and_end_apart_match_pytorchs_slots(exported):
+    """Two slots read together (one run of pasts), then stepping apart (the run splits), one
+    freed and started again, a third joining late, all past block_size: at every step each
+    busy slot's logits are PyTorch's `SlotDecoder`'s."""
+    model, graph = fused_copy(exported[0]), exported[1]
+    ids = torch.randint(
+        0, TOKENIZER.vocab_size, (3, 4 * BLOCK), generator=torch.Generator().manual_seed(1)
+    ).tolist()
+    decoders = (OnnxDecoder(graph, 3), SlotDecoder(model, 3))
+    with torch.no_grad():
+        for decoder in decoders:
+            decoder.start_batch({0: ids[0][:4], 1: ids[1][:4]})
+        for t in range(3 * BLOCK):
+            busy = [0, 1, 2] if t >= 10 else [0, 1]
+            next_ids = {s: ids[s][4 + t] for s in busy if not (s == 1 and t % 3 == 0)}
+            for decoder in decoders:
+                if t == 10:
+                    decoder.start(2, ids[2][:9])
+                if t == 2 * BLOCK:
+                    decoder.free(1)
+                    decoder.start(1, ids[1][:5])
+                decoder.append(next_ids)
+            ours, theirs = (decoder.logits(busy) for decoder in decoders)
+            np.testing.assert_allclose(ours, theirs, atol=TOLERANCE, rtol=0)
 
 
 def test_the_graph_carries_the_vocabulary_and_config_and_checks_clean(run_and_graph):

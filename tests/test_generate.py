@@ -15,7 +15,7 @@ from model_support import BLOCK, TOKENIZER, tiny_gpt
 from chargpt.cli.main import main
 from chargpt.config import MAX_SEED, ModelConfig, TrainConfig
 from chargpt.errors import ChargptError
-from chargpt.generation.decoders import Decoder, make_decoder
+from chargpt.generation.decoders import Rows, make_decoder
 from chargpt.generation.generate import StopFilter, generate, generate_ids, stream
 from chargpt.model import BigramLanguageModel, GPTLanguageModel
 from chargpt.model.cache import KVCache
@@ -81,7 +81,7 @@ def test_fused_cache_equals_the_labs_reference_heads(model):
     assert ours.tolist() == labs.tolist()
 
 
-def teacher_forced_logits(decoder: Decoder, continuation: torch.Tensor) -> list[torch.Tensor]:
+def teacher_forced_logits(decoder: Rows, continuation: torch.Tensor) -> list[torch.Tensor]:
     """The decoder's next-token logits before each id of `continuation` (B, N) and after all."""
     out = [decoder.logits]
     for t in range(continuation.size(1)):

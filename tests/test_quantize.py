@@ -191,7 +191,7 @@ def test_the_serving_decoder_runs_an_int8_model_close_to_fp32():
         decoder.start(1, ids[:5])
         for token in ids[5:]:  # past block_size: window restarts too
             decoder.append({1: token})
-        rows.append(decoder.logits[1])
+        rows.append(decoder.logits([1])[0])
     single = make_decoder(int8, torch.tensor([ids[:5]]))
     for token in ids[5:]:
         single.append(torch.tensor([[token]]))

@@ -3,6 +3,7 @@ per-row generators make a batch reproduce one-at-a-time draws."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -62,6 +63,28 @@ def test_per_row_generators_reproduce_one_row_at_a_time():
         for i in range(5)
     ]
     assert batch.tolist() == torch.cat(alone).tolist()
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**31), st.integers(0, 5), st.sampled_from([(1.0, 0, 1.0), (0.8, 4, 0.9)]))
+def test_per_row_generators_draw_what_a_multinomial_per_row_draws(seed, skip, controls):
+    """The batched draw of per-row generators gives the ids, and leaves the generators in the
+    states, that a `torch.multinomial` call per row gives (what `chargpt sample` drew before)."""
+    logits = torch.randn(6, 30, generator=torch.Generator().manual_seed(seed))
+    ours, theirs = ([torch.Generator().manual_seed(seed + i) for i in range(6)] for _ in range(2))
+    for _ in range(skip):  # generators part-way through their streams
+        sample_next(logits, *controls, ours)
+        sample_next(logits, *controls, theirs)
+    probs = filter_logits(logits / controls[0], controls[1], controls[2]).softmax(-1)
+    expected = [torch.multinomial(p, 1, generator=g) for p, g in zip(probs, theirs, strict=True)]
+    assert sample_next(logits, *controls, ours).tolist() == torch.stack(expected).tolist()
+    assert all(torch.equal(a.get_state(), b.get_state()) for a, b in zip(ours, theirs, strict=True))
+
+
+def test_a_distribution_that_is_not_one_is_refused_as_multinomial_refuses_it():
+    generators = [torch.Generator() for _ in range(2)]
+    with pytest.raises(RuntimeError, match=r"inf.*nan.*< 0"):
+        sample_next(torch.tensor([[0.0, 1.0], [float("nan"), 0.0]]), 1.0, 0, 1.0, generators)
 
 
 logit_rows = st.lists(

@@ -14,10 +14,10 @@ import pytest
 from serve_support import BLOCK, MODEL, eventually, make_run, serving
 
 from chargpt.eval.evaluate import full_pass_loss
+from chargpt.generation.decoders import LoopDecoder
 from chargpt.generation.generate import generate
 from chargpt.model.quantize import is_quantized
 from chargpt.runs.directory import load_run
-from chargpt.serve.backends import LoopBackend
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPT = "ROMEO:\nWhat light"
@@ -310,7 +310,7 @@ def test_bigram_and_reference_runs_are_served_by_the_labs_loop(tmp_path, kind, a
     run = load_run(run_dir)
     prompts = [PROMPT, "A"]
     with serving(run_dir, dtype="fp32") as served:
-        assert isinstance(served.app.state.engine.backend, LoopBackend)
+        assert isinstance(served.app.state.engine.decoder, LoopDecoder)
         client = openai.OpenAI(base_url=served.v1, api_key="unused", max_retries=0)
         reply = client.completions.create(
             model=MODEL, prompt=prompts, n=2, max_tokens=2 * BLOCK, seed=5
@@ -334,7 +334,7 @@ def test_a_non_streaming_client_that_leaves_frees_its_slots(run_dir):
 
 def test_an_engine_failure_fails_its_requests_and_the_engine_goes_on(run_dir, monkeypatch):
     with serving(run_dir) as served:
-        backend = served.app.state.engine.backend
+        decoder = served.app.state.engine.decoder
 
         def broken(next_ids: dict[int, int]) -> None:
             monkeypatch.undo()  # fails once
@@ -342,9 +342,9 @@ def test_an_engine_failure_fails_its_requests_and_the_engine_goes_on(run_dir, mo
 
         url = served.v1 + "/completions"
         body = {"model": MODEL, "prompt": "A", "max_tokens": 5}
-        monkeypatch.setattr(backend, "append", broken)
+        monkeypatch.setattr(decoder, "append", broken)
         assert error_of(httpx.post(url, json=body), 500)["type"] == "server_error"
-        monkeypatch.setattr(backend, "append", broken)
+        monkeypatch.setattr(decoder, "append", broken)
         streamed = httpx.post(url, json={**body, "stream": True}).text.strip().split("\n\n")
         assert json.loads(streamed[-1].removeprefix("data: "))["error"]["type"] == "server_error"
         assert httpx.post(url, json=body).status_code == 200

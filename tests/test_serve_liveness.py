@@ -58,7 +58,7 @@ def server_error(response: httpx.Response, status: int = 500) -> dict:
 
 @pytest.mark.parametrize("step", ["start", "append"])
 def test_a_failing_prefill_or_append_fails_that_request_only(served, monkeypatch, step):
-    fails_once(monkeypatch, served.app.state.engine.backend, step)
+    fails_once(monkeypatch, served.app.state.engine.decoder, step)
     assert server_error(post(served, BODY))["type"] == "server_error"
     assert_alive(served)
 
@@ -73,9 +73,9 @@ def test_failing_scoring_fails_that_request_only(served, monkeypatch):
 def test_a_failing_failure_path_still_answers_and_the_engine_goes_on(served, monkeypatch):
     """Prefill breaks, then freeing the broken slot breaks too (the bigram and `reference`
     runs' KeyError of issue 19, here forced on every backend)."""
-    backend = served.app.state.engine.backend
-    fails_once(monkeypatch, backend, "start")
-    fails_once(monkeypatch, backend, "free", KeyError(0))
+    decoder = served.app.state.engine.decoder
+    fails_once(monkeypatch, decoder, "start")
+    fails_once(monkeypatch, decoder, "free", KeyError(0))
     server_error(post(served, BODY))
     assert_alive(served)
 

@@ -39,7 +39,7 @@ def test_32_concurrent_greedy_streams_equal_the_same_requests_one_at_a_time(tmp_
     run_dir = make_run(tmp_path)
     # 32 streams for 16 slots: 16 run, 16 wait
     with serving(run_dir, max_batch=16, dtype="fp32", deterministic=True) as served:
-        assert served.app.state.engine.backend.decoder.deterministic
+        assert served.app.state.engine.decoder.deterministic
         together, alone = asyncio.run(asyncio.wait_for(together_then_alone(served.v1, texts), 60))
         batch_sizes = served.app.state.metrics.batch_size.collect()[0].samples
     assert together == alone

@@ -1,7 +1,8 @@
 """Batched decoding with per-sequence positions (`SlotDecoder`, what `chargpt serve` runs): each
-slot computes what a single-sequence `CachedDecoder` computes; the lean step (active slots, keys
-in buckets) computes what the fixed-shape step computes, through few shapes; and with fixed
-shapes (`deterministic`) a slot's numbers do not depend on what the other slots hold."""
+slot computes what a single-sequence decoder (`chargpt sample`'s) computes; the masked step (busy
+slots, keys in buckets) computes what the fixed-shape step computes, through few shapes; rows at
+one position take `chargpt sample`'s lean step, bit for bit; and with fixed shapes
+(`deterministic`) a slot's numbers do not depend on what the other slots hold."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from model_support import BLOCK, TOKENIZER, tiny_gpt
 
 from chargpt.config import ModelConfig
 from chargpt.generation.decoders import KEY_BUCKET, SlotDecoder, make_decoder
+from chargpt.model.cache import KVCache
 from chargpt.model.gpt import GPTLanguageModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -23,7 +25,7 @@ def random_ids(n: int, seed: int) -> list[int]:
 
 
 def single_sequence_logits(model, prompt: list[int], continuation: list[int]) -> list[torch.Tensor]:
-    """The next-token logits a batch-of-one CachedDecoder (`chargpt sample`) gives before each id
+    """The next-token logits a batch of one (`chargpt sample`) gives before each id
     of `continuation` and after the last, in window mode with window_keep 0.5."""
     decoder = make_decoder(model, torch.tensor([prompt]), long_context="window", window_keep=0.5)
     out = [decoder.logits[0]]
@@ -49,7 +51,7 @@ def mixed_schedule(model, block: int, deterministic: bool) -> dict[int, list[tor
         for slot, join in joins.items():
             if step == join:
                 decoder.start(slot, prompts[slot])
-                seen[slot].append(decoder.logits[slot].clone())
+                seen[slot].append(decoder.logits([slot])[0])
         next_ids = {
             slot: continuations[slot][step - join]
             for slot, join in joins.items()
@@ -60,7 +62,7 @@ def mixed_schedule(model, block: int, deterministic: bool) -> dict[int, list[tor
                 decoder.free(slot)
         decoder.append(next_ids)
         for slot in next_ids:
-            seen[slot].append(decoder.logits[slot].clone())
+            seen[slot].append(decoder.logits([slot])[0])
     return {slot: (prompts[slot], continuations[slot], logits) for slot, logits in seen.items()}
 
 
@@ -95,7 +97,7 @@ def test_the_lean_step_gives_the_fixed_shape_steps_logits():
 
 
 @torch.inference_mode()
-def test_lean_steps_run_few_shapes_that_cover_every_stepping_key():
+def test_masked_steps_run_few_shapes_that_cover_every_stepping_key():
     block, slots = 4 * KEY_BUCKET, 4
     decoder = SlotDecoder(gpt_of_block(block), slots=slots)
     shapes = set()
@@ -111,12 +113,34 @@ def test_lean_steps_run_few_shapes_that_cover_every_stepping_key():
         return rows, keys
 
     decoder.step_shape = checked_step_shape  # type: ignore[method-assign]
-    for slot in range(slots):  # one sequence, then two, three, four, at different lengths
+    decoder.start(0, random_ids(1, seed=0))
+    for slot in range(1, slots):  # two sequences, then three, four, at different lengths
         decoder.start(slot, random_ids(1 + 9 * slot, seed=slot))
         for step in range(block + KEY_BUCKET):
             decoder.append({s: (step + s) % TOKENIZER.vocab_size for s in range(slot + 1)})
     assert {keys for _, keys in shapes} == set(range(KEY_BUCKET, block + 1, KEY_BUCKET))
     assert len(shapes) <= slots * block // KEY_BUCKET  # at most a bucket per number of rows
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@torch.inference_mode()
+def test_rows_at_one_position_take_the_lean_step_of_a_kv_cache_bit_for_bit(batch):
+    """A batch of samples (or one sequence) in slots 0..B-1: the prefill of all rows at once
+    and `GPTLanguageModel.step` on one `KVCache` per block, as a hand-written loop runs them
+    (what `chargpt sample` computed before the decoder interface), bit for bit."""
+    model = tiny_gpt()
+    ids = torch.randint(
+        TOKENIZER.vocab_size, (batch, BLOCK), generator=torch.Generator().manual_seed(batch)
+    )
+    caches = [KVCache(BLOCK) for _ in model.blocks]
+    expected = [model.logits(ids[:, :3], caches)[:, -1]]
+    expected += [model.step(ids[:, t : t + 1], caches) for t in range(3, BLOCK)]
+    decoder = make_decoder(model, ids[:, :3])
+    got = [decoder.logits]
+    for t in range(3, BLOCK):
+        decoder.append(ids[:, t : t + 1])
+        got.append(decoder.logits)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
 
 
 @torch.inference_mode()
@@ -129,11 +153,11 @@ def test_deterministic_slots_logits_do_not_depend_on_the_other_slots_bit_for_bit
         for slot, ids in neighbours.items():
             decoder.start(slot, ids)
         decoder.start(0, prompt)
-        rows = [decoder.logits[0].clone()]
+        rows = [decoder.logits([0])[0]]
         for step, token in enumerate(continuation):
             others = {slot: (step * slot) % TOKENIZER.vocab_size for slot in neighbours}
             decoder.append({0: token, **others})
-            rows.append(decoder.logits[0].clone())
+            rows.append(decoder.logits([0])[0])
         return torch.stack(rows)
 
     alone = run({})

@@ -46,6 +46,6 @@ def test_with_a_block_of_one_every_id_is_read_alone():
             if n + 1 < ids.shape[1]:
                 decoder.append(ids[:, n + 1 : n + 2])
         for slot_decoder in slots:
-            torch.testing.assert_close(slot_decoder.logits[1], expected[n], atol=1e-6, rtol=0)
+            torch.testing.assert_close(slot_decoder.logits([1])[0], expected[n], atol=1e-6, rtol=0)
             if n + 1 < ids.shape[1]:
                 slot_decoder.append({1: ids[0, n + 1].item()})

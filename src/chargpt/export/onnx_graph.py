@@ -6,7 +6,7 @@ as inputs and outputs (onnx, onnxscript: the `export` extra).
 
 The T ids sit at positions P..P+T-1, after the P positions whose keys and values come in `past`.
 A prefill passes P = 0 (empty pasts), a decode step T = 1 and the last step's presents as its
-pasts; P + T must not exceed block_size (the window rule of `CachedDecoder` keeps it so). The
+pasts; P + T must not exceed block_size (the decoders' window rule, `Window`, keeps it so). The
 graph is the model's own forward loop (`GPTLanguageModel.logits` with caches), traced by
 `torch.onnx.export(dynamo=True)`; the vocabulary and the model config ride in its metadata.
 """

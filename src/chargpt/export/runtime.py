@@ -6,8 +6,9 @@ through the `LanguageModel` interface (`chargpt eval --backend onnxruntime`).
     for piece in onnx_stream(model, "ROMEO:", max_new_tokens=200, temperature=0):
         print(piece.text, end="")
 
-The logits come from onnxruntime; the choice of each character is `sample_next`'s, with one
-torch.Generator per sample seeded `seed + i` as in PyTorch, so greedy text is the same text.
+The logits come from onnxruntime, through the same decoder interface as PyTorch's
+(`OnnxDecoder`: the same window rule); the choice of each character is `sample_next`'s, with
+one torch.Generator per sample seeded `seed + i` as in PyTorch, so greedy text is the same text.
 """
 
 from __future__ import annotations
@@ -25,15 +26,16 @@ from chargpt.config import ModelConfig, SampleConfig, from_dict
 from chargpt.data.tokenizer import CharTokenizer
 from chargpt.errors import ChargptError
 from chargpt.export.onnx_graph import CONFIG_KEY, FORMAT, FORMAT_KEY, VOCAB_KEY
-from chargpt.generation.decoders import window_length
+from chargpt.generation.decoders import Decoder, Rows, Window
 from chargpt.generation.generate import (
     TextPiece,
+    decode_steps,
     encode_prompt,
     resolve_seed,
     sample_config,
     text_pieces,
 )
-from chargpt.generation.sampling import sample_next
+from chargpt.generation.sampling import Controls
 from chargpt.model.base import LanguageModel
 
 Pasts = list[np.ndarray]  # past.{i}.key, past.{i}.value for each block i: (B, n_head, P, hs)
@@ -79,39 +81,61 @@ class OnnxModel:
         return logits, presents
 
 
-class OnnxDecoder:
-    """`CachedDecoder` over an `OnnxModel`: the prompt is read once, then one position per new
-    character with the presents fed back as pasts; when block_size positions are cached, `exact`
-    re-reads the last block_size ids for every new character and otherwise the cache restarts
-    from the last `keep` ids (the same window rule: the same logits as PyTorch's)."""
+class OnnxDecoder(Decoder):
+    """The `Decoder` interface over an `OnnxModel`: a prompt is read once (a prefill), then one
+    position per new character with the presents fed back as pasts, and past block_size the
+    same `Window` rule as PyTorch's (the same logits). The graph takes one past length for all
+    the rows of a run, so slots keep their pasts in runs of consecutive slots at one length
+    (those prefilled together, stepping together); a run splits where its slots part."""
 
-    def __init__(self, model: OnnxModel, idx: torch.Tensor, exact: bool, keep: int):
+    def __init__(self, model: OnnxModel, slots: int, window_keep: float = 0.5, exact: bool = False):
+        window = Window.of(model.block_size, window_keep)
+        vocab = model.tokenizer.vocab_size
+        super().__init__(slots, window, vocab, torch.device("cpu"), exact)
         self.model = model
-        self.exact = exact
-        self.keep = keep
-        self.block_size = model.block_size
-        self.idx = idx[:, -self.block_size :].numpy()  # (B, <= block_size): the last prefill's
-        self.prefill()
+        self.pasts: dict[range, Pasts] = {}  # a run of slots -> its pasts, (len(run), ...)
 
-    def prefill(self) -> None:
-        logits, self.pasts = self.model.run(self.idx, self.model.empty_pasts(len(self.idx)))
-        self.length = self.idx.shape[1]  # positions cached
-        self.logits = torch.from_numpy(logits[:, -1])  # (B, V)
-        self.stepped: list[np.ndarray] = []  # (B, 1) ids run one at a time since, not in idx
+    def prefill(self, slots: list[int]) -> None:
+        self.detach(slots)
+        run = range(slots[0], slots[-1] + 1)
+        idx = np.array([self.ids[slot] for slot in slots])  # (R, T)
+        logits, self.pasts[run] = self.model.run(idx, self.model.empty_pasts(len(slots)))
+        self.set_logits(slots, torch.from_numpy(logits[:, -1]))
+        for slot in slots:
+            self.lengths[slot] = idx.shape[1]
 
-    def append(self, idx_next: torch.Tensor) -> None:
-        """Extend every sequence by its (B, 1) next id and compute the following logits."""
-        new = idx_next.numpy()
-        if self.length < self.block_size:  # room left: run the new position alone
-            self.stepped.append(new)
-            logits, self.pasts = self.model.run(new, self.pasts)
-            self.length += 1
-            self.logits = torch.from_numpy(logits[:, -1])
-            return
-        self.idx = np.concatenate([self.idx, *self.stepped, new], axis=1)[:, -self.block_size :]
-        if not self.exact:  # full: restart the cache from the most recent `keep` ids
-            self.idx = self.idx[:, -self.keep :]
-        self.prefill()  # exact: all block_size ids again, every time (the lab's meaning)
+    def recompute(self, slots: list[int]) -> None:
+        idx = np.array([self.ids[slot] for slot in slots])  # (R, block_size), no pasts
+        logits, _ = self.model.run(idx, self.model.empty_pasts(len(slots)))
+        self.set_logits(slots, torch.from_numpy(logits[:, -1]))
+
+    def step(self, next_ids: dict[int, int]) -> None:
+        for run in [run for run in self.pasts if any(s in next_ids for s in run)]:
+            if not all(slot in next_ids for slot in run):
+                self.split(run)
+        for run in [run for run in self.pasts if run[0] in next_ids]:
+            ids = np.array([[next_ids[slot] for slot in run]]).T  # (R, 1)
+            logits, self.pasts[run] = self.model.run(ids, self.pasts[run])
+            self.set_logits(run, torch.from_numpy(logits[:, -1]))
+            for slot in run:
+                self.lengths[slot] += 1
+
+    def free(self, slot: int) -> None:
+        self.detach([slot])
+        super().free(slot)
+
+    def split(self, run: range) -> None:
+        """Give each slot of `run` its own pasts."""
+        pasts = self.pasts.pop(run)
+        for i, slot in enumerate(run):
+            self.pasts[range(slot, slot + 1)] = [past[i : i + 1] for past in pasts]
+
+    def detach(self, slots: list[int]) -> None:
+        """Forget the pasts of `slots` (their runs' other slots keep theirs)."""
+        for run in [run for run in self.pasts if any(slot in run for slot in slots)]:
+            self.split(run)
+        for slot in slots:
+            self.pasts.pop(range(slot, slot + 1), None)
 
 
 def check_fp32(quantize: str, dtype: str = "auto") -> None:
@@ -136,19 +160,14 @@ def onnx_stream(
     generators = [torch.Generator().manual_seed(seed + i) for i in range(config.num_samples)]
     # no KV cache in PyTorch re-reads the last block_size ids for each character: exact mode
     exact = config.long_context == "exact" or not config.kv_cache
-    keep = window_length(model.block_size, config.window_keep)
 
     def steps() -> Iterator[torch.Tensor]:
         if not config.max_new_tokens:
             return
-        decoder = OnnxDecoder(model, idx, exact, keep)  # reads the prompt once
-        for step in range(config.max_new_tokens):
-            idx_next = sample_next(
-                decoder.logits, config.temperature, config.top_k, config.top_p, generators
-            )  # (num_samples, 1)
-            yield idx_next
-            if step + 1 < config.max_new_tokens:  # no forward pass for an id nobody reads
-                decoder.append(idx_next)
+        decoder = OnnxDecoder(model, config.num_samples, config.window_keep, exact)
+        rows = Rows(decoder, idx)  # reads the prompt once
+        controls = Controls(config.temperature, config.top_k, config.top_p)
+        yield from decode_steps(rows, config.max_new_tokens, controls, generators)
 
     yield from text_pieces(steps(), tokenizer, config)
 

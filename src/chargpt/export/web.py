@@ -91,7 +91,7 @@ def site_metadata(run: Run, name: str) -> dict:
         "n_layer": c.n_layer,
         "n_head": c.n_head,
         "head_size": c.n_embd // c.n_head,
-        # CachedDecoder's window rule at SampleConfig's default window_keep
+        # the decoders' window rule (generation.decoders.Window) at the default window_keep
         "window_keep_ids": window_length(c.block_size, 0.5),
         "step": run.meta.get("step"),
         "val_loss": run.meta.get("best_val_loss"),

@@ -24,8 +24,8 @@ import torch
 from chargpt.config import SampleConfig, from_dict
 from chargpt.data.tokenizer import CharTokenizer, UnknownCharactersError
 from chargpt.errors import ChargptError
-from chargpt.generation.decoders import make_decoder
-from chargpt.generation.sampling import Generators, sample_next
+from chargpt.generation.decoders import Rows, make_decoder
+from chargpt.generation.sampling import Controls, Generators
 from chargpt.model import LanguageModel, eval_mode
 from chargpt.model.precision import autocast, forward_dtype
 from chargpt.model.quantize import quantized
@@ -49,17 +49,25 @@ def generate_steps(
     top_p: float = 1.0,
     **decoding: Any,
 ) -> Iterator[torch.Tensor]:
-    """Yield `max_new_tokens` sampled (B, 1) ids that continue the (B, T) ids `idx`.
-    `decoding` (kv_cache, long_context, window_keep) goes to
+    """Yield `max_new_tokens` sampled (B, 1) ids, on the CPU, that continue the (B, T) ids
+    `idx`. `decoding` (kv_cache, long_context, window_keep, cuda_graphs) goes to
     `chargpt.generation.decoders.make_decoder`."""
     if max_new_tokens == 0:
         return
-    decoder = make_decoder(model, idx, **decoding)  # reads the prompt once
+    rows = make_decoder(model, idx, **decoding)  # reads the prompts once
+    yield from decode_steps(rows, max_new_tokens, Controls(temperature, top_k, top_p), generator)
+
+
+def decode_steps(
+    rows: Rows, max_new_tokens: int, controls: Controls, generator: Generators
+) -> Iterator[torch.Tensor]:
+    """Yield `max_new_tokens` (B, 1) ids drawn from `rows`, each copied to the CPU once (the
+    text needs them there, and so does the decoder's window rule)."""
     for step in range(max_new_tokens):
-        idx_next = sample_next(decoder.logits, temperature, top_k, top_p, generator)  # (B, 1)
+        idx_next = rows.choose(controls, generator).cpu()  # (B, 1)
         yield idx_next
         if step + 1 < max_new_tokens:  # no forward pass for a token nobody will read
-            decoder.append(idx_next)
+            rows.append(idx_next)
 
 
 def generate_ids(
@@ -73,9 +81,9 @@ def generate_ids(
 ) -> torch.Tensor:
     """The lab's `generate` with a KV cache and the sampling controls: extend (B, T) `idx` by
     `max_new_tokens` sampled ids; `options` are those of `generate_steps`. Returns
-    (B, T + max_new_tokens)."""
+    (B, T + max_new_tokens), on idx's device."""
     steps = generate_steps(model, idx, max_new_tokens, temperature, top_k, generator, **options)
-    return torch.cat([idx, *steps], dim=1)
+    return torch.cat([idx, *(ids.to(idx.device) for ids in steps)], dim=1)
 
 
 def sample_config(config: SampleConfig | None = None, **controls: Any) -> SampleConfig:

@@ -73,15 +73,21 @@ class AttentionCache(Protocol):
 class SlotStep:
     """What one batched decode step reads and writes, shared by every block's `SlotKVCache`: a
     span of slots, the position of each one's new id (after its cached ones), and how many of
-    each slot's positions attention reads (`keys`: every position that counts must be below)."""
+    each slot's positions attention reads (`keys`: every position that counts must be below).
+    Device tensors only, built without reading any back: a CUDA graph can capture it."""
 
-    def __init__(self, rows: slice, lengths: torch.Tensor, keys: int):
+    def __init__(self, rows: slice, positions: torch.Tensor, keys: int, n_head: int, capacity: int):
         self.rows, self.keys = rows, keys
-        self.positions = lengths[:, None]  # (R, 1)
-        self.index = torch.arange(len(lengths), device=lengths.device)[:, None]  # (R, 1)
-        key_positions = torch.arange(keys, device=lengths.device)  # (keys,)
+        device = positions.device
+        self.positions = positions[:, None]  # (R, 1): where each row's new id goes
+        key_positions = torch.arange(keys, device=device)  # (keys,)
         # (R, 1, 1, keys): the new query at position p sees the keys at positions <= p
         self.mask = (key_positions <= self.positions[:, :, None])[:, None]
+        # where each row's new key of each head goes among the cache's (slots * n_head *
+        # capacity) positions: one index_copy_ stores all of them, (R * n_head,)
+        slots = torch.arange(rows.start, rows.start + len(positions), device=device)[:, None]
+        heads = torch.arange(n_head, device=device)[None, :]
+        self.store = ((slots * n_head + heads) * capacity + self.positions).flatten()
 
 
 class SlotKVCache:
@@ -101,34 +107,42 @@ class SlotKVCache:
     ):
         self.k = torch.zeros(slots, n_head, capacity, head_size, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
-        empty = torch.zeros(slots, dtype=torch.long, device=device)
-        self.step = SlotStep(slice(0, slots), empty, capacity)  # until the first `select`
+        self.step: SlotStep | None = None  # until the first `select`
 
     def select(self, step: SlotStep) -> None:
         """Make the next forward pass run `step`."""
         self.step = step
 
-    def row(self, slot: int) -> KVCache:
-        """Slot `slot` alone, as an empty `KVCache` that stores into this one (for a prefill)."""
+    def rows(self, start: int, stop: int, length: int = 0) -> KVCache:
+        """Slots start..stop-1 as a `KVCache` of `length` positions that stores into this one
+        (views, not copies): a prefill from position 0, or a step of rows at one position."""
         cache = KVCache(self.k.shape[2])
-        cache.k, cache.v = self.k[slot : slot + 1], self.v[slot : slot + 1]  # views, not copies
+        cache.k, cache.v = self.k[start:stop], self.v[start:stop]
+        cache.length = length
         return cache
 
     def positions(self, T: int, device: torch.device) -> torch.Tensor:
         """(R, 1): each selected slot's new id follows its own cached ones."""
         if T != 1:
             raise ValueError(f"a SlotKVCache step takes one position per slot, not {T}")
-        return self.step.positions
+        return self.selected.positions
 
     def query_mask(self, T: int, device: torch.device) -> torch.Tensor:
         """(R, 1, 1, keys): each new query sees its own slot's keys up to its position."""
-        return self.step.mask
+        return self.selected.mask
+
+    @property
+    def selected(self) -> SlotStep:
+        if self.step is None:
+            raise ValueError("select a SlotStep before running a SlotKVCache step")
+        return self.step
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store (R, n_head, 1, hs) keys and values at each selected slot's new position;
         return the first `keys` positions of each, (R, n_head, keys, hs) each (views)."""
-        step = self.step
-        keys, values = self.k[step.rows], self.v[step.rows]  # (R, n_head, capacity, hs): views
-        keys[step.index, :, step.positions] = k.transpose(1, 2)  # indexed as (R, 1, n_head, hs)
-        values[step.index, :, step.positions] = v.transpose(1, 2)
-        return keys[:, :, : step.keys], values[:, :, : step.keys]
+        step = self.selected
+        hs = self.k.shape[-1]
+        # one row of hs numbers per (slot, head): a single copy for the whole step
+        self.k.view(-1, hs).index_copy_(0, step.store, k.reshape(-1, hs).to(self.k.dtype))
+        self.v.view(-1, hs).index_copy_(0, step.store, v.reshape(-1, hs).to(self.v.dtype))
+        return self.k[step.rows, :, : step.keys], self.v[step.rows, :, : step.keys]

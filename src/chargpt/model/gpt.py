@@ -18,7 +18,7 @@ from torch.nn import functional as F
 
 from chargpt.config import ModelConfig
 from chargpt.model.base import LanguageModel
-from chargpt.model.cache import AttentionCache, KVCache
+from chargpt.model.cache import AttentionCache
 from chargpt.model.cpu_attention import chunked_causal_attention, fused_causal_attention
 from chargpt.model.layers import Rotary, RotaryAngles, make_activation, make_norm, rotate
 
@@ -190,11 +190,12 @@ class CausalSelfAttention(nn.Module):
         return self.dropout(self.proj(y))  # (B, T, C)
 
     def step(
-        self, x: torch.Tensor, cache: KVCache, rope: RotaryAngles | None = None
+        self, x: torch.Tensor, cache: AttentionCache, rope: RotaryAngles | None = None
     ) -> torch.Tensor:
-        """`forward` for one new position per row, all rows after the same cached ones:
-        (B, 1, C) -> (B, 1, C). One query sees every key (no mask), and with one position the
-        heads need no transposes."""
+        """`forward` for one new position per row: (B, 1, C) -> (B, 1, C). With one position
+        the heads need no transposes; one query needs no causal mask, only the cache's, which
+        hides each row's keys past its own position where the rows' positions differ (a
+        `SlotKVCache`; a `KVCache`'s rows share one position and need none)."""
         B, _, C = x.shape
         # (B, 1, 3C) -> q, k, v: (B, n_head, 1, hs) each
         q, k, v = self.qkv(x).view(B, 3, self.n_head, 1, C // self.n_head).unbind(1)
@@ -202,9 +203,11 @@ class CausalSelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = rotate(q, rope), rotate(k, rope)
-        k, v = cache.append(k, v)  # (B, n_head, length, hs): earlier positions too
+        mask = cache.query_mask(1, x.device)  # None, or (B, 1, 1, keys)
+        k, v = cache.append(k, v)  # (B, n_head, keys, hs): earlier positions too
         dropout_p = self.attn_dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # (B, n_head, 1, hs)
+        # (B, n_head, 1, hs)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         return self.dropout(self.proj(y.view(B, 1, C)))  # heads side by side again: (B, 1, C)
 
 
@@ -271,7 +274,7 @@ class DecoderBlock(nn.Module):
         return (x, wei) if return_weights else x
 
     def step(
-        self, x: torch.Tensor, cache: KVCache, rope: RotaryAngles | None = None
+        self, x: torch.Tensor, cache: AttentionCache, rope: RotaryAngles | None = None
     ) -> torch.Tensor:
         """`forward` for one new position per row (see `CausalSelfAttention.step`): (B, 1, C)."""
         x = x + self.sa.step(self.ln1(x), cache, rope)
@@ -341,13 +344,14 @@ class GPTLanguageModel(LanguageModel):
         pos = caches[0].positions(T, idx.device)  # (T,), or (B, T): a position per row
         return self.run_blocks(idx, pos, lambda i, block, x, rope: block(x, caches[i], rope))
 
-    def step(self, idx: torch.Tensor, caches: Sequence[KVCache]) -> torch.Tensor:
-        """`logits(idx, caches)[:, -1]` for one new id per row, all rows at the same position:
-        generation's decode step, in fewer operations (no mask, no head transposes).
+    def step(self, idx: torch.Tensor, caches: Sequence[AttentionCache]) -> torch.Tensor:
+        """`logits(idx, caches)[:, -1]` for one new id per row: generation's decode step, in
+        fewer operations (no causal mask, no head transposes). With `KVCache`s every row is at
+        the same position; with `SlotKVCache`s each row is at its own (continuous batching).
         (B, 1) -> (B, vocab_size)."""
-        position = torch.full((1,), caches[0].length, device=idx.device)  # (1,): the new one's
+        positions = caches[0].positions(1, idx.device)  # (1,), or (B, 1): the new ids'
         logits = self.run_blocks(
-            idx, position, lambda i, block, x, rope: block.step(x, caches[i], rope)
+            idx, positions, lambda i, block, x, rope: block.step(x, caches[i], rope)
         )
         return logits[:, 0]  # (B, vocab_size)
 

@@ -6,17 +6,18 @@ The scheduler thread repeats one iteration:
 1. admit: queued sequences take free slots, and each one's prompt is read alone (a prefill);
    prompts whose log-probabilities `echo` asked for are scored first, a few windows at a time;
 2. sample: every running sequence draws its next character from its own logits with its own
-   `torch.Generator` (`chargpt.generation.sampling.sample_next`); its text goes through a
-   `StopFilter` to its request's events; a sequence that is done leaves the batch and frees its
-   slot;
+   `torch.Generator` (the decoder's `choose`); its text goes through a `StopFilter` to its
+   request's events, which the event loop gets together when the iteration ends (`Outbox`); a
+   sequence that is done leaves the batch and frees its slot;
 3. decode: one forward pass gives every continuing sequence its next logits.
 
-Requests join and leave between iterations. The fused GPT decodes all running sequences in one
-pass (`chargpt.generation.decoders.SlotDecoder`: each sequence at its own position). A step runs
-the span of busy slots over the keys they need; a sequence takes the lowest free slot, which
-keeps that span short. With `deterministic`, every step runs all slots over all keys instead, so
-that a sequence's numbers never depend on the others. Bigram and `reference`-attention runs get
-the lab's decoder per sequence.
+Requests join and leave between iterations. The engine decodes through the package's decoder
+interface (`chargpt.generation.decoders`): the fused GPT decodes all running sequences in one
+pass (`SlotDecoder`: each sequence at its own position; `GraphDecoder`'s CUDA graphs on a GPU).
+A step runs the span of busy slots over the keys they need; a sequence takes the lowest free
+slot, which keeps that span short. With `deterministic`, every step runs all slots over all keys
+instead, so that a sequence's numbers never depend on the others. Bigram and
+`reference`-attention runs get the lab's loop (`LoopDecoder`).
 """
 
 from __future__ import annotations
@@ -34,12 +35,21 @@ from torch.nn import functional as F
 
 from chargpt.config import SampleConfig
 from chargpt.data.tokenizer import CharTokenizer
+from chargpt.generation.decoders import new_decoder
 from chargpt.generation.generate import StopFilter, resolve_seed
-from chargpt.generation.sampling import sample_next
+from chargpt.generation.sampling import Controls
 from chargpt.model import LanguageModel
 from chargpt.model.precision import autocast
-from chargpt.serve.backends import make_backend
-from chargpt.serve.jobs import Failure, Finish, Job, Piece, QueueFull, ShuttingDown, Submission
+from chargpt.serve.jobs import (
+    Event,
+    Failure,
+    Finish,
+    Job,
+    Piece,
+    QueueFull,
+    ShuttingDown,
+    Submission,
+)
 from chargpt.serve.metrics import ServeMetrics
 from chargpt.serve.scoring import PromptScore, TokenLogprob, token_logprobs
 
@@ -56,6 +66,36 @@ class Prompt:
     ids: list[int]
     text: str  # as echo sends it back
     score: PromptScore | None  # echo with logprobs: the prompt's own log-probabilities
+
+
+class Outbox:
+    """The events an iteration posts, handed to the event loop together once it ends: one
+    wake-up of the loop (a write to its self-pipe, a system call) per iteration rather than per
+    character. Each request's events keep their order."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[Submission, Event]] = []
+
+    def post(self, submission: Submission, event: Event) -> None:
+        self.events.append((submission, event))
+
+    def flush(self) -> None:
+        events, self.events = self.events, []
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Submission, Event]]] = {}
+        for submission, event in events:
+            by_loop.setdefault(submission.loop, []).append((submission, event))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(deliver, batch)
+            except RuntimeError:  # the event loop is closed: nobody is listening any more
+                for submission, _ in batch:
+                    submission.cancel()
+
+
+def deliver(batch: list[tuple[Submission, Event]]) -> None:
+    """In the event loop: each event to its request's queue."""
+    for submission, event in batch:
+        submission.queue.put_nowait(event)
 
 
 @dataclass(eq=False)
@@ -95,7 +135,12 @@ class Engine:
         self.device = next(model.parameters()).device
         self.dtype = dtype  # autocast's and the cache's, as `forward_dtype` picks it
         defaults = SampleConfig()  # the window rule of `chargpt sample`
-        self.backend = make_backend(model, max_batch, defaults.window_keep, dtype, deterministic)
+        # made as the engine's thread runs it: CUDA graphs are captured under its autocast
+        with torch.inference_mode(), autocast(self.device, dtype):
+            self.decoder = new_decoder(
+                model, max_batch, window_keep=defaults.window_keep, dtype=dtype,
+                deterministic=deterministic,
+            )  # fmt: skip
         self.free_slots = list(range(max_batch))  # a heap: the lowest free slot first
         self.running: dict[int, Sequence] = {}  # slot -> sequence
         self.queue: deque[Sequence] = deque()  # the scheduler's own
@@ -106,6 +151,7 @@ class Engine:
         self.admitting: Sequence | None = None  # the queued sequence being started
         self.max_batch = max_batch
         self.ended = False  # the scheduler thread has finished: stopped or broken
+        self.outbox = Outbox()  # the scheduler thread's events, sent once per iteration
         self.thread = threading.Thread(target=self.run, name="chargpt-engine", daemon=True)
 
     def start(self) -> None:
@@ -163,6 +209,7 @@ class Engine:
                     except Exception:  # a bug or an out-of-memory: fail these, keep serving
                         log.exception("engine step failed")
                         self.recover()
+                    self.outbox.flush()  # after what broke it, its errors
         except Exception:  # outside any request: the server must say it can no longer serve
             log.exception("the engine's thread ended after an error")
         finally:  # stopped, or (a bug outside any request) broken: nobody is left waiting
@@ -170,7 +217,8 @@ class Engine:
                 self.ended = True
             ending = Failure(STOPPED) if self.stopping else Failure(ENDED, 503)
             for seq in [*self.running.values(), *self.queue, *self.incoming]:
-                seq.submission.post(ending)
+                self.outbox.post(seq.submission, ending)
+            self.outbox.flush()
 
     def recover(self) -> None:
         """Fail what the broken iteration was working on; if that breaks too, forget every
@@ -180,7 +228,7 @@ class Engine:
         except Exception:
             log.exception("engine recovery failed: resetting the batch")
             for seq in self.running.values():
-                seq.submission.post(Failure(FAILED))
+                self.outbox.post(seq.submission, Failure(FAILED))
             self.running.clear()
             self.free_slots = list(range(self.max_batch))  # sorted: a valid heap
             self.admitting = None
@@ -210,7 +258,7 @@ class Engine:
         self.admit()
         next_ids = self.sample() if self.running else {}
         if next_ids:
-            self.backend.append(next_ids)
+            self.decoder.append(next_ids)
         self.metrics.queue_depth.set(self.queued + len(self.incoming))
         self.metrics.running.set(len(self.running))
 
@@ -254,30 +302,33 @@ class Engine:
             return 1
         seq.slot = heapq.heappop(self.free_slots)
         self.running[seq.slot] = seq
-        self.backend.start(seq.slot, prompt.ids)
+        self.decoder.start(seq.slot, prompt.ids)
         return min(len(prompt.ids), self.model.context_length)
 
     def sample(self) -> dict[int, int]:
         """Every running sequence samples its next character; return those that go on."""
-        groups: dict[tuple[float, int, float], list[Sequence]] = {}
+        groups: dict[Controls, list[Sequence]] = {}
         for seq in self.running.values():
             c = seq.config
-            groups.setdefault((c.temperature, c.top_k, c.top_p), []).append(seq)
+            groups.setdefault(Controls(c.temperature, c.top_k, c.top_p), []).append(seq)
         self.metrics.batch_size.observe(len(self.running))
         next_ids = {}
-        for (temperature, top_k, top_p), seqs in groups.items():
-            logits = self.backend.logits([seq.slot for seq in seqs])  # (R, V)
-            generators = [seq.generator for seq in seqs]
-            chosen = sample_next(logits, temperature, top_k, top_p, generators)[:, 0].tolist()
-            log_probs = F.log_softmax(logits.float(), dim=-1)  # (R, V): the model's own
-            for i, (seq, token) in enumerate(zip(seqs, chosen, strict=True)):
-                if self.emit(seq, token, log_probs[i : i + 1]):
+        for controls, seqs in groups.items():
+            slots = [seq.slot for seq in seqs]
+            chosen = self.decoder.choose(slots, controls, [seq.generator for seq in seqs])
+            log_probs = None
+            if any(seq.submission.job.logprobs is not None for seq in seqs):
+                # (R, V): the model's own distribution, for `logprobs`
+                log_probs = F.log_softmax(self.decoder.logits(slots).float(), dim=-1)
+            for i, (seq, token) in enumerate(zip(seqs, chosen[:, 0].tolist(), strict=True)):
+                if self.emit(seq, token, None if log_probs is None else log_probs[i : i + 1]):
                     next_ids[seq.slot] = token
         return next_ids
 
-    def emit(self, seq: Sequence, token: int, log_probs: torch.Tensor) -> bool:
+    def emit(self, seq: Sequence, token: int, log_probs: torch.Tensor | None) -> bool:
         """Pass one sampled character on (`log_probs`: its (1, V) distribution, unchanged by
-        temperature or filters, for `logprobs`); return whether the sequence goes on."""
+        temperature or filters, where the request asked for `logprobs`); return whether the
+        sequence goes on."""
         now = time.monotonic()
         if seq.produced == 0:
             self.metrics.time_to_first_character.observe(now - seq.last_time)
@@ -286,7 +337,7 @@ class Engine:
         self.metrics.characters.inc()
         seq.last_time = now
         job = seq.submission.job
-        if job.logprobs is not None:
+        if job.logprobs is not None and log_probs is not None:
             offset = len(seq.prompt.ids) + seq.produced  # counted from the prompt's start
             itos = self.tokenizer.itos
             seq.held += token_logprobs(log_probs, [token], job.logprobs, itos, offset)
@@ -299,25 +350,25 @@ class Engine:
         if job.logprobs is not None:
             entries, seq.held = seq.held[: len(text)], seq.held[len(text) :]
         if text:
-            seq.submission.post(Piece(seq.choice, text, entries))
+            self.outbox.post(seq.submission, Piece(seq.choice, text, entries))
         if reason is None:
             return True
-        seq.submission.post(Finish(seq.choice, reason, seq.produced))
+        self.outbox.post(seq.submission, Finish(seq.choice, reason, seq.produced))
         self.release(seq)
         return False
 
     def release(self, seq: Sequence) -> None:
         """Take a sequence out of the batch (nothing if it is not in it); its slot is free
-        before the backend forgets it, so that a failing `free` loses no slot."""
+        before the decoder forgets it, so that a failing `free` loses no slot."""
         if self.running.get(seq.slot) is not seq:
             return
         del self.running[seq.slot]
         heapq.heappush(self.free_slots, seq.slot)
-        self.backend.free(seq.slot)
+        self.decoder.free(seq.slot)
 
     def fail(self, seq: Sequence, message: str) -> None:
         """Its request gets the error first, then the sequence (and its request's others, at the
         next step) leaves."""
-        seq.submission.post(Failure(message))
+        self.outbox.post(seq.submission, Failure(message))
         seq.submission.cancel()
         self.release(seq)
