@@ -13,6 +13,17 @@ from chargpt.errors import ChargptError
 
 # Presets override the dataclass defaults; `auto` resolves to `gpu` on a CUDA GPU and `cpu`
 # otherwise.
+# What the `cpu` and `gpu` presets share: the recipe options that each beat the lab's own
+# (docs/recipe.md) and nanoGPT's schedule (cosine decay, beta2 0.99, clipping).
+RECIPE: dict[str, Any] = dict(
+    pos_emb="rope",
+    norm="rmsnorm",
+    optimizer="muon",
+    lr_schedule="cosine",
+    weight_decay=0.1,
+    beta2=0.99,
+    grad_clip=1.0,
+)
 PRESETS: dict[str, dict[str, Any]] = {
     # The notebook's exact settings: AdamW at a constant 3e-4, no clipping, no schedule.
     "lab": {},
@@ -22,13 +33,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # context, EMA, warmup and rates are those of chargpt.config.budget's row for the run's
     # time budget (below: five minutes'); a given --max-iters replaces the time budget.
     "cpu": dict(
+        **RECIPE,
         block_size=128,
         n_embd=128,
         n_head=4,
         n_layer=4,
         dropout=0.0,
-        pos_emb="rope",
-        norm="rmsnorm",
         batch_size=32,
         max_time="270s",
         eval_interval=200,
@@ -36,11 +46,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         learning_rate=3e-3,
         min_lr=3e-4,
         warmup_iters=100,
-        lr_schedule="cosine",
-        weight_decay=0.1,
-        beta2=0.99,
-        grad_clip=1.0,
-        optimizer="muon",
         ema_decay=0.995,
     ),
     # A CUDA GPU's, 90 seconds of wall time (start-up and evaluations included): the lab's
@@ -50,12 +55,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Dropout, EMA, warmup, rates and compilation are those of chargpt.config.budget's GPU row
     # for the run's time budget (below: 90 seconds'), which await measurement (docs/gpu.md).
     "gpu": dict(
+        **RECIPE,
         block_size=256,
         n_embd=384,
         n_head=6,
         n_layer=6,
-        pos_emb="rope",
-        norm="rmsnorm",
         batch_size=64,
         max_time="75s",
         eval_interval=250,
@@ -63,11 +67,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         learning_rate=1e-3,
         min_lr=1e-4,
         warmup_iters=100,
-        lr_schedule="cosine",
-        weight_decay=0.1,
-        beta2=0.99,
-        grad_clip=1.0,
-        optimizer="muon",
     ),
     # The lab's sizes and training settings with the `cpu` preset's options.
     "modern": dict(
