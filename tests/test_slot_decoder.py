@@ -12,6 +12,7 @@ from model_support import BLOCK, TOKENIZER, tiny_gpt
 from chargpt.config import ModelConfig
 from chargpt.generation.decoders import KEY_BUCKET, SlotDecoder, make_decoder
 from chargpt.model.gpt import GPTLanguageModel
+from chargpt.model.quantize import ROW_INDEPENDENT, quantized
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -119,9 +120,12 @@ def test_lean_steps_run_few_shapes_that_cover_every_stepping_key():
     assert len(shapes) <= slots * block // KEY_BUCKET  # at most a bucket per number of rows
 
 
+@pytest.mark.parametrize("kernels", [None, ROW_INDEPENDENT])
 @torch.inference_mode()
-def test_deterministic_slots_logits_do_not_depend_on_the_other_slots_bit_for_bit():
-    model = tiny_gpt()
+def test_deterministic_slots_logits_do_not_depend_on_the_other_slots_bit_for_bit(kernels):
+    """In fp32, and in int8 on the kernels that `chargpt serve --deterministic` keeps to (with
+    fbgemm's one input range for all rows of a product, a slot would depend on the others)."""
+    model = tiny_gpt() if kernels is None else quantized(tiny_gpt(), "int8", kernels)
     prompt, continuation = random_ids(4, seed=1), random_ids(2 * BLOCK, seed=2)
 
     def run(neighbours: dict[int, list[int]]) -> torch.Tensor:

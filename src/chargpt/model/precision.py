@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from functools import partial
 
 import torch
@@ -15,6 +14,7 @@ import torch
 from chargpt.errors import ChargptError
 from chargpt.model.base import LanguageModel
 from chargpt.model.quantize import is_quantized
+from chargpt.model.timing import fastest_seconds
 
 BOTH = (torch.float32, torch.bfloat16)
 DTYPE_NAMES = {None: None, torch.float32: "fp32", torch.bfloat16: "bf16"}  # --dtype's names
@@ -37,26 +37,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ChargptError("device mps requested but MPS is not available: use --device cpu")
     return device
-
-
-def fastest_seconds(jobs: dict[torch.dtype, Callable[[], object]], repeats: int) -> dict:
-    """The fastest of `repeats` runs of each dtype's job on one CPU thread (on a busy machine,
-    threads that wait for each other would blur the comparison), taken in turns after one
-    untimed run each (which sets the kernels up)."""
-    times: dict[torch.dtype, list[float]] = {dtype: [] for dtype in jobs}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for job in jobs.values():
-            job()
-        for _ in range(repeats):
-            for dtype, job in jobs.items():
-                start = time.perf_counter()
-                job()
-                times[dtype].append(time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(threads)
-    return {dtype: min(seconds) for dtype, seconds in times.items()}
 
 
 def matmul_seconds(size: int = 256, repeats: int = 3) -> dict[torch.dtype, float]:

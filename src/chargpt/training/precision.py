@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from chargpt.model import CausalSelfAttention
-from chargpt.model.precision import BOTH, DTYPE_NAMES, fastest_dtype, fastest_seconds, resolve_dtype
+from chargpt.model.precision import BOTH, DTYPE_NAMES, fastest_dtype, resolve_dtype
+from chargpt.model.timing import fastest_seconds
 
 CODES = tuple(DTYPE_NAMES)
 
