@@ -70,6 +70,7 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.kernels = tuple(KERNELS) if kernels is None else kernels
         self.timed_shape = timed_shape or (self.in_features, self.out_features)
+        self.kernel_by_rows: dict[int, str] = {}  # `fastest_kernel`'s answers, looked up cheaply
         # fbgemm's copy of the weights, made on first use; not state (weight_int8 is), and
         # dropped when a state dict is loaded into this layer
         self.packed: torch.ScriptObject | None = None
@@ -77,9 +78,16 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in) -> (..., out), in fp32."""
-        rows = x.reshape(-1, self.in_features).float()  # (N, in)
-        kernel = fastest_kernel(*self.timed_shape, probe_rows(len(rows)), self.kernels)
-        return KERNELS[kernel](self, rows).view(*x.shape[:-1], self.out_features)
+        rows = x.numel() // self.in_features
+        kernel = self.kernel_by_rows.get(rows) or self.choose_kernel(rows)
+        return KERNELS[kernel](self, x.float())
+
+    def choose_kernel(self, rows: int) -> str:
+        """The kernel for products of `rows` rows: `fastest_kernel`'s choice, kept per layer (a
+        decode step's forward pass makes every layer's products: the look-up must cost little)."""
+        kernel = fastest_kernel(*self.timed_shape, probe_rows(rows), self.kernels)
+        self.kernel_by_rows[rows] = kernel
+        return kernel
 
     def packed_weights(self) -> torch.ScriptObject:
         """The weights as fbgemm's prepacked int8 matrix: the same int8 values and scales."""
@@ -99,8 +107,9 @@ def forget_packed_weights(layer: Int8Linear, _incompatible_keys: object) -> None
     layer.packed = None
 
 
-def int_mm(layer: Int8Linear, rows: torch.Tensor) -> torch.Tensor:
-    """(N, in) fp32 rows -> (N, out) by `torch._int_mm`, each row rounded with its own scale."""
+def int_mm(layer: Int8Linear, x: torch.Tensor) -> torch.Tensor:
+    """(..., in) fp32 -> (..., out) by `torch._int_mm`, each row rounded with its own scale."""
+    rows = x.reshape(-1, layer.in_features)  # (N, in)
     # each row's own scale: its largest magnitude becomes 127
     row_scale = rows.abs().amax(dim=1, keepdim=True).clamp_min_(TINY) / INT8_MAX  # (N, 1)
     # a row holding inf or NaN has no scale: NaN makes all its outputs NaN, not garbage ints
@@ -113,15 +122,16 @@ def int_mm(layer: Int8Linear, rows: torch.Tensor) -> torch.Tensor:
     y.mul_(layer.weight_scale)
     if layer.bias is not None:
         y += layer.bias
-    return y
+    return y.view(*x.shape[:-1], layer.out_features)
 
 
-def fbgemm(layer: Int8Linear, rows: torch.Tensor) -> torch.Tensor:
-    """(N, in) fp32 rows -> (N, out) by PyTorch's dynamic-quantized linear (bias included)."""
-    y = torch.ops.quantized.linear_dynamic(rows, layer.packed_weights(), True)  # 7-bit inputs
-    # it rounds NaN to an int like any number: 0 x a row's sum carries a NaN or inf in the row
-    # to all its outputs (NaN), and adds nothing to the others
-    return y.add_(rows.sum(dim=1, keepdim=True), alpha=0)
+def fbgemm(layer: Int8Linear, x: torch.Tensor) -> torch.Tensor:
+    """(..., in) fp32 -> (..., out) by PyTorch's dynamic-quantized linear (bias included)."""
+    y = torch.ops.quantized.linear_dynamic(x, layer.packed_weights(), True)  # 7-bit inputs
+    # it rounds NaN to an int like any number: 0 x the inputs' sum makes every output NaN where
+    # one input is NaN or inf (rows share one range here: an inf spoils them all anyway), and
+    # adds nothing otherwise (one sum: a sum per row costs a decode step twice as much)
+    return y.add_(x.sum(), alpha=0)
 
 
 Kernel = Callable[[Int8Linear, torch.Tensor], torch.Tensor]
