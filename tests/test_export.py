@@ -149,6 +149,23 @@ def test_eval_with_onnxruntime_gives_pytorchs_loss(run_and_graph, tmp_path, caps
         assert losses[0][key] == pytest.approx(losses[1][key], abs=TOLERANCE)
 
 
+def test_cached_keys_reach_the_attention_product_through_one_transpose(run_and_graph):
+    """onnxruntime folds a Transpose that feeds a MatMul into the product; the exporter's own
+    attention reshaped the keys around it, which copied every cached key at every step."""
+    _, path = run_and_graph
+    graph = onnx.load(str(path)).graph
+    consumers = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    for i in range(2):
+        (transpose,) = consumers[f"present.{i}.key"]
+        assert transpose.op_type == "Transpose"
+        assert list(transpose.attribute[0].ints) == [0, 1, 3, 2]
+        assert [node.op_type for node in consumers[transpose.output[0]]] == ["MatMul"]
+    assert not any(node.op_type == "IsNaN" for node in graph.node)
+
+
 def test_the_session_is_the_candidate_timed_fastest(run_and_graph, monkeypatch):
     """Start-up timings faked: each candidate wins once; a thread count given is used as it is,
     with nothing timed."""

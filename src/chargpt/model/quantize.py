@@ -4,8 +4,8 @@ Every `nn.Linear` of the GPT becomes an `Int8Linear`: its weight is stored as in
 scale per output row (a quarter of the fp32 bytes, which a batch-1 decode step must read in full
 for every character), and its inputs are rounded to int8 when they arrive (dynamic
 quantization). Two kernels multiply them, and each layer runs the one that is faster on this
-machine for the number of rows it is given (`fastest_kernel`: a short timing, once per process
-and shape, never CPU flags):
+machine for about the number of rows it is given (`fastest_kernel`: a short timing of the
+model's largest layer, once per process and row count, never a reading of CPU flags):
 
 - `int_mm`: each input row rounded with its own scale, the products of int8s summed exactly in
   int32 by `torch._int_mm`, then scaled back (torchao's "int8 dynamic activation, int8 weight"
