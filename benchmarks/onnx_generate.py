@@ -2,6 +2,7 @@
 
     python benchmarks/onnx_generate.py                 # the lab model size (about 3 minutes)
     python benchmarks/onnx_generate.py --threads 1     # one thread each (a shared machine)
+    python benchmarks/onnx_generate.py --threads 1 --cpu-time  # and the process's CPU time
     python benchmarks/onnx_generate.py --quick         # smoke: a tiny model, short texts
     ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 python benchmarks/onnx_generate.py
                                                        # PyTorch as on a CPU with AVX2 only
@@ -47,28 +48,33 @@ Decode = Callable[[torch.Tensor], object]  # (B, 1) prompt -> a decoder with log
 WINDOWS = 8  # scored in one pass
 
 
-def chars_per_second(make_decoder: Decode, batch: int, chars: int) -> float:
+CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def chars_per_second(make_decoder: Decode, batch: int, chars: int, clock: str) -> float:
     """Time `chars` characters of sampling per row (prefill included), as `chargpt sample`."""
     generators = [torch.Generator().manual_seed(row) for row in range(batch)]
-    start = time.perf_counter()
+    start = CLOCK[clock]()
     with torch.inference_mode():
         decoder = make_decoder(torch.zeros(batch, 1, dtype=torch.long))
         for step in range(chars):
             idx_next = sample_next(decoder.logits, 1.0, 0, 1.0, generators)
             if step + 1 < chars:
                 decoder.append(idx_next)
-    return batch * chars / (time.perf_counter() - start)
+    return batch * chars / (CLOCK[clock]() - start)
 
 
-def windows_per_second(score: Callable[[torch.Tensor], object], block: int) -> float:
+def windows_per_second(score: Callable[[torch.Tensor], object], block: int, clock: str) -> float:
     idx = torch.randint(VOCAB, (WINDOWS, block), generator=torch.Generator().manual_seed(0))
-    start = time.perf_counter()
+    start = CLOCK[clock]()
     with torch.inference_mode():
         score(idx)
-    return WINDOWS / (time.perf_counter() - start)
+    return WINDOWS / (CLOCK[clock]() - start)
 
 
-def rows(config: ModelConfig, folder: Path, threads: int) -> dict[str, Callable[[], float]]:
+def rows(
+    config: ModelConfig, folder: Path, threads: int, clock: str
+) -> dict[str, Callable[[], float]]:
     """Each row's timing: a function that returns characters (or windows) per second."""
     torch.manual_seed(0)
     model = GPTLanguageModel(config, VOCAB).eval()
@@ -88,9 +94,10 @@ def rows(config: ModelConfig, folder: Path, threads: int) -> dict[str, Callable[
     for batch in (1, 16):
         for name, make in decode.items():
             if batch == 1 or name != "onnxruntime":
-                out[f"{name}, batch {batch}"] = partial(chars_per_second, make, batch, chars)
+                timing = partial(chars_per_second, make, batch, chars, clock)
+                out[f"{name}, batch {batch}"] = timing
     for name, scoring in (("fp32", model), ("int8", int8), ("onnxruntime", scorer)):
-        out[f"{name}, scoring"] = partial(windows_per_second, scoring.logits, block)
+        out[f"{name}, scoring"] = partial(windows_per_second, scoring.logits, block, clock)
     print(f"onnxruntime sessions: decoding {graph.settings}, scoring {scorer.onnx.settings}")
     return out
 
@@ -100,7 +107,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke: a tiny model, short texts")
     parser.add_argument("--threads", type=int, default=0, help="threads each (0: defaults)")
     parser.add_argument("--repeats", type=int, default=3, help="rounds; the best counts")
+    parser.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time by the process's CPU time (with --threads 1 on a shared machine: time spent "
+        "waiting for a core does not count)",
+    )
     args = parser.parse_args()
+    if args.cpu_time and args.threads != 1:
+        parser.error("--cpu-time adds up the CPU time of every thread: pass --threads 1")
+    clock = "cpu" if args.cpu_time else "wall"
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
@@ -111,10 +127,10 @@ def main() -> None:
         f"{platform.processor() or platform.machine()}, torch {torch.__version__} "
         f"(CPU capability {torch.backends.cpu.get_cpu_capability()}), onnxruntime "
         f"{onnxruntime.__version__}, threads: torch {torch.get_num_threads()}, onnxruntime "
-        f"{args.threads or 'timed'}; {config.block_size - 1} characters a row"
+        f"{args.threads or 'timed'}; {config.block_size - 1} characters a row; {clock} clock"
     )
     with tempfile.TemporaryDirectory() as tmp:
-        timings = rows(config, Path(tmp), args.threads)
+        timings = rows(config, Path(tmp), args.threads, clock)
         for timing in timings.values():  # warm-up: allocations, first runs, kernel timings
             timing()
         best = dict.fromkeys(timings, 0.0)
