@@ -6,6 +6,8 @@
     python benchmarks/generate.py --threads 1 --cpu-time  # on a shared machine: CPU time
     python benchmarks/generate.py --quality  # train a small model briefly: loss per context
                                              # length, and int8's full-pass val loss against fp32
+    ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 python benchmarks/generate.py ...
+                                             # as on a CPU with AVX2 only (no VNNI, no AVX512)
 
 Speed: characters per second at the `lab` model size (6 layers, 384 wide, 6 heads, block 256,
 vocabulary 65, random weights), from a 1-character prompt, sampling at temperature 1, measured
@@ -19,7 +21,8 @@ least disturbed); the lab's rows, ten times slower, run once.
 Quality: the window mode guarantees only `window_keep * block_size` characters of context after
 the cache restarts. This trains a small GPT on the bundled Shakespeare and prints its validation
 loss as a function of context length, so the cost of that shorter context is a measured number;
-then the full-pass validation loss of the same model with int8 weights against fp32.
+then the full-pass validation loss of the same model with int8 weights against fp32, on each int8
+kernel.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from chargpt.generation.decoders import LoopDecoder, Rows, SlotDecoder, make_dec
 from chargpt.generation.generate import generate_ids
 from chargpt.generation.sampling import sample_next
 from chargpt.model import GPTLanguageModel
-from chargpt.model.quantize import quantized
+from chargpt.model.quantize import KERNELS, quantized
 from chargpt.training.trainer import Trainer
 
 VOCAB = 65  # tiny Shakespeare's vocabulary
@@ -282,17 +285,21 @@ def quality(args: argparse.Namespace) -> None:
 
 
 def int8_full_pass(model: GPTLanguageModel, dataset: CharDataset) -> None:
-    """`chargpt eval`'s full pass (every validation character scored once), fp32 and int8."""
+    """`chargpt eval`'s full pass (every validation character scored once), fp32 and int8 on
+    each of its kernels (`chargpt.model.quantize.KERNELS`; the timing picks one per machine)."""
     block = model.config.block_size
     tokens, start = validation_stream(dataset, block)
+    variants = {"fp32": model}
+    variants |= {f"int8 {kernel}": quantized(model, "int8", (kernel,)) for kernel in KERNELS}
     results = {}
-    for name, variant in (("fp32", model), ("int8", quantized(model, "int8"))):
+    for name, variant in variants.items():
         begin = time.perf_counter()
         loss, count = full_pass_loss(variant, tokens, block, start)
         results[name] = loss, time.perf_counter() - begin
-    (fp32, fp32_s), (int8, int8_s) = results["fp32"], results["int8"]
-    print(f"\nfull-pass val loss ({count:,} characters): fp32 {fp32:.5f}, int8 {int8:.5f}")
-    print(f"  int8 - fp32: {int8 - fp32:+.5f} nats; the passes took {fp32_s:.1f} s, {int8_s:.1f} s")
+    fp32, fp32_s = results.pop("fp32")
+    print(f"\nfull-pass val loss ({count:,} characters): fp32 {fp32:.5f} ({fp32_s:.1f} s)")
+    for name, (loss, seconds) in results.items():
+        print(f"  {name}: {loss:.5f}, {loss - fp32:+.5f} nats, the pass took {seconds:.1f} s")
 
 
 def main() -> None:

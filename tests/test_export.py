@@ -19,12 +19,13 @@ from export_support import BLOCK, TOKENIZER, decisive_gpt, decisive_run
 
 from chargpt.cli.main import main
 from chargpt.config import ModelConfig, TrainConfig
-from chargpt.export import web
+from chargpt.export import runtime, web
 from chargpt.export.onnx_graph import CONFIG_KEY, VOCAB_KEY, export_model, fused_copy
 from chargpt.export.runtime import OnnxDecoder, OnnxModel
 from chargpt.generation.decoders import Rows, SlotDecoder, make_decoder
+from chargpt.generation.speed import Work, pytorch_job
 from chargpt.model import build_model
-from chargpt.runs.directory import save_run
+from chargpt.runs.directory import load_run, save_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TOLERANCE = 1e-4
@@ -172,6 +173,85 @@ def test_eval_with_onnxruntime_gives_pytorchs_loss(run_and_graph, tmp_path, caps
         losses.append(json.loads(capsys.readouterr().out))
     for key in ("val_loss", "estimate_train"):
         assert losses[0][key] == pytest.approx(losses[1][key], abs=TOLERANCE)
+
+
+def test_cached_keys_reach_the_attention_product_through_one_transpose(run_and_graph):
+    """onnxruntime folds a Transpose that feeds a MatMul into the product; the exporter's own
+    attention reshaped the keys around it, which copied every cached key at every step."""
+    _, path = run_and_graph
+    graph = onnx.load(str(path)).graph
+    consumers = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    for i in range(2):
+        (transpose,) = consumers[f"present.{i}.key"]
+        assert transpose.op_type == "Transpose"
+        assert list(transpose.attribute[0].ints) == [0, 1, 3, 2]
+        assert [node.op_type for node in consumers[transpose.output[0]]] == ["MatMul"]
+    assert not any(node.op_type == "IsNaN" for node in graph.node)
+
+
+def test_the_session_is_the_candidate_timed_fastest(run_and_graph, monkeypatch):
+    """Start-up timings faked: each candidate wins once; a thread count given is used as it is,
+    with nothing timed."""
+    _, path = run_and_graph
+    for fastest in runtime.CANDIDATES:
+
+        def seconds(jobs: dict, fastest=fastest, **_options: object) -> dict:
+            assert set(jobs) == set(runtime.CANDIDATES)
+            return {settings: 1.0 if settings == fastest else 2.0 for settings in jobs}
+
+        monkeypatch.setattr(runtime, "fastest_seconds", seconds)
+        graph = OnnxModel(path)
+        options = graph.session.get_session_options()
+        assert graph.settings == fastest
+        assert options.intra_op_num_threads == fastest.threads
+        spinning = options.get_session_config_entry("session.intra_op.allow_spinning")
+        assert spinning == str(int(fastest.spin))
+    monkeypatch.setattr(runtime, "fastest_seconds", None)  # not called
+    graph = OnnxModel(path, threads=2)
+    assert graph.session.get_session_options().intra_op_num_threads == 2
+
+
+@pytest.mark.parametrize("work", [Work(rows=2), Work(scoring=True)])
+def test_onnxruntime_and_pytorch_time_the_same_work(run_and_graph, work):
+    """The jobs the start-up timings compare compute the same thing: the same ids drawn from
+    the same logits after the same (zero) pasts, or the same window's logits."""
+    run, path = run_and_graph
+    graph, model = OnnxModel(path, threads=1), load_run(run, "cpu").model
+    ours, theirs = graph.job(work)(), pytorch_job(model, work)()
+    if work.scoring:
+        np.testing.assert_allclose(ours[0], theirs.numpy(), atol=TOLERANCE, rtol=0)
+        assert ours[0].shape == (1, BLOCK, TOKENIZER.vocab_size)
+    else:
+        assert torch.equal(ours, theirs) and ours.shape == (2, 1)
+
+
+@pytest.mark.parametrize("onnx_ms", [3.0, 1.0])
+def test_sample_and_eval_say_when_onnxruntime_is_slower_than_pytorch_here(
+    run_and_graph, capsys, monkeypatch, tmp_path, onnx_ms
+):
+    """One line with both start-up timings (faked here) where onnxruntime is the slower."""
+    import chargpt.generation.speed as speed
+
+    run, path = run_and_graph
+    asked = "--backend onnxruntime"
+    seconds = {asked: onnx_ms / 1000, "fp32": 0.002}
+    monkeypatch.setattr(speed, "fastest_seconds", lambda jobs, **_: seconds)
+    text = tmp_path / "text.txt"
+    text.write_text("abc def ghij\n" * 40, encoding="utf-8")
+    onnx = ["--backend", "onnxruntime", "--onnx", str(path)]
+    sample = ["sample", "--run", str(run), "--max-new-tokens", "5", *onnx]
+    evaluate = ["eval", "--run", str(run), "--data", str(text), "--eval-iters", "1", *onnx]
+    for command, unit in ((sample, "character"), (evaluate, "window")):
+        assert main(command) == 0
+        notes = [line for line in capsys.readouterr().err.splitlines() if "slower" in line]
+        note = (
+            f"note: {asked} is slower than fp32 PyTorch on this machine (3.0 vs 2.0 ms a {unit}"
+            ", timed at start-up)"
+        )
+        assert notes == ([note] if onnx_ms > 2 else [])
 
 
 def one_line_error(capsys, argv: list[str]) -> str:

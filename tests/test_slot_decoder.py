@@ -14,6 +14,7 @@ from chargpt.config import ModelConfig
 from chargpt.generation.decoders import KEY_BUCKET, SlotDecoder, make_decoder
 from chargpt.model.cache import KVCache
 from chargpt.model.gpt import GPTLanguageModel
+from chargpt.model.quantize import ROW_INDEPENDENT, quantized
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -143,9 +144,12 @@ def test_rows_at_one_position_take_the_lean_step_of_a_kv_cache_bit_for_bit(batch
     assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
 
 
+@pytest.mark.parametrize("kernels", [None, ROW_INDEPENDENT])
 @torch.inference_mode()
-def test_deterministic_slots_logits_do_not_depend_on_the_other_slots_bit_for_bit():
-    model = tiny_gpt()
+def test_deterministic_slots_logits_do_not_depend_on_the_other_slots_bit_for_bit(kernels):
+    """In fp32, and in int8 on the kernels that `chargpt serve --deterministic` keeps to (with
+    fbgemm's one input range for all rows of a product, a slot would depend on the others)."""
+    model = tiny_gpt() if kernels is None else quantized(tiny_gpt(), "int8", kernels)
     prompt, continuation = random_ids(4, seed=1), random_ids(2 * BLOCK, seed=2)
 
     def run(neighbours: dict[int, list[int]]) -> torch.Tensor:

@@ -8,18 +8,17 @@ import contextlib
 import dataclasses
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 from chargpt.config import SampleConfig
-from chargpt.data.tokenizer import CharTokenizer
 from chargpt.errors import ChargptError
 from chargpt.generation.generate import TextPiece
+from chargpt.generation.speed import Work
 from chargpt.runs.directory import Run, read_run_config, run_configs
 
 # what the `export` extra installs (onnx_ir and ml_dtypes come with onnxscript)
 EXPORT_MODULES = {"onnx", "onnxscript", "onnx_ir", "onnxruntime", "ml_dtypes"}
-Sampler = Callable[[str, SampleConfig], Iterator[TextPiece]]
 
 
 @contextlib.contextmanager
@@ -56,14 +55,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def onnx_model(args: argparse.Namespace):  # -> chargpt.export.runtime.OnnxModel
+def onnx_model(args: argparse.Namespace, work: Work):  # -> chargpt.export.runtime.OnnxModel
     """The graph of `--onnx FILE` (it must be the run's), or the run exported to a temporary
-    file first (seconds to minutes: export once with `chargpt export` to skip it)."""
+    file first (seconds to minutes: export once with `chargpt export` to skip it), in the
+    session settings that run `work` fastest here."""
     from chargpt.export.onnx_graph import export_run
     from chargpt.export.runtime import OnnxModel
 
     if args.onnx:
-        model = OnnxModel(args.onnx)
+        model = OnnxModel(args.onnx, work=work)
         check_same_model(args.run, model, Path(args.onnx))
         return model
     print(
@@ -72,7 +72,7 @@ def onnx_model(args: argparse.Namespace):  # -> chargpt.export.runtime.OnnxModel
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
         export_run(args.run, path)
-        return OnnxModel(path)  # the session holds the graph: the file may go
+        return OnnxModel(path, work=work)  # the session holds the graph: the file may go
 
 
 def check_same_model(run_dir: Path, model, path: Path) -> None:
@@ -86,16 +86,19 @@ def check_same_model(run_dir: Path, model, path: Path) -> None:
         )
 
 
-def onnxruntime_sampler(
-    args: argparse.Namespace, config: SampleConfig
-) -> tuple[CharTokenizer, Sampler]:
-    """The vocabulary and the sampling function of `chargpt sample --backend onnxruntime`."""
+def onnxruntime_sampler(args: argparse.Namespace, config: SampleConfig):
+    """The graph (an OnnxModel: its vocabulary, its `job`) and the sampling function of
+    `chargpt sample --backend onnxruntime`."""
     with export_extra():
         from chargpt.export.runtime import check_fp32, onnx_stream
 
         check_fp32(config.quantize, config.dtype)
-        model = onnx_model(args)
-    return model.tokenizer, lambda prompt, config: onnx_stream(model, prompt, config)
+        model = onnx_model(args, Work(rows=config.num_samples))
+
+    def sampler(prompt: str, config: SampleConfig) -> Iterator[TextPiece]:
+        return onnx_stream(model, prompt, config)
+
+    return model, sampler
 
 
 def onnxruntime_run(args: argparse.Namespace, run: Run) -> Run:
@@ -104,4 +107,5 @@ def onnxruntime_run(args: argparse.Namespace, run: Run) -> Run:
         from chargpt.export.runtime import OnnxLanguageModel, check_fp32
 
         check_fp32(args.quantize)
-        return dataclasses.replace(run, model=OnnxLanguageModel(onnx_model(args)))
+        model = onnx_model(args, Work(scoring=True))
+        return dataclasses.replace(run, model=OnnxLanguageModel(model))

@@ -33,9 +33,11 @@ from chargpt.eval import compare
 from chargpt.eval.counts import count_references
 from chargpt.eval.evaluate import evaluate_run
 from chargpt.generation.generate import TextPiece, encode_prompt, resolve_seed, stream
+from chargpt.generation.speed import Job, Work, pytorch_job, slower_note
+from chargpt.model.gpt import GPTLanguageModel
 from chargpt.model.precision import resolve_device
 from chargpt.model.quantize import quantized
-from chargpt.runs.directory import load_run, read_run_config
+from chargpt.runs.directory import Run, load_run, read_run_config
 from chargpt.viz.plot import plot_run
 
 
@@ -54,11 +56,16 @@ def cmd_sample(args: argparse.Namespace) -> int:
     config = from_dict(SampleConfig, given_fields(args, SampleConfig))
     config.validate()
     prompt = read_prompt(args)
+    work = Work(rows=config.num_samples)
     if args.backend == "onnxruntime":
-        tokenizer, sampler = onnxruntime_sampler(args, config)
+        graph, sampler = onnxruntime_sampler(args, config)
+        tokenizer = graph.tokenizer
+        note_if_slower("--backend onnxruntime", graph.job(work), load_run(args.run, "cpu"), work)
     else:
         run = load_run(args.run, resolve_device(args.device))
         model, tokenizer = quantized(run.model, config.quantize), run.tokenizer
+        if model is not run.model:
+            note_if_slower(f"--quantize {config.quantize}", pytorch_job(model, work), run, work)
 
         def sampler(prompt: str, config: SampleConfig) -> Iterator[TextPiece]:
             return stream(model, tokenizer, prompt, config)
@@ -80,13 +87,25 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def note_if_slower(asked: str, job: Job, fp32: Run, work: Work) -> None:
+    """One line on stderr where what the user asked for runs slower here than fp32 PyTorch."""
+    if isinstance(fp32.model, GPTLanguageModel):
+        note = slower_note(asked, job, pytorch_job(fp32.model, work), work)
+        if note:
+            print(note, file=sys.stderr)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     device = torch.device("cpu") if args.backend == "onnxruntime" else resolve_device(args.device)
-    run = load_run(args.run, device)
+    fp32 = load_run(args.run, device)
+    work = Work(scoring=True)
     if args.backend == "onnxruntime":
-        run = onnxruntime_run(args, run)
+        run = onnxruntime_run(args, fp32)
+        note_if_slower("--backend onnxruntime", run.model.onnx.job(work), fp32, work)
     else:
-        run = dataclasses.replace(run, model=quantized(run.model, args.quantize))
+        run = dataclasses.replace(fp32, model=quantized(fp32.model, args.quantize))
+        if run.model is not fp32.model:
+            note_if_slower(f"--quantize {args.quantize}", pytorch_job(run.model, work), fp32, work)
     data = args.data or run.meta.get("data") or "shakespeare"
     on_unknown = run.train_config.on_unknown  # a run fine-tuned with skip drops the same
     dataset, _, _ = load_corpus(data, args.encoding_errors, run.tokenizer, on_unknown)

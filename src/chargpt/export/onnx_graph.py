@@ -8,7 +8,8 @@ The T ids sit at positions P..P+T-1, after the P positions whose keys and values
 A prefill passes P = 0 (empty pasts), a decode step T = 1 and the last step's presents as its
 pasts; P + T must not exceed block_size (the decoders' window rule, `Window`, keeps it so). The
 graph is the model's own forward loop (`GPTLanguageModel.logits` with caches), traced by
-`torch.onnx.export(dynamo=True)`; the vocabulary and the model config ride in its metadata.
+`torch.onnx.export(dynamo=True)`, attention translated as onnxruntime runs it fastest
+(`attention`); the vocabulary and the model config ride in its metadata.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -30,6 +33,9 @@ from chargpt.data.tokenizer import CharTokenizer
 from chargpt.errors import ChargptError
 from chargpt.model.gpt import GPTLanguageModel
 from chargpt.runs.directory import load_run
+
+if TYPE_CHECKING:
+    from onnxscript import ir
 
 FORMAT = "chargpt-kv-1"  # the graph's inputs and outputs as this module's docstring describes
 # metadata keys (ONNX metadata_props, strings)
@@ -99,6 +105,39 @@ def exportable(model_config: ModelConfig) -> ModelConfig:
     return dataclasses.replace(model_config, attention="fused", dropout=0.0)
 
 
+def attention(
+    query: ir.Value,
+    key: ir.Value,
+    value: ir.Value,
+    attn_mask: ir.Value | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> ir.Value:
+    """`F.scaled_dot_product_attention` as the graph computes it (an onnxscript translation of
+    the aten op, for `GrowingCache`'s calls: a boolean mask, no dropout): softmax(q k^T / sqrt(hs)
+    + mask) v, with k^T a Transpose that feeds the MatMul directly, which onnxruntime fuses into
+    the product (torch's own translation reshapes around it: a copy of every cached key at every
+    step) and the scale a scalar that it folds in. Masked scores are the dtype's lowest, not
+    -inf: a row of queries always sees its own key, so no row is all masked."""
+    from onnxscript import ir
+    from onnxscript import opset18 as op
+
+    if dropout_p or is_causal or enable_gqa:
+        raise NotImplementedError("the exported attention takes a mask, no dropout, no GQA")
+    head_size = query.shape[-1]
+    factor = 1.0 / math.sqrt(head_size) if scale is None else scale
+    scores = op.Mul(
+        op.MatMul(query, op.Transpose(key, perm=[0, 1, 3, 2])),
+        op.Constant(value=ir.tensor(factor, dtype=query.dtype)),
+    )  # (B, n_head, T, P + T)
+    if attn_mask is not None:
+        lowest = op.Constant(value=ir.tensor(query.dtype.min, dtype=query.dtype))
+        scores = op.Where(attn_mask, scores, lowest)
+    return op.MatMul(op.Softmax(scores, axis=-1), value)  # (B, n_head, T, hs)
+
+
 def trace(model: GPTLanguageModel) -> torch.onnx.ONNXProgram:
     """The dynamo export, with batch, length and past length dynamic."""
     c = model.config
@@ -110,6 +149,7 @@ def trace(model: GPTLanguageModel) -> torch.onnx.ONNXProgram:
     ids = torch.zeros(2, 2, dtype=torch.long)
     pasts = tuple(torch.zeros(2, c.n_head, 3, head_size) for _ in range(2 * n_layer))
     shapes = ({0: batch, 1: length}, tuple({0: batch, 2: past} for _ in pasts))
+    sdpa = torch.ops.aten.scaled_dot_product_attention.default
     with quiet_exporter():
         return torch.onnx.export(
             KVGraph(model).eval(),
@@ -119,6 +159,7 @@ def trace(model: GPTLanguageModel) -> torch.onnx.ONNXProgram:
             output_names=output_names(n_layer),
             dynamic_shapes=shapes,
             opset_version=OPSET,
+            custom_translation_table={sdpa: attention},
             optimize=True,
             verbose=False,
         )

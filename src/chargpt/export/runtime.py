@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,27 +37,44 @@ from chargpt.generation.generate import (
     text_pieces,
 )
 from chargpt.generation.sampling import Controls
+from chargpt.generation.speed import Job, Work, sampled
 from chargpt.model.base import LanguageModel
+from chargpt.model.timing import fastest_seconds
 
 Pasts = list[np.ndarray]  # past.{i}.key, past.{i}.value for each block i: (B, n_head, P, hs)
 
 
+@dataclass(frozen=True)
+class SessionSettings:
+    """How an onnxruntime session runs on the CPU: `threads` intra-op threads (0: onnxruntime's
+    default, one per physical core), and whether they `spin` between operators (a quicker
+    start for the next operator, but busy cores for whatever else runs between two steps)."""
+
+    threads: int
+    spin: bool = True
+
+    def options(self) -> ort.SessionOptions:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.add_session_config_entry("session.intra_op.allow_spinning", str(int(self.spin)))
+        return options
+
+
+# the choices timed when no thread count is given: which one wins depends on the cores, on the
+# model's size and on what else the machine runs (threads that split a batch-1 step's small
+# products can cost more than they save)
+CANDIDATES = (SessionSettings(1), SessionSettings(0), SessionSettings(0, spin=False))
+
+
 class OnnxModel:
     """An exported graph in an onnxruntime CPU session, with the model config and vocabulary
-    its metadata carries. `threads`: onnxruntime's intra-op threads (0: its default)."""
+    its metadata carries. `threads`: onnxruntime's intra-op threads; 0: the fastest here of
+    `CANDIDATES`, timed on `work` (what the caller will repeat) at start-up, in `settings`."""
 
-    def __init__(self, path: str | Path, threads: int = 0):
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        try:
-            self.session = ort.InferenceSession(
-                str(path), options, providers=["CPUExecutionProvider"]
-            )
-        except Exception as err:  # onnxruntime raises its own exception types, unexported
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ChargptError(
-                f"cannot load {path} as an ONNX model ({first}): make it with chargpt export"
-            ) from None
+    def __init__(self, path: str | Path, threads: int = 0, work: Work | None = None):
+        self.settings = SessionSettings(threads) if threads else CANDIDATES[0]
+        self.session = open_session(path, self.settings)
         meta = self.session.get_modelmeta().custom_metadata_map
         if meta.get(FORMAT_KEY) != FORMAT:
             raise ChargptError(
@@ -67,10 +85,35 @@ class OnnxModel:
         self.tokenizer = CharTokenizer.from_dict(json.loads(meta[VOCAB_KEY]))
         self.past_names = [i.name for i in self.session.get_inputs()[1:]]
         self.block_size = self.config.block_size
+        if not threads:
+            self.choose_session(path, work or Work())
 
-    def empty_pasts(self, batch: int) -> Pasts:
+    def choose_session(self, path: str | Path, work: Work) -> None:
+        """Keep the session of the `CANDIDATES` that runs `work` fastest (a few tenths of a
+        second at the lab's size, sessions included)."""
+        sessions = {self.settings: self.session}
+        sessions |= {settings: open_session(path, settings) for settings in CANDIDATES[1:]}
+        jobs = {settings: self.job(work, session) for settings, session in sessions.items()}
+        seconds = fastest_seconds(jobs, repeats=5, threads=None)
+        self.settings = min(seconds, key=seconds.__getitem__)
+        self.session = sessions[self.settings]
+
+    def job(self, work: Work, session: ort.InferenceSession | None = None) -> Job:
+        """`work` once in `session` (this model's by default), as `chargpt.generation.speed`
+        times it for PyTorch: a step after half a block of positions (zeros) and the draw of
+        the next ids, or a scoring window."""
+        session = session or self.session
+        ids = np.zeros((work.rows, work.length(self.block_size)), np.int64)
+        pasts = self.empty_pasts(work.rows, work.past(self.block_size))
+        feed = {"ids": ids, **dict(zip(self.past_names, pasts, strict=True))}
+        if work.scoring:
+            return lambda: session.run(None, feed)
+        return sampled(work, lambda: torch.from_numpy(session.run(None, feed)[0][:, -1]))
+
+    def empty_pasts(self, batch: int, positions: int = 0) -> Pasts:
+        """Zero pasts of `positions` positions (none: the pasts of a prefill)."""
         c = self.config
-        shape = (batch, c.n_head, 0, c.n_embd // c.n_head)
+        shape = (batch, c.n_head, positions, c.n_embd // c.n_head)
         return [np.zeros(shape, np.float32) for _ in self.past_names]
 
     def run(self, ids: np.ndarray, pasts: Pasts) -> tuple[np.ndarray, Pasts]:
@@ -79,6 +122,19 @@ class OnnxModel:
         feed["ids"] = ids.astype(np.int64, copy=False)
         logits, *presents = self.session.run(None, feed)
         return logits, presents
+
+
+def open_session(path: str | Path, settings: SessionSettings) -> ort.InferenceSession:
+    """`path` in an onnxruntime CPU session; a file that is not a model is a one-line error."""
+    try:
+        return ort.InferenceSession(
+            str(path), settings.options(), providers=["CPUExecutionProvider"]
+        )
+    except Exception as err:  # onnxruntime raises its own exception types, unexported
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ChargptError(
+            f"cannot load {path} as an ONNX model ({first}): make it with chargpt export"
+        ) from None
 
 
 class OnnxDecoder(Decoder):

@@ -8,8 +8,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from functools import partial
 
 import torch
@@ -17,6 +16,7 @@ import torch
 from chargpt.errors import ChargptError
 from chargpt.model.base import LanguageModel
 from chargpt.model.quantize import is_quantized
+from chargpt.model.timing import fastest_seconds
 
 CPU = torch.device("cpu")
 BOTH = (torch.float32, torch.bfloat16)  # what a CPU's probe times
@@ -50,37 +50,6 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def synchronize(device: torch.device) -> None:
-    """Wait for the work queued on `device` (a GPU runs asynchronously; a CPU does not)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def fastest_seconds(
-    jobs: dict[torch.dtype, Callable[[], object]], repeats: int, device: torch.device = CPU
-) -> dict:
-    """The fastest of `repeats` runs of each dtype's job, taken in turns after one untimed run
-    each (which sets the kernels up): on a CPU on one thread (on a busy machine, threads that
-    wait for each other would blur the comparison), on a GPU waiting for each job to end."""
-    times: dict[torch.dtype, list[float]] = {dtype: [] for dtype in jobs}
-    threads = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(1)
-    try:
-        for job in jobs.values():
-            job()
-        synchronize(device)
-        for _ in range(repeats):
-            for dtype, job in jobs.items():
-                start = time.perf_counter()
-                job()
-                synchronize(device)
-                times[dtype].append(time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(threads)
-    return {dtype: min(seconds) for dtype, seconds in times.items()}
-
-
 def matmul_seconds(
     size: int = 256,
     repeats: int = 3,
@@ -90,7 +59,7 @@ def matmul_seconds(
     """Seconds of a (size x size) @ (size x size) product on `device` in each of `dtypes`."""
     matrices = {dtype: torch.randn(size, size, device=device).to(dtype) for dtype in dtypes}
     jobs = {dtype: partial(torch.matmul, a, a) for dtype, a in matrices.items()}
-    return fastest_seconds(jobs, repeats, device)
+    return fastest_seconds(jobs, repeats, device=device)
 
 
 @functools.cache

@@ -18,7 +18,7 @@ import uvicorn
 from chargpt.config import ServeConfig
 from chargpt.errors import ChargptError
 from chargpt.model.precision import resolve_device
-from chargpt.model.quantize import quantized
+from chargpt.model.quantize import ROW_INDEPENDENT, quantized
 from chargpt.runs.directory import load_run
 from chargpt.serve.app import create_app
 from chargpt.serve.middleware import is_loopback, url_host
@@ -48,7 +48,9 @@ def serve(run_dir: Path, settings: ServeConfig) -> int:
     if settings.threads:
         torch.set_num_threads(settings.threads)
     run = load_run(run_dir, resolve_device(settings.device))
-    run = dataclasses.replace(run, model=quantized(run.model, settings.quantize))
+    # --deterministic: kernels whose rows never depend on the other rows of a step
+    kernels = ROW_INDEPENDENT if settings.deterministic else None
+    run = dataclasses.replace(run, model=quantized(run.model, settings.quantize, kernels))
     app = create_app(run, run_dir, settings)
     listener = bind(settings.host, settings.port)
     config = uvicorn.Config(

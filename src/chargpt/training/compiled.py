@@ -8,7 +8,8 @@ import time
 import torch
 from torch import nn
 
-from chargpt.model.precision import autocast, synchronize
+from chargpt.model.precision import autocast
+from chargpt.model.timing import synchronize
 from chargpt.training.precision import TrainingPrecision
 
 

@@ -18,9 +18,9 @@ from chargpt.model.precision import (
     DTYPE_NAMES,
     PROBED,
     bf16_is_fast,
-    fastest_seconds,
     resolve_dtype,
 )
+from chargpt.model.timing import fastest_seconds
 
 CODES = tuple(DTYPE_NAMES)
 

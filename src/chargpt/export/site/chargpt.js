@@ -1,6 +1,6 @@
 // chargpt in the browser: the exported graph (model.onnx) run by onnxruntime-web, with the
-// decoding loop of chargpt.generation (a KV cache, CachedDecoder's window rule) and its sampling
-// controls. Nothing is fetched from outside this folder.
+// decoding loop of chargpt.generation (a KV cache, the Window rule of generation.decoders) and
+// its sampling controls. Nothing is fetched from outside this folder.
 //
 // API (docs/export.md):
 //   await window.chargpt.ready                       -> model.json (vocabulary, config)
