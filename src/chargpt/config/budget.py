@@ -50,19 +50,18 @@ class BudgetRow:
         return {k: v for k, v in asdict(self).items() if k != "up_to_seconds"}
 
 
-# measured on 2 cores of an AMD EPYC (docs/recipe.md): at 90 s of wall time, a smaller model
-# (3 x 96 beat 4 x 128 by 0.02 over three seeds, natively and emulating AVX2), many small steps
-# and no average; from 5 minutes on, the five-minute ablation's settings (at 15 minutes, batch
-# 64 with a slower average tied with them, and weight decay 0.5 lost)
+# measured on 2 cores of an AMD EPYC (docs/recipe.md, benchmarks/budget.py): at 90 s of wall
+# time, a smaller model, many small steps and no average; from 5 minutes on, the five-minute
+# ablation's settings
 CPU_TABLE = (
     BudgetRow(150, 3, 96, 16, 64, 0.0, 30, 3e-3, 0.02),
     BudgetRow(math.inf, 4, 128, 32, 128, 0.995, 100, 3e-3, 0.02),
 )
 # NOT MEASURED YET: these rows await a GPU (benchmarks/gpu.sh, docs/gpu.md). Chosen from what is
-# known: nanoGPT's shakespeare_char (6 x 384, batch 64 x 256, dropout 0.2, lr 1e-3, warmup 100)
-# reaches its best val, 1.4695, at step 1,750 and overfits after, at ~12 ms a step on an H200;
-# Muon, rotary positions, RMSNorm and EMA each helped on CPUs (docs/recipe.md). So the lab's
-# size throughout; in a 30- or 45-second run (under 40 s of training, ~2,000 steps) less
+# known (docs/gpu.md): nanoGPT's shakespeare_char settings (6 x 384, batch 64 x 256, dropout
+# 0.2, lr 1e-3, warmup 100) reach their best val in under 2,000 steps and overfit after; Muon,
+# rotary positions, RMSNorm and EMA each helped on CPUs (docs/recipe.md). So the lab's size
+# throughout; in a 30- or 45-second run (under 40 s of training, ~2,000 steps) less
 # dropout and no average, which lags early; in a 90-second one nanoGPT's dropout and a short
 # average; compiled only from 3 minutes on, where its compile time (tens of seconds on a cold
 # cache) can pay back.

@@ -10,7 +10,7 @@ backward pass); a block of rows meets only the keys it may see, which skips most
 the causal mask zeroes; and the dropout mask comes from `torch.rand`, three times cheaper.
 
 Without dropout the fused kernel is fast, except its bf16 backward pass on some CPUs with fast
-bf16 matmuls (2-3x slower than fp32's on an AVX512-BF16 EPYC): there training runs it in fp32.
+bf16 matmuls (measured slower than fp32's at start-up): there training runs it in fp32.
 """
 
 from __future__ import annotations

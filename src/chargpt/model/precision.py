@@ -159,9 +159,9 @@ def tf32_matmuls(device: torch.device) -> Iterator[None]:
 def forward_dtype(model: LanguageModel, name: str, device: torch.device) -> torch.dtype:
     """The autocast dtype of `model`'s sampling and scoring passes: fp32 for an int8 model (its
     products are int8 already; autocast would only add casts around them) and for `auto` on a
-    CPU (autocast casts every fp32 weight to bf16 again at each step: 6.9 against 4.1 ms per
-    character at the lab size, batch 1, on a CPU with AVX512-BF16), else `resolve_dtype`'s (on
-    a GPU that emulates bf16, fp16)."""
+    CPU (autocast casts every fp32 weight to bf16 again at each step, which costs more than
+    bf16 saves at a decode step's few rows; docs/generation.md), else `resolve_dtype`'s (on a
+    GPU that emulates bf16, fp16)."""
     if is_quantized(model) or (name == "auto" and device.type == "cpu"):
         return torch.float32
     return resolve_dtype(name, device)

@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic_core import to_json
 
-PIECE = 2048  # list items per call: ~3 ms for logprobs entries with 5 alternatives
+PIECE = 2048  # list items per call: a few milliseconds for logprobs entries with 5 alternatives
 
 
 def json_list(values: list[Any]) -> bytes:

@@ -39,7 +39,7 @@ def attention_seconds(shape: tuple[int, ...] = (8, 4, 64, 32), repeats: int = 3)
 @functools.cache
 def cpu_bf16_attention_speedup() -> float:
     """The same for training's fused attention, measured once per process: on CPUs where bf16
-    matmuls are fast, its bf16 backward pass can still be 2-3x slower than fp32's."""
+    matmuls are fast, its bf16 backward pass can still be slower than fp32's."""
     seconds = attention_seconds()
     return seconds[torch.float32] / seconds[torch.bfloat16]
 
