@@ -1,7 +1,7 @@
 """Multi-process training through torchrun + DistributedDataParallel (gloo, on CPU).
 
 Each torchrun start-up costs seconds, so the runs are shared: tests that only read a run's
-results take it from a module fixture (the module runs on one xdist worker, see `pytestmark`),
+results take it from a module fixture (a file's tests run on one xdist worker: --dist loadfile),
 and single-process runs happen in this process."""
 
 import json
@@ -34,8 +34,6 @@ TOLERANCE = 1e-5
 # the schedule of 8 steps from the start, so that 4 + 4 steps of a resumed run follow it as 8
 # straight steps do
 SCHEDULE = ["--warmup-iters", "4", "--lr-decay-iters", "8"]
-
-pytestmark = pytest.mark.xdist_group("distributed")  # one worker computes the shared runs
 
 
 def chargpt(*args: str, launcher: tuple[str, ...] = ()) -> subprocess.Popen:
