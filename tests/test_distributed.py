@@ -69,7 +69,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     """Eight steps in one process, accumulating two micro-batches a step: what two processes
-    with one micro-batch each must reproduce."""
+    with one micro-batch each must reproduce, and the run that fine-tuning starts from."""
     run = tmp_path_factory.mktemp("single") / "run"
     assert main(["train", "--out", str(run), *TINY, *SCHEDULE, "--grad-accum", "2"]) == 0
     return run
@@ -110,14 +110,6 @@ def test_two_nodes_on_localhost(two_nodes):
     out, _ = two_nodes
     assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").open())] == [0, 4, 8]
     load_run(out)
-
-
-def test_a_two_process_run_resumes_in_one_process_on_the_same_batches(tmp_path, single):
-    ddp = tmp_path / "ddp"
-    half = [*TINY, "--max-iters", "4"]  # the later flag wins
-    finish(chargpt("train", "--out", str(ddp), *half, *SCHEDULE, launcher=TWO_PROCESSES))
-    assert main(["train", "--resume", str(ddp), "--max-iters", "8"]) == 0
-    assert max_weight_difference(ddp, single) < TOLERANCE
 
 
 # chargpt's command line, counting this process's gloo threads (listed in Linux's /proc) as it
@@ -197,12 +189,18 @@ def test_two_processes_agree_on_the_end_of_a_time_budget(tmp_path):
     assert last["elapsed"] > 1.5  # rank 0's own clock; the agreed one (the largest) reached 2
 
 
-def test_two_processes_fine_tune_as_one_process_accumulating_two(tmp_path, single):
+def test_a_two_process_fine_tune_resumes_in_one_process_as_one_process_accumulating_two(
+    tmp_path, single
+):
     """`--init-from` under torchrun: every process starts from the run's weights, resized to
-    the joined vocabulary the same way."""
+    the joined vocabulary the same way; and the two-process run, stopped at step 4, resumes in
+    one process on the same batches, ending where one process accumulating two micro-batches
+    does in 8 steps."""
     ddp, alone = tmp_path / "ddp", tmp_path / "alone"
-    tune = [*TINY, "--init-from", str(single), "--data", "cartas", "--warmup-iters", "2"]
-    finish(chargpt("train", "--out", str(ddp), *tune, launcher=TWO_PROCESSES))
+    tune = [*TINY, "--init-from", str(single), "--data", "cartas", *SCHEDULE]
+    half = [*tune, "--max-iters", "4"]  # the later flag wins
+    finish(chargpt("train", "--out", str(ddp), *half, launcher=TWO_PROCESSES))
+    assert main(["train", "--resume", str(ddp), "--max-iters", "8"]) == 0
     assert main(["train", "--out", str(alone), *tune, "--grad-accum", "2"]) == 0
     assert max_weight_difference(ddp, alone) < TOLERANCE
     assert load_run(ddp).tokenizer.vocab_size == load_run(single).tokenizer.vocab_size + 11
