@@ -146,7 +146,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--batch-size", type=int, help="override the presets' batch size")
     parser.add_argument(
-        "--quick", action="store_true", help="smoke test: batch 2, one round of one step"
+        "--quick",
+        action="store_true",
+        help="smoke test: batch 2, one round of one step, a small matmul for the peak",
     )
     parser.add_argument("--compile", action="store_true", help="add torch.compile variants")
     parser.add_argument(
@@ -173,9 +175,10 @@ def main() -> None:
         variants.append(
             Variant(f"fused {'bf16' if use_bf16 else 'fp32'} compiled", "fused", best, compile=True)
         )
-    peaks = {torch.float32: matmul_peak(device, torch.float32)}
+    n = 512 if args.quick else 2048  # the peak's matmul size
+    peaks = {torch.float32: matmul_peak(device, torch.float32, n)}
     if use_bf16:
-        peaks[torch.bfloat16] = matmul_peak(device, torch.bfloat16)
+        peaks[torch.bfloat16] = matmul_peak(device, torch.bfloat16, n)
     print(
         f"device {device}; matmul peak: "
         + ", ".join(

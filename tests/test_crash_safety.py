@@ -39,18 +39,25 @@ def tiny_trainer(out: Path) -> Trainer:
     return Trainer(model, train, CharDataset.from_text(text, tokenizer), tokenizer, out)
 
 
-def save_forever(trainer: Trainer) -> None:
-    """Save checkpoints as fast as possible; every weight of save k is k, so that a loader can
-    tell whether the weights and the step and loss stored with them belong together."""
-    k = trainer.step
+def save_filled(trainer: Trainer, k: int) -> None:
+    """Save k: every weight is k, so that a loader can tell whether the weights and the step and
+    loss stored with them belong together."""
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.fill_(k)
+    trainer.step, trainer.best_val_loss, trainer.best_step = k, float(k), k
+    trainer.save()
+    trainer.save_last()
+
+
+def save_forever(trainer: Trainer, saved_once: int) -> None:
+    """Save checkpoints as fast as possible, writing a byte to the pipe `saved_once` when the
+    first is on disk."""
+    save_filled(trainer, trainer.step + 1)
+    os.write(saved_once, b".")
+    os.close(saved_once)
     while True:
-        k += 1
-        with torch.no_grad():
-            for p in trainer.model.parameters():
-                p.fill_(k)
-        trainer.step, trainer.best_val_loss, trainer.best_step = k, float(k), k
-        trainer.save()
-        trainer.save_last()
+        save_filled(trainer, trainer.step + 1)
 
 
 def check_loadable(run_dir: Path) -> dict[str, int]:
@@ -74,15 +81,22 @@ def test_sigkill_while_saving_always_leaves_a_loadable_run(tmp_path: Path) -> No
     torn_writes = stale_configs = 0
     steps = []
     for _ in range(KILL_TRIALS):
+        saved_once, written = os.pipe()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # fork of a threaded process
             pid = os.fork()
         if pid == 0:  # the child saves until it is killed
             try:
-                save_forever(trainer)
+                os.close(saved_once)
+                save_forever(trainer, written)
             finally:
                 os._exit(1)
-        time.sleep(rng.uniform(0.0, 0.25))
+        os.close(written)
+        # from its first save on, the child saves back to back: a kill a few saves later lands
+        # anywhere in one (the trained checkpoint before it does not hold weights equal to steps)
+        os.read(saved_once, 1)
+        os.close(saved_once)
+        time.sleep(rng.uniform(0.0, 0.05))
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         torn_writes += any(tmp_path.glob(".*.tmp"))  # killed in the middle of a write

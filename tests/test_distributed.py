@@ -1,4 +1,8 @@
-"""Multi-process training through torchrun + DistributedDataParallel (gloo, on CPU)."""
+"""Multi-process training through torchrun + DistributedDataParallel (gloo, on CPU).
+
+Each torchrun start-up costs seconds, so the runs are shared: tests that only read a run's
+results take it from a module fixture (a file's tests run on one xdist worker: --dist loadfile),
+and single-process runs happen in this process."""
 
 import json
 import os
@@ -6,6 +10,7 @@ import re
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +31,9 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 TWO_PROCESSES = (*TORCHRUN, "--standalone", "--nproc_per_node", "2")
 # The same sums in another order: gradients are averaged over processes instead of micro-batches.
 TOLERANCE = 1e-5
+# the schedule of 8 steps from the start, so that 4 + 4 steps of a resumed run follow it as 8
+# straight steps do
+SCHEDULE = ["--warmup-iters", "4", "--lr-decay-iters", "8"]
 
 
 def chargpt(*args: str, launcher: tuple[str, ...] = ()) -> subprocess.Popen:
@@ -58,11 +66,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process_accumulating_two_micro_batches(tmp_path):
-    """No flag beyond torchrun's: --grad-accum defaults to one micro-batch per process."""
-    ddp, single = tmp_path / "ddp", tmp_path / "single"
-    err = finish(chargpt("train", "--out", str(ddp), *TINY, launcher=TWO_PROCESSES))
-    finish(chargpt("train", "--out", str(single), *TINY, "--grad-accum", "2"))
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """Eight steps in one process, accumulating two micro-batches a step: what two processes
+    with one micro-batch each must reproduce, and the run that fine-tuning starts from."""
+    run = tmp_path_factory.mktemp("single") / "run"
+    assert main(["train", "--out", str(run), *TINY, *SCHEDULE, "--grad-accum", "2"]) == 0
+    return run
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory) -> tuple[Path, str]:
+    """The run of two torchrun agents with one process each, joined over localhost, and their
+    stderr together. No flag beyond torchrun's: --grad-accum defaults to one micro-batch per
+    process."""
+    out = tmp_path_factory.mktemp("two_nodes") / "run"
+    port = str(free_port())
+    node = [*TORCHRUN, "--nnodes", "2", "--nproc_per_node", "1"]
+    node += ["--master_addr", "127.0.0.1", "--master_port", port]
+    nodes = [
+        chargpt("train", "--out", str(out), *TINY, *SCHEDULE, launcher=(*node, "--node_rank", rank))
+        for rank in ("0", "1")
+    ]
+    return out, "".join(finish(n) for n in nodes)
+
+
+def test_two_processes_match_one_process_accumulating_two_micro_batches(two_nodes, single):
+    ddp, err = two_nodes
     assert f"2 processes ({backend()})" in err and err.count("best val loss") == 1  # rank 0 alone
     assert json.loads((ddp / "config.json").read_text())["train"]["grad_accum"] == 2
     for (t1, v1), (t2, v2) in zip(losses(ddp), losses(single), strict=True):
@@ -76,57 +106,14 @@ def test_two_processes_match_one_process_accumulating_two_micro_batches(tmp_path
     )
 
 
-def test_a_two_process_run_resumes_in_one_process_on_the_same_batches(tmp_path):
-    ddp, straight = tmp_path / "ddp", tmp_path / "straight"
-    # the schedule of 8 steps from the start, so that 4 + 4 steps follow it as 8 straight do
-    schedule = ["--warmup-iters", "4", "--lr-decay-iters", "8"]
-    half = [*TINY, "--max-iters", "4"]  # the later flag wins
-    finish(chargpt("train", "--out", str(ddp), *half, *schedule, launcher=TWO_PROCESSES))
-    finish(chargpt("train", "--resume", str(ddp), "--max-iters", "8"))
-    finish(chargpt("train", "--out", str(straight), *TINY, *schedule, "--grad-accum", "2"))
-    assert max_weight_difference(ddp, straight) < TOLERANCE
+def test_two_nodes_on_localhost(two_nodes):
+    out, _ = two_nodes
+    assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").open())] == [0, 4, 8]
+    load_run(out)
 
 
-def test_a_two_process_run_with_dropout_resumes_exactly(tmp_path):
-    """Each process draws its own dropout masks, before and after a resume: every process's
-    random state is saved, not only rank 0's."""
-    split, straight = tmp_path / "split", tmp_path / "straight"
-    flags = [*TINY, "--dropout", "0.1", "--warmup-iters", "2"]
-    first_half = [*flags, "--max-iters", "4", "--lr-decay-iters", "8"]  # the later flag wins
-    finish(chargpt("train", "--out", str(split), *first_half, launcher=TWO_PROCESSES))
-    assert {"rng.rank0.torch", "rng.rank1.torch"} <= load_file(str(split / LAST)).keys()
-    finish(chargpt("train", "--resume", str(split), "--max-iters", "8", launcher=TWO_PROCESSES))
-    finish(chargpt("train", "--out", str(straight), *flags, launcher=TWO_PROCESSES))
-    assert max_weight_difference(split, straight) < TOLERANCE
-
-
-def test_two_processes_agree_on_the_end_of_a_time_budget(tmp_path):
-    """With --max-time, the processes share rank-agreed elapsed time: they stop at one step (or
-    one of them would wait for the others for ever) with the schedule at min_lr; Muon and EMA
-    run under DDP too."""
-    run = tmp_path / "ddp"
-    recipe = ["--optimizer", "muon", "--ema-decay", "0.9", "--log-interval", "2"]
-    timed = ["--max-time", "2s", "--eval-interval", "1000", *recipe]
-    finish(chargpt("train", "--out", str(run), *TINY, *timed, launcher=TWO_PROCESSES))
-    last = [json.loads(line) for line in (run / "metrics.jsonl").open()][-1]
-    assert last["step"] > 8 and last["step"] % 2 == 0  # past max_iters; at a log interval
-    assert last["lr"] == pytest.approx(1e-3)  # the tiny preset's min_lr
-    assert last["elapsed"] > 1.5  # rank 0's own clock; the agreed one (the largest) reached 2
-
-
-def test_two_processes_fine_tune_as_one_process_accumulating_two(tmp_path):
-    """`--init-from` under torchrun: every process starts from the run's weights, resized to
-    the joined vocabulary the same way."""
-    run, ddp, single = tmp_path / "run", tmp_path / "ddp", tmp_path / "single"
-    assert main(["train", "--out", str(run), *TINY]) == 0  # in this process: one start-up less
-    tune = [*TINY, "--init-from", str(run), "--data", "cartas", "--warmup-iters", "2"]
-    finish(chargpt("train", "--out", str(ddp), *tune, launcher=TWO_PROCESSES))
-    finish(chargpt("train", "--out", str(single), *tune, "--grad-accum", "2"))
-    assert max_weight_difference(ddp, single) < TOLERANCE
-    assert load_run(ddp).tokenizer.vocab_size == load_run(run).tokenizer.vocab_size + 11
-
-
-# chargpt's command line, counting this process's gloo threads as it leaves the process group
+# chargpt's command line, counting this process's gloo threads (listed in Linux's /proc) as it
+# leaves the process group
 THREADS_LEFT = """
 import os, sys
 import torch.distributed as dist
@@ -144,24 +131,79 @@ def destroy_counting(destroy=dist.destroy_process_group):
 dist.destroy_process_group = destroy_counting
 sys.exit(main(sys.argv[1:]))
 """
+PROC_TASKS = os.path.isdir("/proc/self/task")
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads Linux's /proc")
-def test_a_finished_run_leaves_no_gloo_threads_running(tmp_path):
+@pytest.fixture(scope="module")
+def dropout_runs(tmp_path_factory) -> tuple[Path, Path, set[str], str]:
+    """Two processes with dropout: 4 steps, then resumed to 8 by chargpt's command line counting
+    its gloo threads as it leaves the process group; the same 8 steps straight; the tensors saved
+    at step 4; the resumed processes' stdout."""
+    root = tmp_path_factory.mktemp("dropout")
+    split, straight, script = root / "split", root / "straight", root / "threads_left.py"
+    flags = [*TINY, "--dropout", "0.1", "--warmup-iters", "2"]
+    first_half = [*flags, "--max-iters", "4", "--lr-decay-iters", "8"]  # the later flag wins
+    finish(chargpt("train", "--out", str(split), *first_half, launcher=TWO_PROCESSES))
+    saved_at_4 = set(load_file(str(split / LAST)).keys())
+    script.write_text(THREADS_LEFT)
+    # a resume: a new run happens to build a model (which imports torch._dynamo) before joining
+    command = [str(script)] if PROC_TASKS else ["-m", "chargpt"]
+    args = [*TWO_PROCESSES, *command, "train", "--resume", str(split), "--max-iters", "8"]
+    resumed = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    finish(chargpt("train", "--out", str(straight), *flags, launcher=TWO_PROCESSES))
+    return split, straight, saved_at_4, resumed.stdout
+
+
+def test_a_two_process_run_with_dropout_resumes_exactly(dropout_runs):
+    """Each process draws its own dropout masks, before and after a resume: every process's
+    random state is saved, not only rank 0's."""
+    split, straight, saved_at_4, _ = dropout_runs
+    assert {"rng.rank0.torch", "rng.rank1.torch"} <= saved_at_4
+    assert max_weight_difference(split, straight) < TOLERANCE
+
+
+@pytest.mark.skipif(not PROC_TASKS, reason="reads Linux's /proc")
+def test_a_finished_run_leaves_no_gloo_threads_running(dropout_runs):
     """The process group is gone when training ends: gloo's threads, left running into
     interpreter shutdown, can abort the process (SIGABRT) as they free a collective's tensors
     (a resumed two-process run failed so, about one time in fifteen, before the fix)."""
-    run, script = tmp_path / "run", tmp_path / "threads_left.py"
-    assert main(["train", "--out", str(run), *TINY, "--max-iters", "2", "--grad-accum", "2"]) == 0
-    script.write_text(THREADS_LEFT)
-    # a resume: a new run happens to build a model (which imports torch._dynamo) before joining
-    args = [*TWO_PROCESSES, str(script), "train", "--resume", str(run), "--max-iters", "4"]
-    proc = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    before = re.findall(r"gloo threads before: (\d+)", proc.stdout)
-    after = re.findall(r"gloo threads after: (\d+)", proc.stdout)
-    assert len(before) == 2 and all(int(n) > 0 for n in before), proc.stdout  # they were there
-    assert after == ["0", "0"], proc.stdout
+    *_, stdout = dropout_runs
+    before = re.findall(r"gloo threads before: (\d+)", stdout)
+    after = re.findall(r"gloo threads after: (\d+)", stdout)
+    assert len(before) == 2 and all(int(n) > 0 for n in before), stdout  # they were there
+    assert after == ["0", "0"], stdout
+
+
+def test_two_processes_agree_on_the_end_of_a_time_budget(tmp_path):
+    """With --max-time, the processes share rank-agreed elapsed time: they stop at one step (or
+    one of them would wait for the others for ever) with the schedule at min_lr; Muon and EMA
+    run under DDP too."""
+    run = tmp_path / "ddp"
+    recipe = ["--optimizer", "muon", "--ema-decay", "0.9", "--log-interval", "2"]
+    timed = ["--max-time", "2s", "--eval-interval", "1000", *recipe]
+    finish(chargpt("train", "--out", str(run), *TINY, *timed, launcher=TWO_PROCESSES))
+    last = [json.loads(line) for line in (run / "metrics.jsonl").open()][-1]
+    assert last["step"] > 8 and last["step"] % 2 == 0  # past max_iters; at a log interval
+    assert last["lr"] == pytest.approx(1e-3)  # the tiny preset's min_lr
+    assert last["elapsed"] > 1.5  # rank 0's own clock; the agreed one (the largest) reached 2
+
+
+def test_a_two_process_fine_tune_resumes_in_one_process_as_one_process_accumulating_two(
+    tmp_path, single
+):
+    """`--init-from` under torchrun: every process starts from the run's weights, resized to
+    the joined vocabulary the same way; and the two-process run, stopped at step 4, resumes in
+    one process on the same batches, ending where one process accumulating two micro-batches
+    does in 8 steps."""
+    ddp, alone = tmp_path / "ddp", tmp_path / "alone"
+    tune = [*TINY, "--init-from", str(single), "--data", "cartas", *SCHEDULE]
+    half = [*tune, "--max-iters", "4"]  # the later flag wins
+    finish(chargpt("train", "--out", str(ddp), *half, launcher=TWO_PROCESSES))
+    assert main(["train", "--resume", str(ddp), "--max-iters", "8"]) == 0
+    assert main(["train", "--out", str(alone), *tune, "--grad-accum", "2"]) == 0
+    assert max_weight_difference(ddp, alone) < TOLERANCE
+    assert load_run(ddp).tokenizer.vocab_size == load_run(single).tokenizer.vocab_size + 11
 
 
 def test_every_process_group_maps_cpu_to_gloo_and_cuda_to_nccl(monkeypatch):
@@ -177,39 +219,6 @@ def test_every_process_group_maps_cpu_to_gloo_and_cuda_to_nccl(monkeypatch):
     world, device = init_world(torch.device("cpu"))
     assert backends == ["cpu:gloo,cuda:nccl"]
     assert (world, device) == (World(rank=1, local_rank=1, size=2), torch.device("cpu"))
-
-
-def test_two_nodes_on_localhost(tmp_path):
-    out = tmp_path / "run"
-    port = str(free_port())
-    nodes = [
-        chargpt(
-            "train",
-            "--out",
-            str(out),
-            *TINY,
-            "--grad-accum",
-            "2",
-            launcher=(
-                *TORCHRUN,
-                "--nnodes",
-                "2",
-                "--nproc_per_node",
-                "1",
-                "--node_rank",
-                str(rank),
-                "--master_addr",
-                "127.0.0.1",
-                "--master_port",
-                port,
-            ),
-        )
-        for rank in (0, 1)
-    ]
-    for node in nodes:
-        finish(node)
-    assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").open())] == [0, 4, 8]
-    load_run(out)
 
 
 def test_micro_batches_are_shared_out_evenly():
