@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Any
 
 import torch
 
@@ -63,6 +64,33 @@ def greedy_text(model: GPTLanguageModel, chars: int, graphs: bool) -> list[int]:
     return out
 
 
+CASES = {"batch 1": (1, False), "batch 64": (64, False), "16 slots, spread": (16, True)}
+
+
+def decode_rates(model: GPTLanguageModel, chars: int, repeats: int) -> dict[str, Any]:
+    """Each case's best characters per second over interleaved rounds, plain step and CUDA
+    graphs, and whether the two give the same greedy text (run under the caller's autocast)."""
+    best: dict[tuple[str, bool], float] = {}
+    with torch.inference_mode():
+        for _ in range(repeats):
+            for what, (batch, spread) in CASES.items():
+                for graphs in (False, True):
+                    rate = sample_rate(model, batch, chars, graphs, spread)
+                    best[what, graphs] = max(best.get((what, graphs), 0.0), rate)
+        same = greedy_text(model, chars, False) == greedy_text(model, chars, True)
+    rates = {what: {"plain": best[what, False], "graphs": best[what, True]} for what in CASES}
+    return {"chars_per_s": rates, "same_greedy_text": same, "chars": chars}
+
+
+def decode_table(result: dict[str, Any]) -> list[str]:
+    lines = ["| decoding | plain step chars/s | CUDA graphs chars/s | x |", "|---|---:|---:|---:|"]
+    for what, rate in result["chars_per_s"].items():
+        plain, graph = rate["plain"], rate["graphs"]
+        lines.append(f"| {what} | {plain:,.0f} | {graph:,.0f} | {graph / plain:.2f} |")
+    same, chars = result["same_greedy_text"], result["chars"]
+    return [*lines, "", f"greedy text, {chars} characters, graphs against the plain step: {same}"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto")
@@ -81,20 +109,9 @@ def main() -> None:
     model = GPTLanguageModel(config, VOCAB).to(device).eval()
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"# {name}, PyTorch {torch.__version__}, {dtype}, {args.chars} chars per row\n")
-    cases = {"batch 1": (1, False), "batch 64": (64, False), "16 slots, spread": (16, True)}
-    best: dict[tuple[str, bool], float] = {}
-    with torch.inference_mode(), autocast(device, dtype):
-        for _ in range(args.repeats):
-            for what, (batch, spread) in cases.items():
-                for graphs in (False, True):
-                    rate = sample_rate(model, batch, args.chars, graphs, spread)
-                    best[what, graphs] = max(best.get((what, graphs), 0.0), rate)
-        same = greedy_text(model, args.chars, False) == greedy_text(model, args.chars, True)
-    print("| decoding | plain step chars/s | CUDA graphs chars/s | x |\n|---|---:|---:|---:|")
-    for what in cases:
-        plain, graph = best[what, False], best[what, True]
-        print(f"| {what} | {plain:,.0f} | {graph:,.0f} | {graph / plain:.2f} |")
-    print(f"\ngreedy text, {args.chars} characters, graphs against the plain step: same: {same}")
+    with autocast(device, dtype):
+        result = decode_rates(model, args.chars, args.repeats)
+    print("\n".join(decode_table(result)))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """chargpt on one GPU, side by side in one call of under 9 minutes: the default recipe against
-nanoGPT's shakespeare_char settings for the same wall time, and the step time of each preset.
+nanoGPT's shakespeare_char settings for the same wall time, the step time of each preset, and
+decoding with and without CUDA graphs.
 
 Sections run in order (`--sections`); each adds its figures to OUT/results.json (written after
 each section) and its table to OUT/gpu.md, and says what it does in OUT/gpu.log:
@@ -15,11 +16,15 @@ each section) and its table to OUT/gpu.md, and says what it does in OUT/gpu.log:
   chargpt for the same time (T as benchmarks/budget.py sets it: 90% of the budget less 6 s),
   each a fresh process, the wall time from its start to each loss estimate, a full pass over
   the validation split with the best weights afterwards, the issue's goals checked, and the
-  curves in OUT/gpu.png.
+  curves in OUT/gpu.png;
+- `decode`: characters per second of `chargpt sample`'s decoding at batch 1 and 64 and of the
+  server's 16 busy slots, the plain step against CUDA graphs, at the lab size with random
+  weights, and whether both give the same greedy text (benchmarks/decode.py), last, as
+  the deadline allows.
 
 A section is a function of (settings, results) named in SECTIONS, with its table in REPORTS:
-another (decoding speed, say) goes in beside them. A run that would end past `--deadline`
-seconds from the start is skipped, and says so. `--smoke` runs every section at tiny sizes
+another goes in beside them. A run that would end past `--deadline` seconds from the start is
+skipped, and says so. `--smoke` runs every section at tiny sizes
 with a 7-s budget (0.3 s of training), no samples and no compiling, in seconds on a CPU
 (tests/test_gpu_script.py).
 
@@ -44,6 +49,7 @@ from typing import Any
 
 import torch
 from budget import plot, train_for
+from decode import VOCAB, decode_rates, decode_table
 from train_step import step_milliseconds
 
 from chargpt.cli.parser import build_parser
@@ -51,12 +57,15 @@ from chargpt.config import ModelConfig, TrainConfig, build_configs
 from chargpt.config.options import parse_duration
 from chargpt.config.sources import given_fields
 from chargpt.data.dataset import load_corpus
+from chargpt.model import GPTLanguageModel
 from chargpt.model.precision import (
     DTYPE_NAMES,
+    autocast,
     choose_dtype,
     gpu_matmul_seconds,
     matmul_seconds,
     resolve_device,
+    resolve_dtype,
 )
 from chargpt.training.trainer import Trainer
 
@@ -82,6 +91,8 @@ STEP_SETTINGS = {
 }
 # the issue's goals for the default: best val (lab estimate) within so many seconds of wall time
 GOALS = {30.0: 1.50, 45.0: 1.46, 90.0: 1.45}
+# the decoding issue's goals at the lab size: characters per second with CUDA graphs
+DECODE_GOALS = {"batch 1": 2_000, "batch 64": 60_000}
 SMOKE_SIZES = shlex.split(
     "--n-layer 1 --n-embd 32 --n-head 2 --block-size 16 --batch-size 4 --eval-iters 2 "
     "--eval-interval 50 --sample-chars 0 --no-compile"
@@ -157,6 +168,36 @@ def steps_section(bench: Bench) -> dict[str, Any]:
         rows[name].update(ms_min=round(min(ms), 2), ms_median=round(statistics.median(ms), 2))
         bench.say(f"steps: {name}: {min(ms):.1f} ms a step")
     return rows
+
+
+def decode_section(bench: Bench) -> dict[str, Any]:
+    """`chargpt sample`'s and the server's decoding at the lab size (random weights), plain
+    step against CUDA graphs (benchmarks/decode.py), with the issue's goals checked."""
+    if not bench.time_left(60, "decode"):
+        return {}
+    if bench.args.smoke:
+        config = ModelConfig(block_size=32, n_embd=32, n_head=2, n_layer=2, dropout=0.0)
+        chars, repeats = 10, 1
+    else:
+        config, chars, repeats = ModelConfig(dropout=0.0), 200, 3
+    device = bench.device
+    dtype = resolve_dtype("auto", device)
+    torch.manual_seed(0)
+    model = GPTLanguageModel(config, VOCAB).to(device).eval()
+    bench.say(f"decode: {DTYPE_NAMES[dtype]}, {repeats} rounds of {chars} characters a row")
+    with autocast(device, dtype):
+        result = decode_rates(model, chars, repeats)
+    rates = result["chars_per_s"]
+    result["dtype"] = DTYPE_NAMES[dtype]
+    if bench.args.smoke:
+        result["smoke"] = True
+    result["goals"] = [
+        dict(case=case, goal=goal, graphs=rates[case]["graphs"], met=rates[case]["graphs"] >= goal)
+        for case, goal in DECODE_GOALS.items()
+    ]
+    for case, rate in rates.items():
+        bench.say(f"decode: {case}: {rate['plain']:,.0f} plain, {rate['graphs']:,.0f} graphs")
+    return result
 
 
 def budgets_section(bench: Bench) -> dict[str, Any]:
@@ -250,15 +291,29 @@ def budgets_report(result: dict[str, Any]) -> list[str]:
     return [*lines, "", "![val loss against wall time](gpu.png)"]
 
 
+def decode_report(result: dict[str, Any]) -> list[str]:
+    if not result:
+        return ["## Decoding", "", "Skipped: it would have ended past the deadline."]
+    size = "a tiny model (--smoke)" if "smoke" in result else "the lab size"
+    lines = ["## Decoding", "", f"{size}, {result['dtype']}.", "", *decode_table(result)]
+    lines += ["", "| goal (CUDA graphs) | chars/s | met |", "|---|---:|---|"]
+    for g in result["goals"]:
+        met = "yes" if g["met"] else "no"
+        lines.append(f"| {g['case']} >= {g['goal']:,} chars/s | {g['graphs']:,.0f} | {met} |")
+    return lines
+
+
 SECTIONS: dict[str, Callable[[Bench], Any]] = {
     "probe": probe_section,
     "steps": steps_section,
     "budgets": budgets_section,
+    "decode": decode_section,
 }
 REPORTS: dict[str, Callable[[Any], list[str]]] = {
     "probe": probe_report,
     "steps": steps_report,
     "budgets": budgets_report,
+    "decode": decode_report,
 }
 
 

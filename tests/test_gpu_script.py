@@ -33,7 +33,7 @@ def test_gpu_script_smoke_on_cpu(tmp_path):
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     results = json.loads((tmp_path / "results.json").read_text())
-    assert list(results["sections"]) == ["probe", "steps", "budgets"]
+    assert list(results["sections"]) == ["probe", "steps", "budgets", "decode"]
     assert results["sections"]["probe"]["chosen"] in ("fp32", "bf16")
     steps = results["sections"]["steps"]
     assert list(steps) == SETTINGS and all(row["ms_min"] > 0 for row in steps.values())
@@ -48,4 +48,10 @@ def test_gpu_script_smoke_on_cpu(tmp_path):
     assert all(f"| {name} |" in report for name in SETTINGS)
     assert "| 7s | nanogpt |" in report and "![val loss against wall time](gpu.png)" in report
     assert (tmp_path / "gpu.png").is_file()
+    decode = results["sections"]["decode"]  # on a CPU both columns run the plain step
+    assert decode["same_greedy_text"] and len(decode["goals"]) == 2
+    rates = decode["chars_per_s"]
+    assert list(rates) == ["batch 1", "batch 64", "16 slots, spread"]
+    assert all(rate["plain"] > 0 and rate["graphs"] > 0 for rate in rates.values())
+    assert "| batch 64 |" in report
     assert "done:" in (tmp_path / "gpu.log").read_text()
