@@ -67,11 +67,20 @@ def greedy_text(model: GPTLanguageModel, chars: int, graphs: bool) -> list[int]:
 CASES = {"batch 1": (1, False), "batch 64": (64, False), "16 slots, spread": (16, True)}
 
 
-def decode_rates(model: GPTLanguageModel, chars: int, repeats: int) -> dict[str, Any]:
+def decode_rates(
+    device: torch.device, dtype: torch.dtype, quick: bool, chars: int = 200, repeats: int = 3
+) -> dict[str, Any]:
     """Each case's best characters per second over interleaved rounds, plain step and CUDA
-    graphs, and whether the two give the same greedy text (run under the caller's autocast)."""
+    graphs, and whether the two give the same greedy text, for a lab-size model with random
+    weights in `dtype` (`quick`: a tiny model, few characters)."""
+    config = ModelConfig(dropout=0.0)
+    if quick:
+        config = ModelConfig(block_size=32, n_embd=32, n_head=2, n_layer=2, dropout=0.0)
+        chars, repeats = 10, 1
+    torch.manual_seed(0)
+    model = GPTLanguageModel(config, VOCAB).to(device).eval()
     best: dict[tuple[str, bool], float] = {}
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(device, dtype):
         for _ in range(repeats):
             for what, (batch, spread) in CASES.items():
                 for graphs in (False, True):
@@ -101,16 +110,9 @@ def main() -> None:
     args = parser.parse_args()
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    config = ModelConfig(dropout=0.0)
-    if args.quick:
-        config = ModelConfig(block_size=32, n_embd=32, n_head=2, n_layer=2, dropout=0.0)
-        args.chars, args.repeats = 10, 1
-    torch.manual_seed(0)
-    model = GPTLanguageModel(config, VOCAB).to(device).eval()
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"# {name}, PyTorch {torch.__version__}, {dtype}, {args.chars} chars per row\n")
-    with autocast(device, dtype):
-        result = decode_rates(model, args.chars, args.repeats)
+    print(f"# {name}, PyTorch {torch.__version__}, {dtype}\n")
+    result = decode_rates(device, dtype, args.quick, args.chars, args.repeats)
     print("\n".join(decode_table(result)))
 
 

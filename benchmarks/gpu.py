@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 from budget import plot, train_for
-from decode import VOCAB, decode_rates, decode_table
+from decode import decode_rates, decode_table
 from train_step import step_milliseconds
 
 from chargpt.cli.parser import build_parser
@@ -57,10 +57,8 @@ from chargpt.config import ModelConfig, TrainConfig, build_configs
 from chargpt.config.options import parse_duration
 from chargpt.config.sources import given_fields
 from chargpt.data.dataset import load_corpus
-from chargpt.model import GPTLanguageModel
 from chargpt.model.precision import (
     DTYPE_NAMES,
-    autocast,
     choose_dtype,
     gpu_matmul_seconds,
     matmul_seconds,
@@ -175,22 +173,11 @@ def decode_section(bench: Bench) -> dict[str, Any]:
     step against CUDA graphs (benchmarks/decode.py), with the issue's goals checked."""
     if not bench.time_left(60, "decode"):
         return {}
-    if bench.args.smoke:
-        config = ModelConfig(block_size=32, n_embd=32, n_head=2, n_layer=2, dropout=0.0)
-        chars, repeats = 10, 1
-    else:
-        config, chars, repeats = ModelConfig(dropout=0.0), 200, 3
-    device = bench.device
-    dtype = resolve_dtype("auto", device)
-    torch.manual_seed(0)
-    model = GPTLanguageModel(config, VOCAB).to(device).eval()
-    bench.say(f"decode: {DTYPE_NAMES[dtype]}, {repeats} rounds of {chars} characters a row")
-    with autocast(device, dtype):
-        result = decode_rates(model, chars, repeats)
+    dtype = resolve_dtype("auto", bench.device)
+    bench.say(f"decode: {DTYPE_NAMES[dtype]}, plain step and CUDA graphs in turns")
+    result = decode_rates(bench.device, dtype, quick=bench.args.smoke)
     rates = result["chars_per_s"]
-    result["dtype"] = DTYPE_NAMES[dtype]
-    if bench.args.smoke:
-        result["smoke"] = True
+    result.update(dtype=DTYPE_NAMES[dtype], smoke=bench.args.smoke)
     result["goals"] = [
         dict(case=case, goal=goal, graphs=rates[case]["graphs"], met=rates[case]["graphs"] >= goal)
         for case, goal in DECODE_GOALS.items()
@@ -294,7 +281,7 @@ def budgets_report(result: dict[str, Any]) -> list[str]:
 def decode_report(result: dict[str, Any]) -> list[str]:
     if not result:
         return ["## Decoding", "", "Skipped: it would have ended past the deadline."]
-    size = "a tiny model (--smoke)" if "smoke" in result else "the lab size"
+    size = "a tiny model (--smoke)" if result["smoke"] else "the lab size"
     lines = ["## Decoding", "", f"{size}, {result['dtype']}.", "", *decode_table(result)]
     lines += ["", "| goal (CUDA graphs) | chars/s | met |", "|---|---:|---|"]
     for g in result["goals"]:
